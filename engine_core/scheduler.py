@@ -1,0 +1,114 @@
+"""Continuous (iteration-level) batching over a fixed pool of KV slots.
+
+Each running sequence owns one slot: a row of the KV cache sized for the whole context window,
+reserved when it is admitted and released the moment it finishes or is aborted. Memory is thus
+fixed up front and a burst of requests only lengthens the waiting queue.
+
+Every step decodes one token for each sequence whose prompt is done, and spends a token budget
+(`prefill_chunk`) on prompts in arrival order, chunk by chunk, so a long prompt never stalls the
+running streams for more than one chunk's compute.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ipc.messages import Request, SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    slot: int = -1
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    output_ids: list[int] = field(default_factory=list)
+    generator: object | None = None  # the sampler's per-request RNG, created lazily
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
+
+
+@dataclass(eq=False)
+class ScheduledChunk:
+    """`seq` computes tokens [start, start + length) this step; `sample` if the last one yields a new token."""
+
+    seq: Sequence
+    start: int
+    length: int
+    sample: bool
+
+    @property
+    def token_ids(self) -> list[int]:
+        seq = self.seq
+        if self.start >= len(seq.prompt_ids):
+            return [seq.output_ids[self.start - len(seq.prompt_ids)]]
+        return seq.prompt_ids[self.start : self.start + self.length]
+
+
+class Scheduler:
+    def __init__(self, max_batch: int, max_context: int, prefill_chunk: int):
+        self.max_batch = max_batch
+        self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.by_id: dict[str, Sequence] = {}
+        self.free_slots: list[int] = list(range(max_batch - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def add(self, request: Request) -> Sequence:
+        seq = Sequence(request.request_id, list(request.prompt_token_ids), request.params)
+        self.by_id[seq.request_id] = seq
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Drop a request wherever it is and free its slot; unknown ids are ignored."""
+        seq = self.by_id.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq.slot >= 0:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
+        else:
+            self.waiting.remove(seq)
+        return seq
+
+    finish = abort  # a finished sequence leaves exactly the way an aborted one does
+
+    def schedule(self) -> list[ScheduledChunk]:
+        chunks: list[ScheduledChunk] = []
+        budget = self.prefill_chunk
+        prefilling: list[Sequence] = []
+        for seq in self.running:
+            if seq.num_computed >= len(seq.prompt_ids):
+                chunks.append(ScheduledChunk(seq, seq.num_computed, 1, True))
+            else:
+                prefilling.append(seq)
+        while self.waiting and self.free_slots and budget > len(prefilling):
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.pop()
+            self.running.append(seq)
+            prefilling.append(seq)
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            length = min(budget, len(seq.prompt_ids) - seq.num_computed)
+            budget -= length
+            done = seq.num_computed + length == len(seq.prompt_ids)
+            chunks.append(ScheduledChunk(seq, seq.num_computed, length, done))
+        return chunks
+
+    @property
+    def slots_used(self) -> int:
+        return self.max_batch - len(self.free_slots)

@@ -1,0 +1,97 @@
+"""The HTTP API's request and response shapes, validated by msgspec.
+
+Validation errors become a 400 whose JSON names the offending field, taken from msgspec's error
+path (`... - at `$.max_new_tokens``) or its "missing required field" message.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import msgspec
+
+from ipc.messages import SamplingParams
+
+MAX_STOP_STRINGS = 16
+
+
+class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False):
+    prompt: str
+    max_new_tokens: Annotated[int, msgspec.Meta(ge=1)] = 256
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 1.0
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    stop: Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)] = []
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+        )
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(msgspec.Struct):
+    ttft_s: float | None
+    total_s: float
+
+
+class GenerateResponse(msgspec.Struct):
+    text: str
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    token_ids: list[int]
+
+
+class StreamPiece(msgspec.Struct, omit_defaults=True):
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+
+class ApiError(Exception):
+    """An error for the client: HTTP status, a message and, when one is to blame, the field."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, kind: str = "invalid_request"):
+        super().__init__(message)
+        self.status, self.message, self.field, self.kind = status, message, field, kind
+
+    def body(self) -> dict:
+        error = {"message": self.message, "type": self.kind}
+        if self.field:
+            error["field"] = self.field
+        return {"error": error}
+
+
+_AT_PATH = re.compile(r"at `\$\.([A-Za-z_]\w*)")
+_MISSING = re.compile(r"missing required field `(\w+)`")
+_decoder = msgspec.json.Decoder(GenerateRequest)
+
+
+def parse_generate_request(body: bytes) -> GenerateRequest:
+    if not body.strip():
+        raise ApiError(400, "request body is empty; send a JSON object with at least `prompt`", "prompt")
+    try:
+        request = _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _AT_PATH.search(message) or _MISSING.search(message)
+        raise ApiError(400, message, match.group(1) if match else None) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"malformed JSON: {exc}", "body") from None
+    if not request.prompt:
+        raise ApiError(400, "`prompt` is empty", "prompt")
+    return request

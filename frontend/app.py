@@ -1,0 +1,200 @@
+"""HTTP routes: /generate, /generate_stream (SSE), /health, /info.
+
+A handler validates, tokenizes, hands the request to an engine and turns the engine's token ids
+into text as they arrive. Leaving a handler for any reason (client gone, stop string, error)
+aborts the request in the engine, which frees its KV slot within a step.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+
+import msgspec
+from aiohttp import web
+from aiohttp_sse import sse_response
+from tokenizers import Tokenizer
+
+from frontend.api import (
+    ApiError,
+    GenerateRequest,
+    GenerateResponse,
+    StreamPiece,
+    Timings,
+    Usage,
+    parse_generate_request,
+)
+from frontend.detokenizer import IncrementalDetokenizer
+from ipc.engine_client import EngineClient, NoEngineAvailable
+
+log = logging.getLogger("kiln.frontend")
+
+CLIENT = web.AppKey("client", EngineClient)
+TOKENIZER = web.AppKey("tokenizer", Tokenizer)
+MODEL_NAME = web.AppKey("model_name", str)
+REQUEST_IDS = web.AppKey("request_ids", itertools.count)
+_json = msgspec.json.Encoder()
+
+
+def json_response(payload, status: int = 200) -> web.Response:
+    return web.Response(body=_json.encode(payload), status=status, content_type="application/json")
+
+
+@web.middleware
+async def api_errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return json_response(exc.body(), exc.status)
+
+
+class Generation:
+    """One request's life: admission, the engine stream, detokenization, timings."""
+
+    def __init__(self, app: web.Application, body: GenerateRequest):
+        self.client = app[CLIENT]
+        self.body = body
+        self.request_id = f"{os.getpid()}-{next(app[REQUEST_IDS])}"
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.prompt_ids = app[TOKENIZER].encode(body.prompt).ids
+        self.detok = IncrementalDetokenizer(app[TOKENIZER], self.prompt_ids, body.stop)
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.stream = None
+
+    async def start(self) -> None:
+        if not self.prompt_ids:
+            raise ApiError(400, "`prompt` encodes to no tokens", "prompt")
+        try:
+            engine = self.client.pick_engine()
+        except NoEngineAvailable:
+            raise ApiError(503, "no engine is ready yet; retry shortly", kind="unavailable") from None
+        context = engine.hello.plan.max_context
+        if len(self.prompt_ids) >= context:
+            raise ApiError(400, f"prompt is {len(self.prompt_ids)} tokens; the context window is {context} "
+                                f"tokens (prompt + generated), so the prompt must be shorter", "prompt")
+        # generation stops at the context window: finish_reason "length", as if max_new_tokens were smaller
+        budget = min(self.body.max_new_tokens, context - len(self.prompt_ids))
+        try:
+            self.stream = await self.client.submit(self.request_id, self.prompt_ids,
+                                                   self.body.sampling_params(budget), engine)
+        except NoEngineAvailable as exc:
+            raise ApiError(503, str(exc), kind="unavailable") from None
+
+    async def pieces(self):
+        """Yield (text, token_ids) as tokens arrive; sets finish_reason at the end."""
+        while self.finish_reason is None:
+            output = await self.stream.queue.get()
+            if output.finish_reason == "error":
+                raise EngineError(output.error or "engine error")
+            if self.first_token_at is None and output.new_token_ids:
+                self.first_token_at = time.perf_counter()
+            self.token_ids += output.new_token_ids
+            text = self.detok.push(output.new_token_ids)
+            if self.detok.stopped:
+                self.finish_reason = "stop"
+                await self.client.abort(self.request_id)
+            else:
+                self.finish_reason = output.finish_reason
+            if self.finish_reason is not None:
+                text += self.detok.flush()
+            if text or output.new_token_ids:
+                yield text, output.new_token_ids
+
+    async def close(self) -> None:
+        """Abort in the engine unless it already finished (idempotent)."""
+        if self.stream is not None:
+            await self.client.abort(self.request_id)
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.token_ids))
+
+    def timings(self) -> Timings:
+        ttft = None if self.first_token_at is None else self.first_token_at - self.started
+        return Timings(ttft_s=ttft, total_s=time.perf_counter() - self.started)
+
+
+class EngineError(Exception):
+    pass
+
+
+async def read_generation(request: web.Request) -> Generation:
+    body = parse_generate_request(await request.read())
+    generation = Generation(request.app, body)
+    await generation.start()
+    return generation
+
+
+async def generate(request: web.Request) -> web.Response:
+    generation = await read_generation(request)
+    try:
+        async for _ in generation.pieces():
+            pass
+    except EngineError as exc:
+        return json_response(ApiError(500, str(exc), kind="engine_error").body(), 500)
+    finally:
+        await generation.close()
+    return json_response(GenerateResponse(
+        text=generation.detok.text,
+        finish_reason=generation.finish_reason,
+        usage=generation.usage(),
+        timings=generation.timings(),
+        token_ids=generation.token_ids,
+    ))
+
+
+async def generate_stream(request: web.Request) -> web.StreamResponse:
+    generation = await read_generation(request)  # errors before the stream starts are plain 4xx JSON
+    try:
+        async with sse_response(request, allow_all_methods=True) as sse:
+            try:
+                async for text, token_ids in generation.pieces():
+                    piece = StreamPiece(text=text, token_ids=token_ids)
+                    if generation.finish_reason is not None:
+                        piece.finish_reason = generation.finish_reason
+                        piece.usage = generation.usage()
+                        piece.timings = generation.timings()
+                    await sse.send(_json.encode(piece).decode())
+            except EngineError as exc:
+                await sse.send(_json.encode(ApiError(500, str(exc), kind="engine_error").body()).decode())
+            return sse
+    except (ConnectionResetError, asyncio.CancelledError):
+        log.info("client of %s went away; aborting", generation.request_id)
+        raise
+    finally:
+        await generation.close()
+
+
+async def health(request: web.Request) -> web.Response:
+    client = request.app[CLIENT]
+    if client.ready_engines():
+        return json_response({"status": "ok", "engines": len(client.ready_engines())})
+    return json_response({"status": "loading" if not client.failures else "failed",
+                          "failures": client.failures}, 503)
+
+
+async def info(request: web.Request) -> web.Response:
+    client = request.app[CLIENT]
+    engines = list(client.engines.values())
+    return json_response({
+        "model": request.app[MODEL_NAME],
+        "plan": engines[0].hello.plan if engines else None,
+        "engines": [dict(e.describe(), plan=e.hello.plan) for e in engines],
+        "requests_in_flight": len(client.streams),
+    })
+
+
+def build_app(client: EngineClient, tokenizer: Tokenizer, model_name: str) -> web.Application:
+    app = web.Application(middlewares=[api_errors], client_max_size=8 * 1024 * 1024)
+    app[CLIENT] = client
+    app[TOKENIZER] = tokenizer
+    app[MODEL_NAME] = model_name
+    app[REQUEST_IDS] = itertools.count()
+    app.router.add_post("/generate", generate)
+    app.router.add_post("/generate_stream", generate_stream)
+    app.router.add_get("/health", health)
+    app.router.add_get("/info", info)
+    return app

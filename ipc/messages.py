@@ -1,0 +1,109 @@
+"""Every message that crosses the frontend ↔ engine boundary.
+
+Two tagged unions, one per direction, msgpack-encoded by msgspec (never pickle: a socket is
+not a trust boundary for code execution). `array_like` keeps messages small; `gc=False` keeps
+the per-step output structs out of the cyclic garbage collector.
+"""
+from __future__ import annotations
+
+import msgspec
+
+from hardware.plan import ServingPlan
+
+
+class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+class EngineStats(msgspec.Struct, array_like=True, gc=False):
+    """Live load of one engine; rides on every step output and heartbeat."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_slots_used: int = 0
+    max_running_seen: int = 0
+    served: int = 0
+    steps: int = 0
+
+
+# ---- frontend → engine ----------------------------------------------------------------------
+
+
+class Request(msgspec.Struct, tag="request", array_like=True, gc=False):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class Abort(msgspec.Struct, tag="abort", array_like=True, gc=False):
+    """Idempotent: aborting an unknown or finished request is a no-op."""
+
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
+    pass
+
+
+EngineInput = Request | Abort | Shutdown
+
+
+# ---- engine → frontend ----------------------------------------------------------------------
+
+
+class EngineHello(msgspec.Struct, tag="hello", array_like=True, kw_only=True):
+    """First word of an engine: who it is and what it will be able to hold once loaded."""
+
+    engine_id: str
+    pid: int
+    device: str
+    model: str
+    plan: ServingPlan
+
+
+class EngineReady(msgspec.Struct, tag="ready", array_like=True, kw_only=True):
+    engine_id: str
+    load_seconds: float
+
+
+class RequestOutput(msgspec.Struct, array_like=True, gc=False):
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+
+
+class StepOutputs(msgspec.Struct, tag="step", array_like=True, gc=False):
+    """Everything one engine step produced, for all requests that advanced, in one message."""
+
+    engine_id: str
+    outputs: list[RequestOutput]
+    stats: EngineStats
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True):
+    engine_id: str
+    stats: EngineStats
+
+
+class EngineFailed(msgspec.Struct, tag="failed", array_like=True, kw_only=True):
+    """The engine cannot go on (model failed to load, fatal step error); it exits after this."""
+
+    engine_id: str
+    message: str
+
+
+EngineOutput = EngineHello | EngineReady | StepOutputs | Heartbeat | EngineFailed
+
+
+def engine_input_codec() -> tuple[msgspec.msgpack.Encoder, msgspec.msgpack.Decoder]:
+    return msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(EngineInput)
+
+
+def engine_output_codec() -> tuple[msgspec.msgpack.Encoder, msgspec.msgpack.Decoder]:
+    return msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(EngineOutput)

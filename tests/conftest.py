@@ -1,0 +1,105 @@
+"""Shared fixtures: a real `cli.py serve` process on a free loopback port, the default model's folder."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 10.0):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+class ServerProcess:
+    """`python cli.py serve ...` as a child process; `stop()` is SIGTERM and a wait, as a user's Ctrl-C."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, str(REPO_ROOT / "cli.py"), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               *args]
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kiln-test-server-{self.port}.log"
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if get_json(self.url + "/health", timeout=2)["status"] == "ok":
+                    return
+            except Exception:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def info(self) -> dict:
+        return get_json(self.url + "/info")
+
+    def engine_pids(self) -> list[int]:
+        return [engine["pid"] for engine in self.info()["engines"]]
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-5000:]
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has exited; it only waits for its parent to reap it
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> str:
+    from hardware.model_source import resolve_model
+
+    return resolve_model(None).path
+
+
+@pytest.fixture(scope="module")
+def server(default_model_path):
+    """One started server (default model, CPU) shared by a test module."""
+    proc = ServerProcess("--max-context", "512")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()

@@ -1,0 +1,180 @@
+"""End to end on the real path: `cli.py serve` → engine process → default model on CPU, over loopback HTTP."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+
+from tests.conftest import ServerProcess, pid_alive
+from tests.http_client import post_json, run, stream_events
+
+pytestmark = pytest.mark.slow
+
+FIB = {"prompt": "def fibonacci(n):", "max_new_tokens": 48, "temperature": 0}
+
+
+async def _generate(url: str, body: dict) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session:
+        return await post_json(session, url + "/generate", body)
+
+
+async def _stream(url: str, body: dict, max_events=None) -> list[dict]:
+    async with aiohttp.ClientSession() as session:
+        return await stream_events(session, url + "/generate_stream", body, max_events)
+
+
+def test_greedy_generate_matches_transformers(server, default_model_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    status, body = run(_generate(server.url, FIB))
+    assert status == 200, body
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
+    prompt = tokenizer(FIB["prompt"], return_tensors="pt").input_ids
+    with torch.inference_mode():
+        expected = model.generate(prompt, max_new_tokens=FIB["max_new_tokens"], do_sample=False)[0, prompt.shape[1]:]
+    assert body["token_ids"] == expected.tolist()
+    assert body["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert body["usage"] == {"prompt_tokens": prompt.shape[1], "completion_tokens": len(expected)}
+    assert "fibonacci" in body["text"] or "return" in body["text"]
+    assert 0 < body["timings"]["ttft_s"] <= body["timings"]["total_s"]
+
+
+def test_stream_pieces_concatenate_to_generate_text(server):
+    _, full = run(_generate(server.url, FIB))
+    events = run(_stream(server.url, FIB))
+    assert len(events) > 5, "the stream should arrive piece by piece"
+    assert "".join(e.get("text", "") for e in events) == full["text"]
+    assert [t for e in events for t in e["token_ids"]] == full["token_ids"]
+    assert all("finish_reason" not in e for e in events[:-1])
+    assert events[-1]["finish_reason"] == full["finish_reason"]
+    assert events[-1]["usage"] == full["usage"]
+
+
+def test_concurrent_streams_share_batches(server):
+    bodies = [{"prompt": f"Write a haiku about the number {i}.", "max_new_tokens": 24, "temperature": 0.7,
+               "seed": i, "ignore_eos": True} for i in range(10)]
+
+    async def all_streams():
+        async with aiohttp.ClientSession() as session:
+            return await asyncio.gather(*(stream_events(session, server.url + "/generate_stream", b) for b in bodies))
+
+    results = run(all_streams())
+    for events in results:
+        assert events[-1]["finish_reason"] == "length"
+        assert sum(len(e["token_ids"]) for e in events) == 24
+    engine = server.info()["engines"][0]
+    assert engine["max_running_seen"] > 1, engine
+    assert engine["running"] == 0 and engine["kv_slots_used"] == 0
+
+
+def test_disconnected_stream_frees_its_slot(server):
+    body = {"prompt": "Tell me a very long story.", "max_new_tokens": 400, "ignore_eos": True}
+    events = run(_stream(server.url, body, max_events=3))  # leaving the `async with` closes the connection
+    assert len(events) == 3
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        engine = server.info()["engines"][0]
+        if engine["running"] == 0 and engine["kv_slots_used"] == 0:
+            break
+        time.sleep(0.1)
+    assert engine["running"] == 0 and engine["kv_slots_used"] == 0, engine
+    assert server.info()["requests_in_flight"] == 0
+
+
+def test_non_ascii_round_trip(server):
+    body = {"prompt": "Schreibe über Käse 🧀. Antworte auf Deutsch mit Umlauten wie ä, ö, ü:", "max_new_tokens": 40,
+            "temperature": 0}
+    status, full = run(_generate(server.url, body))
+    assert status == 200
+    events = run(_stream(server.url, body))
+    streamed = "".join(e.get("text", "") for e in events)
+    assert streamed == full["text"]
+    assert "\ufffd" not in streamed
+    assert any(ord(c) > 127 for c in streamed), "expected the model to answer with non-ASCII text"
+
+
+def test_stop_string_never_leaks(server):
+    _, full = run(_generate(server.url, FIB))
+    stop = full["text"][10:14]  # a string the greedy output is known to contain
+    body = dict(FIB, stop=[stop])
+    status, cut = run(_generate(server.url, body))
+    assert status == 200
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full["text"][: full["text"].index(stop)]
+    events = run(_stream(server.url, body))
+    assert "".join(e.get("text", "") for e in events) == cut["text"]
+    assert events[-1]["finish_reason"] == "stop"
+
+
+def test_seeded_sampling_is_reproducible(server):
+    body = {"prompt": "Once upon a time", "max_new_tokens": 16, "temperature": 0.9, "top_p": 0.9, "top_k": 50,
+            "seed": 1234}
+    first, second = run(_generate(server.url, body)), run(_generate(server.url, body))
+    assert first[1]["token_ids"] == second[1]["token_ids"]
+
+
+@pytest.mark.parametrize("payload, field", [
+    (b"{not json", "body"),
+    ({"max_new_tokens": 5}, "prompt"),
+    ({"prompt": 42}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+    ({"prompt": "hi", "max_new_tokens": "ten"}, "max_new_tokens"),
+    ({"prompt": "hi", "temperature": -0.5}, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, "top_p"),
+    ({"prompt": "hi", "top_k": -1}, "top_k"),
+    ({"prompt": "hi", "stop": "x"}, "stop"),
+    ({"prompt": "hi", "seed": 1.5}, "seed"),
+])
+@pytest.mark.parametrize("route", ["/generate", "/generate_stream"])
+def test_bad_input_is_400_naming_the_field(server, payload, field, route):
+    async def send():
+        async with aiohttp.ClientSession() as session:
+            return await post_json(session, server.url + route, payload)
+
+    status, body = run(send())
+    assert status == 400, body
+    assert body["error"]["field"] == field, body
+
+
+def test_prompt_longer_than_context_is_refused(server):
+    context = server.info()["engines"][0]["max_context"]
+    status, body = run(_generate(server.url, {"prompt": "word " * (context + 10), "max_new_tokens": 4}))
+    assert status == 400
+    assert body["error"]["field"] == "prompt"
+    assert str(context) in body["error"]["message"]
+
+
+def test_health_and_info(server):
+    info = server.info()
+    assert info["model"] == "SmolLM2-135M-Instruct"
+    engine = info["engines"][0]
+    for key in ("id", "pid", "device", "running", "waiting", "max_running_seen", "kv_slots_used"):
+        assert key in engine
+    assert engine["device"] == "cpu"
+    assert info["plan"]["max_context"] == 512  # the --max-context override reached the engine
+
+
+def test_sigterm_stops_everything_without_orphans(default_model_path):
+    dirs_before = _kiln_runtime_dirs()
+    proc = ServerProcess("--max-batch", "2", "--max-context", "256")
+    proc.wait_ready()
+    engine_pids = proc.engine_pids()
+    assert _kiln_runtime_dirs() - dirs_before, "the server should keep its sockets in a private folder"
+    assert proc.stop() == 0
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in engine_pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(pid_alive(p) for p in engine_pids)
+    assert not _kiln_runtime_dirs() - dirs_before, "the socket folder should be removed"
+
+
+def _kiln_runtime_dirs():
+    import tempfile
+    from pathlib import Path
+
+    return set(Path(tempfile.gettempdir()).glob("kiln-run-*"))
