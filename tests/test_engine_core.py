@@ -1,0 +1,102 @@
+"""Scheduler, sampler and model runner in-process, with the real default model (no sockets)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_core.sampler import Sampler
+from engine_core.scheduler import Scheduler, Sequence
+from ipc.messages import Request, SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
+
+
+def test_scheduler_reserves_slots_and_queues_the_rest():
+    sched = Scheduler(max_batch=2, max_context=64, prefill_chunk=100)
+    for i in range(3):
+        sched.add(Request(f"r{i}", [1, 2, 3], GREEDY))
+    chunks = sched.schedule()
+    assert [c.seq.request_id for c in chunks] == ["r0", "r1"]
+    assert sched.slots_used == 2 and len(sched.waiting) == 1
+    sched.abort("r0")
+    assert sched.slots_used == 1
+    for c in chunks:
+        c.seq.num_computed = 3
+    chunks = sched.schedule()
+    assert {c.seq.request_id for c in chunks} == {"r1", "r2"}  # r2 took the freed slot
+    assert sched.abort("unknown") is None and sched.abort("r0") is None  # idempotent
+
+
+def test_scheduler_chunks_long_prompts_within_the_budget():
+    sched = Scheduler(max_batch=4, max_context=512, prefill_chunk=16)
+    sched.add(Request("long", list(range(40)), GREEDY))
+    spans = []
+    while True:
+        chunks = sched.schedule()
+        (chunk,) = chunks
+        spans.append((chunk.start, chunk.length, chunk.sample))
+        chunk.seq.num_computed = chunk.start + chunk.length
+        if chunk.sample:
+            break
+    assert spans == [(0, 16, False), (16, 16, False), (32, 8, True)]
+
+
+def _seq(temperature=1.0, top_k=0, top_p=1.0, seed=None) -> Sequence:
+    return Sequence("r", [1], SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p,
+                                             seed=seed))
+
+
+def test_sampler_mixes_greedy_and_sampled_rows():
+    sampler = Sampler(torch.device("cpu"))
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
+    seqs = [_seq(temperature=0.0), _seq(top_k=1), _seq(seed=7)]
+    tokens = sampler.sample(logits, seqs)
+    best = logits.argmax(-1).tolist()
+    assert tokens[0] == best[0] and tokens[1] == best[1]
+
+
+def test_seeded_sampling_is_independent_of_the_batch():
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1))
+    alone = Sampler(torch.device("cpu")).sample(logits[2:3], [_seq(seed=42)])
+    batched = Sampler(torch.device("cpu")).sample(logits, [_seq(), _seq(0.0), _seq(seed=42), _seq(top_p=0.5)])
+    assert alone[0] == batched[2]
+
+
+def test_top_p_and_top_k_keep_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    params = [SamplingParams(1, top_p=0.7), SamplingParams(1, top_k=3), SamplingParams(1, top_p=0.85, top_k=1)]
+    filtered = Sampler._filter(logits.repeat(3, 1), params)
+    kept = torch.isfinite(filtered).tolist()
+    assert kept == [[True, True, False, False], [True, True, True, False], [True, False, False, False]]
+
+
+@pytest.fixture(scope="module")
+def model(default_model_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
+
+
+def test_chunked_prefill_and_batching_match_one_full_forward(model):
+    from engine_core.model_runner import ModelRunner
+
+    prompt = [int(t) for t in torch.randint(100, 40000, (37,), generator=torch.Generator().manual_seed(3))]
+    other = prompt[:20]
+    with torch.inference_mode():
+        expected = model(torch.tensor([prompt])).logits[0, -1]
+    runner = ModelRunner(model, max_batch=3, max_context=64, device=torch.device("cpu"), kv_dtype=torch.float32)
+    sched = Scheduler(max_batch=3, max_context=64, prefill_chunk=16)
+    sched.add(Request("a", other, GREEDY))
+    sched.add(Request("b", prompt, GREEDY))
+    logits = {}
+    while "b" not in logits:
+        chunks = sched.schedule()
+        out = runner.forward(chunks)
+        row = 0
+        for chunk in chunks:
+            chunk.seq.num_computed = chunk.start + chunk.length
+            if chunk.sample:
+                logits.setdefault(chunk.seq.request_id, out[row])
+                chunk.seq.output_ids.append(int(out[row].argmax()))
+                row += 1
+    torch.testing.assert_close(logits["b"], expected, atol=2e-4, rtol=1e-4)
