@@ -19,6 +19,9 @@ class PlanOverrides(msgspec.Struct, omit_defaults=True, frozen=True):
     gpu_memory_fraction: float | None = None
     cpu_offload: bool | None = None
     compile: bool | None = None
+    gpu_layers: int | None = None  # decoder layers kept on the GPU, the rest offloaded (like llama.cpp -ngl)
+    # Where each forced value came from, e.g. {"quantization": "QUANTIZATION=none"}; for reasons only.
+    sources: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class ServingPlan(msgspec.Struct, kw_only=True):
@@ -36,3 +39,19 @@ class ServingPlan(msgspec.Struct, kw_only=True):
     prefill_chunk: int = 256  # tokens of prompt computed per engine step, bounds inter-token latency
     reasons: dict[str, str] = msgspec.field(default_factory=dict)
     overridden: list[str] = msgspec.field(default_factory=list)  # decisions a flag or env var forced
+    # The numbers behind the decisions (added by the planner; 0 / None when unknown).
+    max_memory: dict[str, int] | None = None  # accelerate max_memory, keys "0", "1", ..., "cpu" (see accelerate_max_memory)
+    kv_bytes_per_token: int = 0  # 2 × layers × kv_heads × head_dim × KV dtype bytes
+    kv_cache_bytes: int = 0  # kv_cache_tokens × kv_bytes_per_token, allocated once at start
+    reserve_bytes: int = 0  # kept free on the device: runtime overhead + activation peak
+    budget_bytes: int = 0  # device memory the plan may use (GPU total × fraction capped by free, or available RAM)
+    offload_bytes: int = 0  # weight bytes placed in CPU RAM by the device_map
+    total_params: int = 0
+    model: str = ""  # the model's name, for display
+
+
+def accelerate_max_memory(plan: ServingPlan) -> dict[int | str, int] | None:
+    """`plan.max_memory` with GPU keys as ints, the form `from_pretrained(max_memory=...)` expects."""
+    if plan.max_memory is None:
+        return None
+    return {int(k) if k.isdigit() else k: v for k, v in plan.max_memory.items()}

@@ -1,0 +1,116 @@
+"""User overrides from env vars (QUANTIZATION, ENABLE_COMPILE) and CLI flags, flags winning.
+
+Values are normalized here so the planner sees one spelling ("nf4"/"none", "bfloat16"...),
+and `PlanOverrides.sources` remembers who forced what so each reason can say so.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hardware.plan import PlanOverrides
+
+_QUANT = {
+    "nf4": "nf4", "4bit": "nf4", "4-bit": "nf4", "bnb-4bit": "nf4", "bnb4": "nf4", "int4": "nf4",
+    "none": "none", "no": "none", "off": "none", "16bit": "none", "false": "none", "0": "none",
+}
+_DTYPE = {
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+FIELDS = ("dtype", "quantization", "max_batch", "max_context", "gpu_memory_fraction", "cpu_offload", "compile",
+          "gpu_layers")
+
+
+def normalize_quantization(value: str) -> str:
+    """'4bit' / 'nf4' -> 'nf4'; 'None' / 'none' -> 'none' (forces 16-bit)."""
+    key = value.strip().lower()
+    if key not in _QUANT:
+        raise ValueError(f"unknown quantization {value!r}: use nf4 (alias 4bit) or none")
+    return _QUANT[key]
+
+
+def normalize_dtype(value: str) -> str:
+    key = value.strip().lower().removeprefix("torch.")
+    if key not in _DTYPE:
+        raise ValueError(f"unknown dtype {value!r}: use bfloat16, float16 or float32")
+    return _DTYPE[key]
+
+
+def overrides_from_env(environ: Mapping[str, str]) -> PlanOverrides:
+    """QUANTIZATION=4bit|nf4|None|none and ENABLE_COMPILE=1|0; unset or empty means no override."""
+    fields: dict = {}
+    sources: dict[str, str] = {}
+    if (q := environ.get("QUANTIZATION", "").strip()):
+        fields["quantization"] = normalize_quantization(q)
+        sources["quantization"] = f"QUANTIZATION={q}"
+    if (c := environ.get("ENABLE_COMPILE", "").strip().lower()):
+        if c not in _TRUE | _FALSE:
+            raise ValueError(f"ENABLE_COMPILE={c!r}: use 1 or 0")
+        fields["compile"] = c in _TRUE
+        sources["compile"] = f"ENABLE_COMPILE={c}"
+    return PlanOverrides(**fields, sources=sources)
+
+
+def overrides_from_flags(
+    *,
+    dtype: str | None = None,
+    quantization: str | None = None,
+    max_batch: int | None = None,
+    max_context: int | None = None,
+    gpu_memory_fraction: float | None = None,
+    cpu_offload: bool | None = None,
+    compile: bool | None = None,
+    gpu_layers: int | None = None,
+) -> PlanOverrides:
+    """CLI flag values (None = flag not given), validated; sources read '--flag'."""
+    if max_batch is not None and max_batch < 1:
+        raise ValueError("--max-batch must be at least 1")
+    if max_context is not None and max_context < 1:
+        raise ValueError("--max-context must be at least 1")
+    if gpu_memory_fraction is not None and not 0.0 < gpu_memory_fraction <= 1.0:
+        raise ValueError("--gpu-memory-fraction must be in (0, 1]")
+    if gpu_layers is not None and gpu_layers < 0:
+        raise ValueError("--gpu-layers must be at least 0")
+    values = {
+        "dtype": normalize_dtype(dtype) if dtype is not None else None,
+        "quantization": normalize_quantization(quantization) if quantization is not None else None,
+        "max_batch": max_batch, "max_context": max_context,
+        "gpu_memory_fraction": gpu_memory_fraction, "cpu_offload": cpu_offload, "compile": compile,
+        "gpu_layers": gpu_layers,
+    }
+    given = {k: v for k, v in values.items() if v is not None}
+    sources = {k: _flag_text(k, v) for k, v in given.items()}
+    return PlanOverrides(**given, sources=sources)
+
+
+def _flag_text(field: str, value) -> str:
+    flag = "--" + field.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + field.replace("_", "-")
+    return f"{flag} {value}"
+
+
+def merge_overrides(flags: PlanOverrides, env: PlanOverrides) -> PlanOverrides:
+    """Flag values win over env values, field by field."""
+    merged, sources = {}, {}
+    for name in FIELDS:
+        for layer in (flags, env):
+            value = getattr(layer, name)
+            if value is not None:
+                merged[name] = value
+                sources[name] = layer.sources.get(name, "override")
+                break
+    return PlanOverrides(**merged, sources=sources)
+
+
+def resolve_overrides(environ: Mapping[str, str], **flags) -> PlanOverrides:
+    """What `cli.py` calls: env overrides, then the given flag values (keyword args of overrides_from_flags) on top."""
+    return merge_overrides(overrides_from_flags(**flags), overrides_from_env(environ))
+
+
+def describe(overrides: PlanOverrides, field: str) -> str:
+    """'forced by --max-batch 8' style text for a reason."""
+    return "forced by " + overrides.sources.get(field, "override")
+

@@ -1,0 +1,515 @@
+"""HardwareProfile + ModelShape (+ overrides) -> ServingPlan: dtype, NF4, offload, batch, context.
+
+Pure arithmetic, no torch, no I/O: every number comes from parameter counts and the
+profile, so a plan can be made for a machine we are not on and checked in tests.
+
+Memory model (all sizes in bytes; GiB = 2^30):
+- GPU budget = total × 0.90 (or × --gpu-memory-fraction), capped by the free memory NVML reports.
+  Out of it come a reserve of 1 GiB (CUDA context, cuBLAS workspaces, fragmentation) plus the
+  activation peak below, then the weights; what is left is the KV cache. Together with the
+  10% this is HARDWARE-NOTES' "10% of total + 1 GiB", plus activations stated separately.
+- CPU budget = available RAM (cgroup-capped). Reserve max(2 GiB, 20%) for the OS, the frontend
+  process and the tokenizer, plus the activation peak.
+- Activation peak of one prefill chunk of C tokens, in compute dtype bytes b:
+  C × (2h + (heads + 2·kv_heads)·head_dim + heads·head_dim + m·intermediate) × b   (residual + norm,
+  qkv, attention output, MLP with m = 3 gated / 2 plain), plus one layer's attention scores
+  heads × C × context × 4 (the SDPA math fallback materializes them in fp32), plus fp32 logits
+  for the last position of a full decode batch (16 × vocab × 4), plus, under NF4, one linear
+  weight dequantized to 16-bit (hidden × intermediate × 2). Layers run one at a time, so the peak
+  of one layer is the peak of the model.
+- KV bytes per token = 2 × layers × kv_heads × head_dim × (2, or 4 for float32).
+- NF4 weights = b × (embeddings + untied lm_head + norms/biases) + 0.516 × decoder linear params.
+"""
+from __future__ import annotations
+
+import math
+
+from hardware.model_config import ACCELERATE_LAYOUT, ModelShape
+from hardware.overrides import describe
+from hardware.plan import PlanOverrides, ServingPlan
+from hardware.profile import GiB, GpuInfo, HardwareProfile, format_bytes as fb
+
+GPU_FRACTION = 0.90
+GPU_OVERHEAD = 1 * GiB
+CPU_RESERVE_FRACTION, CPU_RESERVE_MIN = 0.20, 2 * GiB
+MIN_CONTEXT, MAX_CONTEXT, CONTEXT_STEP = 2048, 8192, 256
+MAX_BATCH, PREFERRED_BATCH = 16, 4
+NF4_BYTES_PER_PARAM = 0.516  # 4-bit codes + double-quantized absmax per 64 weights
+CPU_PREFILL_CHUNK = 256
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class PlanError(Exception):
+    """No plan fits: the message says how much memory is needed and how much there is."""
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def dtype_bytes(dtype: str) -> int:
+    return DTYPE_BYTES[dtype]
+
+
+def weight_bytes(shape: ModelShape, dtype: str, quantized: bool) -> int:
+    """Resident weight bytes for the whole model in `dtype`, or NF4 with `dtype` for the rest."""
+    b = dtype_bytes(dtype)
+    if not quantized:
+        return shape.total_params * b
+    kept = shape.embedding_params + shape.lm_head_params + shape.other_params
+    return kept * b + math.ceil(NF4_BYTES_PER_PARAM * shape.decoder_linear_params)
+
+
+def kv_bytes_per_token(shape: ModelShape, dtype: str) -> int:
+    """K and V for every layer; NF4 computes (and caches) in 16-bit, so 2 bytes unless float32."""
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes(dtype)
+
+
+def activation_peak_bytes(shape: ModelShape, chunk: int, context: int, dtype: str, quantized: bool) -> int:
+    """Peak transient memory of one prefill chunk (see the module docstring for each term)."""
+    b = dtype_bytes(dtype)
+    h, hd = shape.hidden_size, shape.head_dim
+    mlp_mats = 2 if shape.architecture == "starcoder2" else 3
+    per_token = 2 * h + (shape.num_attention_heads + 2 * shape.num_kv_heads) * hd
+    per_token += shape.num_attention_heads * hd + mlp_mats * shape.intermediate_size
+    scores = shape.num_attention_heads * chunk * context * 4
+    logits = MAX_BATCH * shape.vocab_size * 4
+    dequant = h * shape.intermediate_size * 2 if quantized else 0
+    return chunk * per_token * b + scores + logits + dequant
+
+
+def _layer_split(shape: ModelShape) -> tuple[int, int]:
+    """(linear, other) params of one decoder layer."""
+    linear = shape.decoder_linear_params // shape.num_layers
+    return linear, max(0, shape.layer_params - linear)
+
+
+def _layer_bytes(shape: ModelShape, dtype: str, quantized: bool) -> int:
+    linear, other = _layer_split(shape)
+    if quantized:
+        return other * dtype_bytes(dtype) + math.ceil(NF4_BYTES_PER_PARAM * linear)
+    return shape.layer_params * dtype_bytes(dtype)
+
+
+def context_limits(shape: ModelShape) -> tuple[int, int]:
+    """(min, max) context the planner chooses from: 2048..8192, never above the model's maximum."""
+    top = shape.max_position_embeddings
+    return min(MIN_CONTEXT, top), min(MAX_CONTEXT, top)
+
+
+# ---------------------------------------------------------------- batch and context
+
+
+def choose_batch_context(
+    tokens: int, shape: ModelShape, overrides: PlanOverrides
+) -> tuple[int, int, str, str]:
+    """Split a KV budget of `tokens` into (batch, context, batch reason, context reason).
+
+    Longer context first until batch would drop below 4, then more batch, up to 16 × 8192.
+    """
+    lo, hi = context_limits(shape)
+    fb_, fc = overrides.max_batch, overrides.max_context
+    if fb_ is not None and fc is not None:
+        if fb_ * fc > tokens:
+            raise PlanError(
+                f"{fb_} sequences × {fc} tokens = {fb_ * fc} KV tokens, but the KV budget holds {tokens}"
+            )
+        return fb_, fc, describe(overrides, "max_batch"), describe(overrides, "max_context")
+    if fc is not None:
+        batch = min(MAX_BATCH, tokens // fc)
+        if batch < 1:
+            raise PlanError(f"one {fc}-token sequence does not fit: the KV budget holds {tokens} tokens")
+        return batch, fc, f"{batch} sequences of the forced context fill the KV budget (cap {MAX_BATCH})", describe(
+            overrides, "max_context"
+        )
+    if fb_ is not None:
+        ctx = min(hi, tokens // fb_)
+        if ctx < lo:
+            raise PlanError(
+                f"{fb_} sequences × {lo} tokens (the smallest context) = {fb_ * lo} KV tokens, "
+                f"but the KV budget holds {tokens}"
+            )
+        if ctx < hi:
+            ctx -= ctx % CONTEXT_STEP
+        return fb_, ctx, describe(overrides, "max_batch"), f"longest context (≤ {hi}) the forced batch leaves room for"
+    if tokens >= PREFERRED_BATCH * hi:
+        batch = min(MAX_BATCH, tokens // hi)
+        why_ctx = f"the ceiling: min(8192, the model's max_position_embeddings {shape.max_position_embeddings})"
+        why_batch = (
+            f"capped at {MAX_BATCH}" if batch == MAX_BATCH else f"{batch} sequences of {hi} tokens fill the KV budget"
+        )
+        return batch, hi, why_batch, why_ctx
+    if tokens >= PREFERRED_BATCH * lo:
+        ctx = (tokens // PREFERRED_BATCH) // CONTEXT_STEP * CONTEXT_STEP
+        batch = min(MAX_BATCH, tokens // ctx)
+        return (
+            batch, ctx,
+            f"kept at {PREFERRED_BATCH}+ concurrent sequences before growing context further",
+            f"longest context (multiple of {CONTEXT_STEP}) that keeps {PREFERRED_BATCH} sequences in the KV budget",
+        )
+    if tokens >= lo:
+        batch = tokens // lo
+        return batch, lo, f"only {batch} sequence(s) of {lo} tokens fit the KV budget", "the minimum context"
+    raise PlanError(f"the KV budget holds {tokens} tokens, less than one {lo}-token sequence")
+
+
+# ---------------------------------------------------------------- the plan
+
+
+class _Candidate:
+    """One way to hold the weights on one device: dtype + quantization, and what it costs."""
+
+    def __init__(self, shape: ModelShape, dtype: str, quantized: bool, budget: int, reserve: int) -> None:
+        self.dtype, self.quantized = dtype, quantized
+        self.weights = weight_bytes(shape, dtype, quantized)
+        self.kv_per_token = kv_bytes_per_token(shape, dtype)
+        self.kv_room = budget - reserve - self.weights
+        lo, _ = context_limits(shape)
+        self.fits = self.kv_room >= self.kv_per_token * lo
+        self.headroom = self.kv_room >= self.kv_per_token * lo * PREFERRED_BATCH
+        self.needed_min = self.weights + reserve + self.kv_per_token * lo
+
+    @property
+    def label(self) -> str:
+        return f"NF4 (+{self.dtype})" if self.quantized else self.dtype
+
+
+def _pick(cands: list[_Candidate]) -> _Candidate | None:
+    """First candidate with room for 4 minimum-context sequences, else the most compact that fits at all."""
+    for c in cands:
+        if c.headroom:
+            return c
+    return cands[-1] if cands and cands[-1].fits else None
+
+
+def pick_gpu(profile: HardwareProfile, gpu_index: int | None) -> GpuInfo | None:
+    if not profile.gpus:
+        if gpu_index is not None:
+            raise PlanError(f"GPU {gpu_index} requested but no GPU was found ({profile.source})")
+        return None
+    index = 0 if gpu_index is None else gpu_index
+    for g in profile.gpus:
+        if g.index == index:
+            return g
+    raise PlanError(f"GPU {index} requested but this machine has GPUs {[g.index for g in profile.gpus]}")
+
+
+def make_plan(
+    shape: ModelShape,
+    profile: HardwareProfile,
+    overrides: PlanOverrides = PlanOverrides(),
+    *,
+    gpu_index: int | None = None,
+) -> ServingPlan:
+    """The serving plan for `shape` on `profile`; raises PlanError when nothing fits."""
+    if overrides.max_context is not None and overrides.max_context > shape.max_position_embeddings:
+        raise PlanError(
+            f"max_context {overrides.max_context} ({describe(overrides, 'max_context')}) exceeds the model's "
+            f"max_position_embeddings {shape.max_position_embeddings}"
+        )
+    gpu = pick_gpu(profile, gpu_index)
+    if gpu is None:
+        return _plan_cpu(shape, profile, overrides)
+    return _plan_gpu(shape, profile, gpu, overrides)
+
+
+def _context_for_activations(shape: ModelShape, overrides: PlanOverrides) -> int:
+    return overrides.max_context or context_limits(shape)[1]
+
+
+def _common(reasons: dict[str, str], overridden: list[str], overrides: PlanOverrides, chunk: int, chunk_why: str) -> bool:
+    """compile and prefill_chunk reasons; returns the compile decision."""
+    if overrides.compile is not None:
+        overridden.append("compile")
+        reasons["compile"] = ("torch.compile on" if overrides.compile else "eager") + ", " + describe(overrides, "compile")
+    else:
+        reasons["compile"] = "eager by default: torch.compile costs a long warmup and needs Triton; enable with --compile or ENABLE_COMPILE=1"
+    reasons["prefill_chunk"] = f"{chunk} prompt tokens per step: {chunk_why}"
+    return bool(overrides.compile)
+
+
+def _dtype_choice(overrides: PlanOverrides, default: str, why: str, reasons: dict, overridden: list) -> str:
+    if overrides.dtype is not None:
+        overridden.append("dtype")
+        reasons["dtype"] = f"{overrides.dtype}, {describe(overrides, 'dtype')}"
+        return overrides.dtype
+    reasons["dtype"] = f"{default}: {why}"
+    return default
+
+
+def _finish(
+    shape: ModelShape, overrides: PlanOverrides, reasons: dict, overridden: list, kv_room: int, kv_per_token: int
+) -> tuple[int, int, int]:
+    tokens = max(0, kv_room) // kv_per_token
+    for field in ("max_batch", "max_context"):
+        if getattr(overrides, field) is not None:
+            overridden.append(field)
+    batch, ctx, why_b, why_c = choose_batch_context(tokens, shape, overrides)
+    reasons["max_batch"] = f"{batch}: {why_b}"
+    reasons["max_context"] = f"{ctx}: {why_c}"
+    kv_tokens = batch * ctx
+    reasons["kv_cache_tokens"] = (
+        f"{batch} × {ctx} = {kv_tokens} tokens × {kv_per_token} B/token = {fb(kv_tokens * kv_per_token)}, "
+        f"out of {fb(kv_room)} left after weights and reserve"
+    )
+    return batch, ctx, kv_tokens
+
+
+def _plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverrides) -> ServingPlan:
+    reasons: dict[str, str] = {}
+    overridden: list[str] = []
+    budget = profile.ram_available_bytes
+    chunk = CPU_PREFILL_CHUNK
+    reasons["device"] = f"cpu: no GPU ({profile.source}); {profile.cpu_cores} cores, {fb(budget)} RAM available"
+    if overrides.gpu_memory_fraction is not None:
+        reasons["device"] += f"; gpu_memory_fraction ignored ({describe(overrides, 'gpu_memory_fraction')})"
+    if profile.cpu_amx:
+        default, why = "bfloat16", "this CPU has AMX (amx_bf16), where bf16 matmuls beat fp32"
+    else:
+        default, why = "float32", (
+            "CPU without AMX: batched fp32 matmuls are faster than bf16 (bf16 only helps bandwidth-bound batch-1 decode)"
+        )
+    dtype = _dtype_choice(overrides, default, why, reasons, overridden)
+
+    def reserve_for(d: str, q: bool) -> int:
+        act = activation_peak_bytes(shape, chunk, _context_for_activations(shape, overrides), d, q)
+        return max(CPU_RESERVE_MIN, int(CPU_RESERVE_FRACTION * budget)) + act
+
+    options: list[tuple[str, bool]] = []
+    if overrides.quantization != "nf4":
+        options.append((dtype, False))
+        if overrides.dtype is None and dtype == "float32":
+            options.append(("bfloat16", False))
+    if overrides.quantization != "none":
+        options.append((overrides.dtype or "bfloat16", True))  # bnb's CPU 4-bit kernels compute in bf16
+    cands = [_Candidate(shape, d, q, budget, reserve_for(d, q)) for d, q in options]
+    chosen = _pick(cands)
+    if chosen is None:
+        smallest = min(cands, key=lambda c: c.needed_min)
+        raise PlanError(
+            f"{shape.name} ({shape.total_params / 1e9:.2f}B params) does not fit on this CPU-only machine: "
+            f"the smallest plan, {smallest.label}, needs {fb(smallest.needed_min)} "
+            f"(weights {fb(smallest.weights)} + KV cache for one {context_limits(shape)[0]}-token sequence "
+            f"{fb(smallest.kv_per_token * context_limits(shape)[0])} + reserve {fb(budget - smallest.kv_room - smallest.weights)}), "
+            f"but only {fb(budget)} of RAM is available"
+        )
+    if chosen.dtype != dtype:
+        reasons["dtype"] = f"{chosen.dtype}: {dtype} weights ({fb(weight_bytes(shape, dtype, False))}) leave too little RAM for a KV cache"
+    reserve = budget - chosen.kv_room - chosen.weights
+    if overrides.quantization is not None:
+        overridden.append("quantization")
+        reasons["quantization"] = f"{'NF4' if chosen.quantized else 'none'}, {describe(overrides, 'quantization')}"
+    elif chosen.quantized:
+        reasons["quantization"] = (
+            f"NF4 with double quantization: 16-bit weights ({fb(weight_bytes(shape, chosen.dtype, False))}) do not fit "
+            f"{fb(budget)} RAM with room for a KV cache; bitsandbytes' CPU 4-bit kernels are slow (memory tool, not speed)"
+        )
+    else:
+        reasons["quantization"] = f"none: {chosen.dtype} weights ({fb(chosen.weights)}) fit in RAM with room for a KV cache"
+    if overrides.cpu_offload is not None:
+        overridden.append("cpu_offload")
+        reasons["offload"] = f"none: weights are already in RAM; {describe(overrides, 'cpu_offload')} has no effect without a GPU (disk offload is too slow to serve)"
+    else:
+        reasons["offload"] = "none: no GPU, all weights in RAM"
+    if overrides.gpu_layers is not None:
+        reasons["offload"] += f"; {describe(overrides, 'gpu_layers')} ignored without a GPU"
+    batch, ctx, kv_tokens = _finish(shape, overrides, reasons, overridden, chosen.kv_room, chosen.kv_per_token)
+    compile_ = _common(reasons, overridden, overrides, chunk, "small chunks keep inter-token latency bounded on a few cores")
+    reasons["device"] += f"; reserve {fb(reserve)} = max(2 GiB, 20% of available) for OS and frontend + activation peak"
+    return ServingPlan(
+        device="cpu", dtype=chosen.dtype, quantization="nf4" if chosen.quantized else None,
+        double_quant=chosen.quantized, offload=False, device_map=None, max_batch=batch, max_context=ctx,
+        kv_cache_tokens=kv_tokens, weights_bytes=chosen.weights, compile=compile_, prefill_chunk=chunk,
+        reasons=reasons, overridden=overridden, max_memory=None, kv_bytes_per_token=chosen.kv_per_token,
+        kv_cache_bytes=kv_tokens * chosen.kv_per_token, reserve_bytes=reserve, budget_bytes=budget,
+        offload_bytes=0, total_params=shape.total_params, model=shape.name,
+    )
+
+
+def _gpu_chunk(gpu: GpuInfo) -> tuple[int, str]:
+    if gpu.total_bytes >= 40 * GiB:
+        return 2048, "large GPU: long chunks keep prefill efficient and the scores buffer small next to memory"
+    if gpu.total_bytes >= 20 * GiB:
+        return 1024, "mid-size GPU: balances prefill throughput against the activation peak"
+    return 512, "small GPU: bounds the activation peak (attention scores grow with chunk × context)"
+
+
+def _plan_gpu(shape: ModelShape, profile: HardwareProfile, gpu: GpuInfo, overrides: PlanOverrides) -> ServingPlan:
+    reasons: dict[str, str] = {}
+    overridden: list[str] = []
+    gi = gpu.index
+    cc = f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}"
+    frac = overrides.gpu_memory_fraction if overrides.gpu_memory_fraction is not None else GPU_FRACTION
+    budget = min(int(gpu.total_bytes * frac), gpu.free_bytes)
+    others = f"; {len(profile.gpus)} GPUs: one engine per GPU (cli.py engine --gpu N)" if len(profile.gpus) > 1 else ""
+    reasons["device"] = (
+        f"cuda:{gi}: {gpu.name}, {fb(gpu.total_bytes)} total, {fb(gpu.free_bytes)} free, cc {cc} (from {profile.source}){others}"
+    )
+    if overrides.gpu_memory_fraction is not None:
+        overridden.append("gpu_memory_fraction")
+    chunk, chunk_why = _gpu_chunk(gpu)
+    if gpu.compute_capability >= (8, 0):
+        default, why = "bfloat16", f"compute capability {cc} ≥ 8.0 has native bf16"
+    else:
+        default, why = "float16", f"compute capability {cc} < 8.0: bf16 is emulated there (check warmup logits for NaN)"
+    dtype = _dtype_choice(overrides, default, why, reasons, overridden)
+
+    ctx_act = _context_for_activations(shape, overrides)
+
+    def reserve_for(q: bool) -> int:
+        return GPU_OVERHEAD + activation_peak_bytes(shape, chunk, ctx_act, dtype, q)
+
+    options = []
+    if overrides.quantization != "nf4":
+        options.append(False)
+    if overrides.quantization != "none":
+        options.append(True)
+    cands = [_Candidate(shape, dtype, q, budget, reserve_for(q)) for q in options]
+    forced_split = overrides.gpu_layers is not None and overrides.gpu_layers < shape.num_layers
+    if forced_split and overrides.cpu_offload is False:
+        raise PlanError(
+            f"{describe(overrides, 'gpu_layers')} keeps {overrides.gpu_layers} of {shape.num_layers} layers on the GPU, "
+            f"which needs CPU offload, but offload is off ({describe(overrides, 'cpu_offload')})"
+        )
+    chosen = None if (overrides.cpu_offload or forced_split) else _pick(cands)
+    budget_why = (
+        f"budget {fb(budget)} = {frac:.0%} of total" + (" (capped by free memory)" if budget == gpu.free_bytes else "")
+        + (f" ({describe(overrides, 'gpu_memory_fraction')})" if overrides.gpu_memory_fraction is not None else "")
+    )
+    if overrides.quantization is not None:
+        overridden.append("quantization")
+
+    if chosen is not None:
+        reserve = reserve_for(chosen.quantized)
+        if overrides.quantization is not None:
+            reasons["quantization"] = f"{'NF4' if chosen.quantized else 'none'}, {describe(overrides, 'quantization')}"
+        elif chosen.quantized:
+            reasons["quantization"] = (
+                f"NF4 with double quantization, compute in {dtype}: {dtype} weights "
+                f"({fb(weight_bytes(shape, dtype, False))}) do not leave room for {PREFERRED_BATCH} × "
+                f"{context_limits(shape)[0]}-token sequences in the {budget_why}; NF4 weights are {fb(chosen.weights)}"
+            )
+        else:
+            reasons["quantization"] = f"none: {dtype} weights ({fb(chosen.weights)}) fit the {budget_why} with room for a KV cache"
+        if overrides.cpu_offload is False:
+            overridden.append("cpu_offload")
+            reasons["offload"] = f"none, {describe(overrides, 'cpu_offload')}"
+        else:
+            reasons["offload"] = "none: all weights fit on the GPU"
+        if overrides.gpu_layers is not None:
+            overridden.append("gpu_layers")
+            reasons["offload"] += f"; all {shape.num_layers} layers on the GPU ({describe(overrides, 'gpu_layers')})"
+        batch, ctx, kv_tokens = _finish(shape, overrides, reasons, overridden, chosen.kv_room, chosen.kv_per_token)
+        compile_ = _common(reasons, overridden, overrides, chunk, chunk_why)
+        reasons["device"] += f"; {budget_why}, reserve {fb(reserve)} = 1 GiB CUDA context/workspaces + activation peak"
+        return ServingPlan(
+            device=f"cuda:{gi}", dtype=dtype, quantization="nf4" if chosen.quantized else None,
+            double_quant=chosen.quantized, offload=False, device_map={"": gi}, max_batch=batch, max_context=ctx,
+            kv_cache_tokens=kv_tokens, weights_bytes=chosen.weights, compile=compile_, prefill_chunk=chunk,
+            reasons=reasons, overridden=overridden, max_memory={str(gi): budget - reserve - kv_tokens * chosen.kv_per_token},
+            kv_bytes_per_token=chosen.kv_per_token, kv_cache_bytes=kv_tokens * chosen.kv_per_token,
+            reserve_bytes=reserve, budget_bytes=budget, offload_bytes=0, total_params=shape.total_params, model=shape.name,
+        )
+
+    # Offload: the first layers on the GPU, the rest in RAM, streamed to the GPU on each forward.
+    if overrides.cpu_offload is False and not forced_split:
+        overridden.append("cpu_offload")
+        smallest = min(cands, key=lambda c: c.needed_min)
+        raise PlanError(
+            f"{shape.name} does not fit on cuda:{gi} and CPU offload is off ({describe(overrides, 'cpu_offload')}): "
+            f"the smallest plan, {smallest.label}, needs {fb(smallest.needed_min)} of GPU memory, "
+            f"{budget_why} available"
+        )
+    forced = overrides.cpu_offload or forced_split
+    quantized = overrides.quantization == "nf4" or (overrides.quantization is None and not forced)
+    return _plan_offload(shape, profile, gpu, overrides, dtype, quantized, budget, budget_why, reserve_for(quantized),
+                         chunk, chunk_why, reasons, overridden)
+
+
+def _plan_offload(
+    shape: ModelShape, profile: HardwareProfile, gpu: GpuInfo, overrides: PlanOverrides, dtype: str, quantized: bool,
+    budget: int, budget_why: str, reserve: int, chunk: int, chunk_why: str, reasons: dict, overridden: list,
+) -> ServingPlan:
+    gi, b, L = gpu.index, dtype_bytes(dtype), shape.num_layers
+    lo, _ = context_limits(shape)
+    kv_per_token = kv_bytes_per_token(shape, dtype)
+    layers_other = shape.num_layers * _layer_split(shape)[1]
+    fixed_gpu = (shape.embedding_params + shape.lm_head_params + max(0, shape.other_params - layers_other)) * b
+    gpu_layer = _layer_bytes(shape, dtype, quantized)
+    cpu_layer = shape.layer_params * (4 if quantized else b)  # bnb keeps offloaded layers in fp32
+    stream = cpu_layer  # one offloaded layer materialized on the GPU while it runs
+    kv_min = kv_per_token * lo
+    room = budget - reserve - fixed_gpu - stream - kv_min
+    ram_budget = profile.ram_available_bytes - max(CPU_RESERVE_MIN, int(CPU_RESERVE_FRACTION * profile.ram_available_bytes))
+    if room < 0:
+        raise PlanError(
+            f"{shape.name} cannot run on cuda:{gi} even with CPU offload: embeddings, lm_head, one streamed layer, "
+            f"reserve and KV for one {lo}-token sequence need {fb(budget - room)} of GPU memory, {budget_why} available "
+            "(try --cpu-only)"
+        )
+    on_gpu = min(L, room // gpu_layer)
+    if overrides.gpu_layers is not None:
+        overridden.append("gpu_layers")
+        if overrides.gpu_layers > on_gpu:
+            raise PlanError(
+                f"{overrides.gpu_layers} layers on cuda:{gi} ({describe(overrides, 'gpu_layers')}) need "
+                f"{fb(budget - room + overrides.gpu_layers * gpu_layer)} of GPU memory, {budget_why} available; "
+                f"at most {on_gpu} fit"
+            )
+        on_gpu = overrides.gpu_layers
+    elif overrides.cpu_offload and on_gpu == L:
+        on_gpu = L - 1  # forced offload always offloads something
+    on_cpu = L - on_gpu
+    offload_bytes = on_cpu * cpu_layer
+    if offload_bytes > ram_budget:
+        raise PlanError(
+            f"{shape.name} ({shape.total_params / 1e9:.2f}B params) does not fit in GPU + RAM: it needs "
+            f"{fb(budget - room + on_gpu * gpu_layer)} on cuda:{gi} ({budget_why}) plus {fb(offload_bytes)} of RAM "
+            f"for {on_cpu} offloaded layers, but only {fb(max(0, ram_budget))} of RAM is usable "
+            f"({fb(profile.ram_available_bytes)} available minus the OS/frontend reserve)"
+        )
+    gpu_weights = fixed_gpu + on_gpu * gpu_layer
+    kv_room = budget - reserve - gpu_weights - stream
+
+    if overrides.quantization is not None:
+        reasons["quantization"] = f"{'NF4' if quantized else 'none'}, {describe(overrides, 'quantization')}"
+    elif quantized:
+        reasons["quantization"] = (
+            f"NF4 with double quantization, compute in {dtype}: even NF4 weights "
+            f"({fb(weight_bytes(shape, dtype, True))}) do not fit the {budget_why} with a KV cache"
+        )
+    else:
+        reasons["quantization"] = "none: offload was forced, so 16-bit weights are split between GPU and RAM"
+    if overrides.gpu_layers is not None:
+        why = describe(overrides, "gpu_layers")
+    elif overrides.cpu_offload:
+        why = describe(overrides, "cpu_offload")
+    else:
+        why = "the weights do not fit on the GPU"
+    if overrides.cpu_offload is not None:
+        overridden.append("cpu_offload")
+    reasons["offload"] = (
+        f"{on_gpu} of {L} layers on cuda:{gi}, {on_cpu} in RAM ({fb(offload_bytes)}), {why}; offloaded layers are "
+        "copied to the GPU on every forward, so decode is bound by PCIe"
+        + ("; load with BitsAndBytesConfig(llm_int8_enable_fp32_cpu_offload=True), CPU layers stay fp32" if quantized else "")
+    )
+    batch, ctx, kv_tokens = _finish(shape, overrides, reasons, overridden, kv_room, kv_per_token)
+    compile_ = _common(reasons, overridden, overrides, chunk, chunk_why)
+    reasons["device"] += (
+        f"; {budget_why}, reserve {fb(reserve)} = 1 GiB CUDA context/workspaces + activation peak, "
+        f"plus {fb(stream)} for the streamed layer"
+    )
+    device_map: dict[str, str | int] = {"model.embed_tokens": gi}
+    if shape.architecture in ACCELERATE_LAYOUT or shape.source.endswith(".gguf"):
+        device_map["model.rotary_emb"] = gi
+    for i in range(L):
+        device_map[f"model.layers.{i}"] = gi if i < on_gpu else "cpu"
+    device_map["model.norm"] = gi
+    device_map["lm_head"] = gi
+    return ServingPlan(
+        device=f"cuda:{gi}", dtype=dtype, quantization="nf4" if quantized else None, double_quant=quantized,
+        offload=True, device_map=device_map, max_batch=batch, max_context=ctx, kv_cache_tokens=kv_tokens,
+        weights_bytes=gpu_weights + offload_bytes, compile=compile_, prefill_chunk=chunk, reasons=reasons,
+        overridden=overridden, max_memory={str(gi): gpu_weights, "cpu": ram_budget},
+        kv_bytes_per_token=kv_per_token, kv_cache_bytes=kv_tokens * kv_per_token, reserve_bytes=reserve + stream,
+        budget_bytes=budget, offload_bytes=offload_bytes, total_params=shape.total_params, model=shape.name,
+    )

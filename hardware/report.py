@@ -1,0 +1,107 @@
+"""`cli.py plan`: print the plan as a three-column table or JSON, with no weights and no torch."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import textwrap
+from collections.abc import Sequence
+
+import msgspec
+
+from hardware.plan import PlanOverrides, ServingPlan
+from hardware.profile import HardwareProfile, format_bytes as fb
+
+ROWS = ("device", "dtype", "quantization", "offload", "max_batch", "max_context", "kv_cache_tokens",
+        "weights_bytes", "compile", "prefill_chunk")
+
+
+def _value(plan: ServingPlan, key: str) -> str:
+    if key == "quantization":
+        return f"nf4 (double quant: {'yes' if plan.double_quant else 'no'})" if plan.quantization else "none"
+    if key == "offload":
+        if not plan.offload or not plan.device_map:
+            return "no"
+        on_cpu = sum(1 for k, v in plan.device_map.items() if k.startswith("model.layers.") and v == "cpu")
+        return f"yes, {on_cpu} layers in RAM"
+    if key == "weights_bytes":
+        return fb(plan.weights_bytes)
+    if key == "kv_cache_tokens":
+        return f"{plan.kv_cache_tokens} ({fb(plan.kv_cache_bytes)})" if plan.kv_cache_bytes else str(plan.kv_cache_tokens)
+    if key == "compile":
+        return "yes" if plan.compile else "no"
+    return str(getattr(plan, key))
+
+
+def _reason(plan: ServingPlan, key: str) -> str:
+    if key == "weights_bytes":
+        params = f"{plan.total_params / 1e9:.2f}B params" if plan.total_params else "weights"
+        return f"{params} at {'NF4 + ' + plan.dtype if plan.quantization else plan.dtype}; from the config's parameter counts"
+    return plan.reasons.get(key, "")
+
+
+def format_plan_table(plan: ServingPlan, width: int | None = None) -> str:
+    """decision | value | reason, the reason wrapped to the terminal width; forced rows marked '*'."""
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    rows = []
+    for key in ROWS:
+        forced = key in plan.overridden or (
+            key == "offload" and ("cpu_offload" in plan.overridden or "gpu_layers" in plan.overridden))
+        rows.append((key + (" *" if forced else ""), _value(plan, key), _reason(plan, key)))
+    w0 = max(len("decision"), *(len(r[0]) for r in rows))
+    w1 = min(28, max(len("value"), *(len(r[1]) for r in rows)))
+    w2 = max(30, width - w0 - w1 - 4)
+    lines = [f"{'decision':<{w0}}  {'value':<{w1}}  reason", f"{'-' * w0}  {'-' * w1}  {'-' * min(w2, 40)}"]
+    for name, value, reason in rows:
+        wrapped = textwrap.wrap(reason, w2) or [""]
+        lines.append(f"{name:<{w0}}  {value:<{w1}}  {wrapped[0]}")
+        lines.extend(f"{'':<{w0}}  {'':<{w1}}  {more}" for more in wrapped[1:])
+    if plan.overridden:
+        lines.append(f"* forced by a flag or env var: {', '.join(plan.overridden)}")
+    return "\n".join(lines)
+
+
+def plan_to_json(plan: ServingPlan) -> str:
+    """The whole plan as JSON (quantization is "nf4" or null); keys are the ServingPlan field names."""
+    return msgspec.json.format(msgspec.json.encode(plan).decode(), indent=2)
+
+
+def _header(plan: ServingPlan, profile: HardwareProfile, source: str) -> str:
+    gpus = ", ".join(f"{g.name} {fb(g.total_bytes)} cc {g.compute_capability[0]}.{g.compute_capability[1]}"
+                     for g in profile.gpus) or "no GPU"
+    return (f"model: {plan.model} ({plan.total_params / 1e9:.2f}B params, from {source})\n"
+            f"machine: {profile.cpu_cores} cores, {fb(profile.ram_available_bytes)} RAM available of "
+            f"{fb(profile.ram_total_bytes)}; {gpus}\n")
+
+
+def run_plan_command(
+    model: str | None,
+    gpus: Sequence[str] = (),
+    ram: str | None = None,
+    cpu_only: bool = False,
+    as_json: bool = False,
+    overrides: PlanOverrides = PlanOverrides(),
+    gpu_index: int | None = None,
+) -> int:
+    """Print the plan for `model` on this machine (or a simulated one); 0 on success, 2 with the reason on stderr."""
+    from hardware.model_config import ModelConfigError, model_shape_for_spec
+    from hardware.model_source import ModelNotFound
+    from hardware.planner import PlanError, make_plan
+    from hardware.profile import detect_hardware, simulated_profile
+
+    try:
+        shape = model_shape_for_spec(model)
+        simulated = bool(gpus) or ram is not None or cpu_only
+        profile = simulated_profile(gpus, ram, cpu_only) if simulated else detect_hardware()
+        plan = make_plan(shape, profile, overrides, gpu_index=gpu_index)
+    except (PlanError, ModelConfigError, ModelNotFound, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(plan_to_json(plan))
+    else:
+        print(_header(plan, profile, os.path.basename(shape.source) or shape.source))
+        print(format_plan_table(plan))
+        for note in shape.notes:
+            print(f"note: {note}")
+    return 0
