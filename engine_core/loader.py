@@ -16,7 +16,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def load_model(path: str, plan: ServingPlan) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one log line per engine, not a progress bar per tensor
     dtype = torch_dtype(plan.dtype)
     kwargs: dict = {"dtype": dtype, "low_cpu_mem_usage": True}
     if plan.quantization == "nf4":

@@ -8,7 +8,9 @@ all decode tokens in one padded SDPA call, each prompt chunk in one causal call.
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+import mmap
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,27 +28,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """K and V for `slots` sequences × `context` positions per layer, allocated once."""
+    """K and V for `slots` sequences × `context` positions per layer, allocated once.
+
+    On CPU the pool is one anonymous mmap: the kernel hands out zeroed 4 KiB pages on first
+    write, so the plan's whole budget is reserved but RAM is committed only as sequences fill
+    their slots (numpy/torch zeros would touch it all, or take 2 MiB huge pages per write).
+    Zeroed matters: masked positions are multiplied by 0, and stale NaN garbage would leak in.
+    """
 
     def __init__(self, layers: int, slots: int, kv_heads: int, context: int, head_dim: int, dtype, device):
-        shape = (slots, kv_heads, context, head_dim)
-        self.k = [self._zeros(shape, dtype, device) for _ in range(layers)]
-        self.v = [self._zeros(shape, dtype, device) for _ in range(layers)]
-        self.bytes = 2 * layers * slots * kv_heads * context * head_dim * self.k[0].element_size()
-
-
-    @staticmethod
-    def _zeros(shape, dtype, device) -> torch.Tensor:
-        """Zeroed (masked positions are multiplied by 0, so garbage NaNs would leak in).
-
-        On CPU, numpy's calloc-backed zeros map pages lazily: the budget is reserved by the plan,
-        but RAM is only committed as sequences actually fill their slots.
-        """
-        if torch.device(device).type != "cpu":
-            return torch.zeros(shape, dtype=dtype, device=device)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        raw = np.zeros(shape, dtype={2: np.int16, 4: np.float32}[itemsize])
-        return torch.from_numpy(raw).view(dtype)
+        shape = (2, layers, slots, kv_heads, context, head_dim)
+        if torch.device(device).type == "cpu":
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            self._buffer = mmap.mmap(-1, math.prod(shape) * itemsize)
+            pool = torch.frombuffer(self._buffer, dtype=dtype).view(shape)
+        else:
+            pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = list(pool[0]), list(pool[1])
+        self.bytes = pool.numel() * pool.element_size()
 
 
 class ModelRunner:

@@ -72,6 +72,8 @@ class Generation:
             engine = self.client.pick_engine()
         except NoEngineAvailable:
             raise ApiError(503, "no engine is ready yet; retry shortly", kind="unavailable") from None
+        if self.client.overloaded():
+            raise ApiError(429, "server overloaded: too many requests waiting; retry later", kind="overloaded")
         context = engine.hello.plan.max_context
         if len(self.prompt_ids) >= context:
             raise ApiError(400, f"prompt is {len(self.prompt_ids)} tokens; the context window is {context} "

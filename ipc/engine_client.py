@@ -34,6 +34,7 @@ from ipc.messages import (
 log = logging.getLogger("kiln.frontend")
 
 HEARTBEAT_TIMEOUT_S = 5.0
+QUEUE_PER_SLOT = 8  # waiting requests allowed per KV slot before new ones get a 429
 
 
 class NoEngineAvailable(Exception):
@@ -117,6 +118,11 @@ class EngineClient:
 
     def ready_engines(self) -> list[EngineHandle]:
         return [e for e in self.engines.values() if e.ready]
+
+    def overloaded(self) -> bool:
+        """Say no early (429) rather than queue without bound: TGI's `overloaded`, SGLang's queue-full."""
+        capacity = sum(e.hello.plan.max_batch for e in self.ready_engines())
+        return len(self.streams) >= capacity * (1 + QUEUE_PER_SLOT)
 
     def pick_engine(self) -> EngineHandle:
         """Least outstanding work: tokens still to be processed by requests it holds."""
