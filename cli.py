@@ -51,12 +51,103 @@ def cli() -> None:
 @click.option("--model", default=None, help="hub id, HF folder or .gguf file (env BASE_MODEL; default: embedded SmolLM2-135M-Instruct)")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--gpus", default=None, metavar="0,1", help="GPUs to start one engine each on (default: all visible)")
+@click.option("--engines", type=click.IntRange(1, 64), default=None,
+              help="start this many CPU engines (machines without GPUs, tests)")
+@click.option("--engine-port", type=int, default=None,
+              help="also accept engines from other machines on tcp PORT and PORT+1 (needs --secret)")
+@click.option("--secret", envvar="KILN_SECRET", default=None, help="shared secret for engines (env KILN_SECRET)")
 @plan_options
-def serve(model, host, port, **plan_flags) -> None:
+def serve(model, host, port, gpus, engines, engine_port, secret, **plan_flags) -> None:
     from frontend.server import ServeConfig, serve as run_server
 
-    config = ServeConfig(model=model, host=host, port=port, overrides=plan_overrides(**plan_flags))
+    config = ServeConfig(model=model, host=host, port=port, overrides=plan_overrides(**plan_flags),
+                         devices=engine_devices(gpus, engines), engine_port=engine_port, secret=secret)
     sys.exit(run_server(config))
+
+
+def engine_devices(gpus: str | None, engines: int | None) -> list[int | None]:
+    """One engine per chosen GPU; all visible GPUs by default; CPU engines where there is none."""
+    from hardware.profile import detect_gpus
+
+    if engines is not None:
+        if gpus:
+            raise click.UsageError("--gpus and --engines (CPU engines) exclude each other")
+        return [None] * engines
+    visible = [gpu.index for gpu in detect_gpus()[0]]
+    if gpus is None:
+        return visible or [None]
+    try:
+        chosen = [int(g) for g in gpus.split(",") if g.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{gpus!r}: expected GPU indices like 0,1", param_hint="--gpus") from None
+    missing = sorted(set(chosen) - set(visible))
+    if missing:
+        raise click.BadParameter(f"no GPU {missing} on this machine (visible: {visible or 'none'})",
+                                 param_hint="--gpus")
+    return chosen
+
+
+@cli.command(help="Load-test a server: throughput, TTFT, ITL; optionally beside a naive baseline in the same run.")
+@click.option("--url", default=None, help="a running server; default: start one (same code path as serve), then stop it")
+@click.option("--model", default=None, help="model for the started server (default: embedded)")
+@click.option("--users", default=10, show_default=True, type=click.IntRange(1), help="concurrent users")
+@click.option("--requests", default=2, show_default=True, type=click.IntRange(1), help="requests per user, back to back")
+@click.option("--duration", type=float, default=None, help="run for S seconds instead of --requests")
+@click.option("--stream/--no-stream", default=True, show_default=True, help="/generate_stream (SSE) or /generate")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0))
+@click.option("--ignore-eos/--respect-eos", default=True, show_default=True,
+              help="every request yields exactly --max-new-tokens (a fair comparison)")
+@click.option("--baseline", type=click.Choice(["naive"]), default=None,
+              help="also measure transformers' generate, one request at a time, in the same run")
+@click.option("--json", "json_path", default=None, metavar="PATH", help="write the figures as JSON")
+@click.option("--plot", "plot_path", default=None, metavar="PATH.png", help="write a latency/throughput picture")
+@click.option("--seed", default=0, show_default=True, type=int, help="prompt order and sampling seeds")
+@click.option("--port", default=None, type=int, help="port for the started server (default: a free one)")
+def bench(**options) -> None:
+    from bench.runner import run_benchmark
+
+    sys.exit(run_benchmark(**options))
+
+
+@cli.command(help="Attach one more engine to a running server (on this machine by default).")
+@click.option("--gpu", type=int, default=None, help="CUDA device index for this engine")
+@click.option("--cpu", is_flag=True, help="a CPU engine")
+@click.option("--frontend", default=None, metavar="ADDRESS",
+              help="tcp://HOST:PORT of a server's --engine-port, or a local server's port (default: the local one)")
+@click.option("--model", default=None, help="default: the model the local server serves (or BASE_MODEL / embedded)")
+@click.option("--secret", envvar="KILN_SECRET", default=None, help="the server's shared secret (env KILN_SECRET)")
+@click.option("--engine-id", default=None, help="name shown in /info (default: HOST-PID)")
+@plan_options
+def engine(gpu, cpu, frontend, model, secret, engine_id, **plan_flags) -> None:
+    import os
+    import socket
+
+    from engine_core.main import configure_logging, run_engine
+    from hardware.model_source import resolve_model
+    from ipc.discovery import FrontendNotFound, find_frontend
+
+    if cpu == (gpu is not None):
+        raise click.UsageError("choose one device: --gpu N or --cpu")
+    if gpu is not None:
+        engine_devices(str(gpu), None)  # a clear error when this machine has no such GPU
+    try:
+        input_address, output_address, local = find_frontend(frontend)
+    except FrontendNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    if model is None and local is not None:
+        source_path, source_name = local.model_path, local.model
+    else:
+        source = resolve_model(model)
+        source_path, source_name = source.path, source.name
+    engine_id = engine_id or f"{socket.gethostname()}-{os.getpid()}"
+    configure_logging(engine_id)
+    code = run_engine(input_address=input_address, output_address=output_address, model_path=source_path,
+                      model_name=source_name, engine_id=engine_id, gpu=gpu, overrides=plan_overrides(**plan_flags),
+                      watch_pid=local.pid if local else None, secret=secret)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 @cli.command(help="Print the serving plan for this machine, or for a simulated one, without loading weights.")

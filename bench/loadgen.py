@@ -1,0 +1,211 @@
+"""The load generator: `users` concurrent clients, each sending requests back to back.
+
+Closed-loop on purpose: each user waits for its answer before the next request, like a
+person (or an agent) in a chat, so latency under load and the batch the server reaches
+are both visible. Every request ends in exactly one record: a failure (HTTP error,
+connection error, error event, stream cut before the final event) is recorded, never dropped.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+
+import aiohttp
+from tqdm import tqdm
+
+from bench.records import LoadConfig, RequestRecord, RunResult
+from bench.sse import StreamCut, iter_events
+from bench.workload import Prompt, pick, request_seed
+
+INFO_POLL_S = 0.25
+
+
+def _body(cfg: LoadConfig, prompt: Prompt, user: int, index: int) -> dict:
+    return {
+        "prompt": prompt.text,
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "ignore_eos": cfg.ignore_eos,
+        "seed": request_seed(cfg.seed, user, index),
+    }
+
+
+def _error_text(payload: object, fallback: str) -> str:
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        err = payload["error"]
+        return str(err.get("message") or err)
+    return fallback
+
+
+async def _read_error(resp: aiohttp.ClientResponse) -> str:
+    text = await resp.text(errors="replace")
+    try:
+        return f"HTTP {resp.status}: " + _error_text(json.loads(text), text[:200])
+    except ValueError:
+        return f"HTTP {resp.status}: {text[:200]}"
+
+
+async def _stream_one(session: aiohttp.ClientSession, url: str, body: dict, rec: RequestRecord,
+                      t_run: float) -> None:
+    t0 = time.perf_counter()
+    last: float | None = None
+    counted = 0
+    async with session.post(url + "/generate_stream", json=body) as resp:
+        rec.status = resp.status
+        if resp.status != 200:
+            rec.error = await _read_error(resp)
+            return
+        final: dict | None = None
+        async for event in iter_events(resp.content):
+            now = time.perf_counter()
+            try:
+                msg = json.loads(event.data)
+            except ValueError:
+                rec.error = f"undecodable event: {event.data[:100]!r}"
+                return
+            if not isinstance(msg, dict):
+                continue
+            if "error" in msg:
+                rec.error = "error event: " + _error_text(msg, str(msg["error"]))
+                return
+            ids = msg.get("token_ids")
+            k = len(ids) if isinstance(ids, list) else int(bool(msg.get("text")))
+            if k:
+                # A chunk of k tokens counts k tokens; its gap is spread evenly over them.
+                if last is None:
+                    rec.ttft_s = now - t0
+                    rec.itl_s.extend([0.0] * (k - 1))
+                else:
+                    rec.itl_s.extend([(now - last) / k] * k)
+                rec.token_times_s.extend([now - t_run] * k)
+                counted += k
+                last = now
+            if "finish_reason" in msg and msg["finish_reason"] is not None:
+                final = msg
+                break
+        if final is None:
+            rec.error = "stream ended without a final event"
+            return
+        rec.e2e_s = time.perf_counter() - t0
+        rec.finish_reason = final["finish_reason"]
+        usage = final.get("usage") or {}
+        rec.output_tokens = int(usage.get("completion_tokens", counted))
+        rec.ok = True
+
+
+async def _generate_one(session: aiohttp.ClientSession, url: str, body: dict, rec: RequestRecord,
+                        t_run: float) -> None:
+    t0 = time.perf_counter()
+    async with session.post(url + "/generate", json=body) as resp:
+        rec.status = resp.status
+        if resp.status != 200:
+            rec.error = await _read_error(resp)
+            return
+        msg = await resp.json(content_type=None)
+    now = time.perf_counter()
+    rec.e2e_s = now - t0
+    timings = msg.get("timings") or {}
+    # The server's own TTFT is the only one a non-streaming client can know; else the response time.
+    rec.ttft_s = float(timings["ttft_s"]) if timings.get("ttft_s") is not None else rec.e2e_s
+    rec.output_tokens = int((msg.get("usage") or {}).get("completion_tokens", 0))
+    rec.finish_reason = msg.get("finish_reason")
+    rec.token_times_s = [now - t_run] * rec.output_tokens
+    rec.ok = True
+
+
+async def _one(session, url, cfg, prompt, user, index, t_run) -> RequestRecord:
+    rec = RequestRecord(user=user, index=index, prompt_id=prompt.id, start_s=time.perf_counter() - t_run)
+    send = _stream_one if cfg.stream else _generate_one
+    try:
+        await send(session, url, _body(cfg, prompt, user, index), rec, t_run)
+    except StreamCut as e:
+        rec.error = str(e)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as e:
+        rec.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    if not rec.ok and rec.error is None:
+        rec.error = "unknown failure"
+    return rec
+
+
+async def _poll_info(session: aiohttp.ClientSession, url: str, peak: dict[str, int | None]) -> None:
+    """Peak running batch: per engine, `max_running_seen` if it rose during the run (polling
+    can miss a short peak), else the largest sampled `running`; the largest engine wins."""
+    base: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    first = True
+    while True:
+        try:
+            async with session.get(url + "/info", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                if resp.status != 200:
+                    if first:
+                        return  # no /info (the naive baseline): peak stays None
+                    info = None
+                else:
+                    info = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            if first:
+                return
+            info = None
+        if isinstance(info, dict):
+            for eng in info.get("engines") or []:
+                key = str(eng.get("id", eng.get("pid")))
+                mrs = int(eng.get("max_running_seen") or 0)
+                run = int(eng.get("running") or 0)
+                base.setdefault(key, mrs)
+                best = max(seen.get(key, 0), run)
+                if mrs > base[key]:
+                    best = max(best, mrs)
+                seen[key] = best
+            peak["value"] = max(seen.values(), default=0)
+        first = False
+        await asyncio.sleep(INFO_POLL_S)
+
+
+async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress: bool = True,
+                   desc: str = "bench") -> RunResult:
+    """Run the workload against `url` (e.g. http://127.0.0.1:8000) and return every request's record."""
+    url = url.rstrip("/")
+    timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_connect=10)
+    connector = aiohttp.TCPConnector(limit=0)
+    records: list[RequestRecord] = []
+    peak: dict[str, int | None] = {"value": None}
+    total = None if cfg.duration is not None else cfg.users * cfg.requests
+    bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=not progress, leave=False)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        t_run = time.perf_counter()
+        deadline = None if cfg.duration is None else t_run + cfg.duration
+
+        async def user(u: int) -> None:
+            index = 0
+            while (index < cfg.requests) if deadline is None else (time.perf_counter() < deadline):
+                rec = await _one(session, url, cfg, pick(prompts, cfg.seed, u, index), u, index, t_run)
+                records.append(rec)
+                bar.update(1)
+                if not rec.ok:
+                    bar.set_postfix(failed=sum(not r.ok for r in records), refresh=False)
+                index += 1
+
+        poller = asyncio.create_task(_poll_info(session, url, peak))
+        try:
+            await asyncio.gather(*(user(u) for u in range(cfg.users)))
+        finally:
+            wall = time.perf_counter() - t_run
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            bar.close()
+    records.sort(key=lambda r: (r.user, r.index))
+    return RunResult(records=records, wall_s=wall, peak_running=peak["value"])
+
+
+async def warm_up(url: str, timeout_s: float = 300.0) -> None:
+    """One short request, not measured, so one-time costs (first-call allocation, lazy
+    compilation) do not land in the first user's TTFT; failures here show up in the run itself."""
+    body = {"prompt": "Hello", "max_new_tokens": 4, "temperature": 0.0}
+    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.post(url.rstrip("/") + "/generate", json=body) as resp:
+                await resp.read()

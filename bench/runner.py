@@ -1,0 +1,129 @@
+"""`cli.py bench`: start (or reach) our server, run the workload, optionally the naive baseline,
+print the table, write JSON / PNG.
+
+The servers run one after the other, never together: on a 2-core machine two servers
+would steal cores from each other and both figures would be wrong.
+
+Defaults (what `python cli.py bench --stream --users 10` does with nothing else):
+- 10 users x 2 requests x 64 new tokens = 1280 output tokens, greedy (temperature 0),
+  EOS ignored. About a minute on a 2-core CPU with the 135M default model (a fifth of
+  that with batching; the naive baseline, one request at a time at ~12 tok/s in fp32,
+  needs about two). Two requests per user means each user's second request arrives while
+  others are mid-decode, which is what continuous batching is for.
+- temperature 0: deterministic text, so ours and the baseline do the same work.
+- ignore_eos: every request yields exactly max_new_tokens, so throughput compares
+  equal work instead of whichever server happened to stop early.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import urllib.error
+import urllib.request
+
+import msgspec
+
+from bench.loadgen import run_load, warm_up
+from bench.records import LoadConfig, RunResult
+from bench.report import table, write_json, write_plot
+from bench.server_proc import ServerFailed, free_port, naive_command, ours_command, running_server
+from bench.stats import figures, ratios
+from bench.workload import DEFAULT_SET, load_prompts
+
+DEFAULTS = dict(users=10, requests=2, duration=None, stream=True, max_new_tokens=64, temperature=0.0,
+                ignore_eos=True, baseline=None, seed=0)
+BASELINES = ("naive",)
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def fetch_info(url: str) -> dict | None:
+    """GET /info, or None when the server has none (the naive baseline)."""
+    try:
+        with urllib.request.urlopen(url + "/info", timeout=10) as resp:
+            info = json.loads(resp.read())
+            return info if isinstance(info, dict) else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def plan_dtype(info: dict | None) -> str:
+    """The dtype our server chose, so the baseline runs the same precision; float32 if unknown."""
+    raw = str(((info or {}).get("plan") or {}).get("dtype") or "float32").removeprefix("torch.")
+    dtype = _DTYPE_ALIASES.get(raw, raw)
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _measure(url: str, cfg: LoadConfig, name: str) -> RunResult:
+    prompts = load_prompts(DEFAULT_SET)
+    asyncio.run(warm_up(url))
+    return asyncio.run(run_load(url, cfg, prompts, desc=name))
+
+
+def run_benchmark(*, url: str | None = None, model: str | None = None, users: int = 10, requests: int = 2,
+                  duration: float | None = None, stream: bool = True, max_new_tokens: int = 64,
+                  temperature: float = 0.0, ignore_eos: bool = True, baseline: str | None = None,
+                  json_path: str | None = None, plot_path: str | None = None, seed: int = 0,
+                  port: int | None = None) -> int:
+    """Run the benchmark; return the exit code (0 ok, 1 a server failed or some request failed,
+    2 bad arguments, 130 interrupted). `url` benchmarks a running server instead of starting one;
+    `port` picks the port of the one we start (default: a free one)."""
+    if users < 1 or requests < 1 or max_new_tokens < 1 or temperature < 0 or (duration is not None and duration <= 0):
+        print("bench: users, requests, max_new_tokens and duration must be positive, temperature >= 0",
+              file=sys.stderr)
+        return 2
+    if baseline is not None and baseline not in BASELINES:
+        print(f"bench: unknown baseline {baseline!r} (choose from {', '.join(BASELINES)})", file=sys.stderr)
+        return 2
+    cfg = LoadConfig(users=users, requests=requests, duration=duration, stream=stream,
+                     max_new_tokens=max_new_tokens, temperature=temperature, ignore_eos=ignore_eos, seed=seed)
+    runs: dict[str, RunResult] = {}
+    try:
+        if url is not None:
+            url = url.rstrip("/")
+            info = fetch_info(url)
+            runs["ours"] = _measure(url, cfg, "ours")
+        else:
+            own = f"http://127.0.0.1:{port or free_port()}"
+            with running_server(ours_command(int(own.rsplit(":", 1)[1]), model), own, name="kiln"):
+                info = fetch_info(own)
+                runs["ours"] = _measure(own, cfg, "ours")
+        dtype = plan_dtype(info)
+        if baseline == "naive":
+            from hardware.model_source import resolve_model
+
+            if url is not None:
+                print("bench: note: the server at --url keeps running while the baseline runs", file=sys.stderr)
+            path = resolve_model(model).path
+            base_url = f"http://127.0.0.1:{free_port()}"
+            with running_server(naive_command(int(base_url.rsplit(":", 1)[1]), path, dtype), base_url, name="naive"):
+                runs["naive"] = _measure(base_url, cfg, "naive")
+    except ServerFailed as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; servers stopped", file=sys.stderr)
+        return 130
+
+    ours = figures(runs["ours"])
+    base = figures(runs["naive"]) if "naive" in runs else None
+    config = {**msgspec.to_builtins(cfg), "model": (info or {}).get("model") or model, "url": url,
+              "dtype": dtype, "baseline": baseline, "prompt_set": DEFAULT_SET}
+    print(f"\nkiln bench: {users} users x {'%gs' % duration if duration else f'{requests} requests'}, "
+          f"{max_new_tokens} new tokens, {'stream' if stream else 'no stream'}, temperature {temperature}, "
+          f"dtype {dtype}")
+    print(table(ours, base, baseline_name="naive"))
+    if (r := ratios(ours, base)) is not None:
+        tp, tt = r["throughput"], r["ttft_p50"]
+        print(f"\nvs naive: throughput x{tp:.2f}" if tp else "\nvs naive: throughput n/a", end="")
+        print(f", TTFT p50 x{tt:.2f} faster" if tt else ", TTFT p50 n/a")
+    for name, run in runs.items():
+        for rec in [r for r in run.records if not r.ok][:5]:
+            print(f"{name}: request user={rec.user} #{rec.index} failed: {rec.error}", file=sys.stderr)
+    if json_path:
+        write_json(json_path, config, ours, base)
+        print(f"wrote {json_path}")
+    if plot_path:
+        write_plot(plot_path, runs)
+        print(f"wrote {plot_path}")
+    return 0 if all(f.failed == 0 and f.completed > 0 for f in (ours, base) if f is not None) else 1

@@ -1,0 +1,101 @@
+"""Start a server under test as a child process, wait until it is healthy, always stop it.
+
+The child gets its own process group so stopping it also stops anything it spawned
+(kiln's engine processes), and its output goes to a log file that is shown on failure
+instead of interleaving with the progress bar.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+STOP_GRACE_S = 15.0
+
+
+class ServerFailed(RuntimeError):
+    """The server exited or never became healthy; the message carries its log tail."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ours_command(port: int, model: str | None) -> list[str]:
+    return [sys.executable, str(REPO / "cli.py"), "serve", "--host", "127.0.0.1", "--port", str(port)] + (
+        ["--model", model] if model else [])
+
+
+def naive_command(port: int, model_path: str, dtype: str) -> list[str]:
+    return [sys.executable, "-m", "bench.naive_server", "--model-path", model_path, "--dtype", dtype,
+            "--host", "127.0.0.1", "--port", str(port)]
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def health_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the child's process group, SIGKILL it after `grace_s`."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], url: str, *, name: str, timeout_s: float = 180.0) -> Iterator[str]:
+    """Yield `url` once `GET /health` answers 200; stop the server on exit, whatever happens."""
+    with tempfile.NamedTemporaryFile(prefix=f"kiln-bench-{name}-", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+    print(f"starting {name} server: {' '.join(cmd)} (log: {log_path})", file=sys.stderr, flush=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not health_ok(url):
+            if proc.poll() is not None:
+                raise ServerFailed(f"{name} server exited with code {proc.returncode} before it was ready:\n"
+                                   f"{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise ServerFailed(f"{name} server not healthy after {timeout_s:.0f} s:\n{_tail(log_path)}")
+            time.sleep(0.25)
+        yield url
+        if proc.poll() is not None:  # it died under load: the run's failures need its log
+            print(f"{name} server exited during the run with code {proc.returncode}; log {log_path}:\n"
+                  f"{_tail(log_path)}", file=sys.stderr, flush=True)
+            return
+    finally:
+        stop(proc)
+    with contextlib.suppress(OSError):
+        log_path.unlink()

@@ -1,0 +1,260 @@
+"""The load generator and SSE client against real servers on loopback.
+
+The naive baseline (a real `python -m bench.naive_server` child with the default model)
+stands in for the server under test; tiny in-test aiohttp servers produce the failures a
+benchmark must count (HTTP 500, an error event, a stream that ends or is cut mid-way) and
+the /info that peak_running is read from.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bench.loadgen import run_load
+from bench.records import LoadConfig
+from bench.runner import run_benchmark
+from bench.server_proc import free_port, naive_command, running_server
+from bench.sse import iter_events
+from bench.stats import figures
+from bench.workload import load_prompts
+
+
+@pytest.fixture(scope="module")
+def naive_url(default_model_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running_server(naive_command(port, default_model_path, "float32"), url, name="naive", timeout_s=180):
+        yield url
+
+
+def _cfg(**kw) -> LoadConfig:
+    base = dict(users=2, requests=2, max_new_tokens=8, temperature=0.0, ignore_eos=True, stream=True, seed=0)
+    return LoadConfig(**{**base, **kw})
+
+
+# --- against the real naive server --------------------------------------------------------
+
+@pytest.mark.slow
+def test_streaming_load_records_every_token(naive_url):
+    result = asyncio.run(run_load(naive_url, _cfg(), load_prompts(), progress=False))
+    assert len(result.records) == 4
+    for rec in result.records:
+        assert rec.ok, rec.error
+        assert rec.output_tokens == 8 and rec.finish_reason == "length"
+        assert len(rec.itl_s) == 7 and all(g >= 0 for g in rec.itl_s)
+        assert len(rec.token_times_s) == 8
+        assert 0 < rec.ttft_s <= rec.e2e_s
+    # one request at a time: the second user's first request waits for the first's
+    assert max(r.ttft_s for r in result.records) > min(r.e2e_s for r in result.records) * 0.5
+    assert result.peak_running is None  # the naive server has no /info
+    f = figures(result)
+    assert f.completed == 4 and f.failed == 0 and f.output_tokens == 32 and f.output_tokens_per_s > 0
+    assert f.itl_p50 is not None and f.tpot_mean is not None
+
+
+@pytest.mark.slow
+def test_non_streaming_load_uses_server_ttft(naive_url):
+    result = asyncio.run(run_load(naive_url, _cfg(requests=1, stream=False), load_prompts(), progress=False))
+    assert [r.ok for r in result.records] == [True, True]
+    for rec in result.records:
+        assert rec.output_tokens == 8 and rec.itl_s == []
+        assert 0 < rec.ttft_s < rec.e2e_s
+
+
+@pytest.mark.slow
+def test_sse_client_on_real_stream(naive_url):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            body = {"prompt": "def fibonacci(n):", "max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+            async with s.post(naive_url + "/generate_stream", json=body) as resp:
+                assert resp.headers["Content-Type"].startswith("text/event-stream")
+                return [json.loads(e.data) async for e in iter_events(resp.content)]
+
+    events = asyncio.run(go())
+    assert sum(len(e["token_ids"]) for e in events) == 6
+    assert events[-1]["finish_reason"] == "length" and events[-1]["usage"]["completion_tokens"] == 6
+    assert all(isinstance(e["text"], str) for e in events)
+
+
+@pytest.mark.slow
+def test_bad_input_is_a_counted_failure(naive_url):
+    result = asyncio.run(run_load(naive_url, _cfg(temperature=-1.0), load_prompts(), progress=False))
+    assert len(result.records) == 4 and not any(r.ok for r in result.records)
+    assert all(r.status == 400 and "temperature" in r.error for r in result.records)
+    assert figures(result).failed == 4
+
+
+@pytest.mark.slow
+def test_run_benchmark_against_url_writes_json_and_plot(naive_url, tmp_path, capsys):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    code = run_benchmark(url=naive_url, users=2, requests=1, max_new_tokens=4, stream=True,
+                         json_path=str(out), plot_path=str(png))
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert list(doc) == ["config", "ours", "baseline", "ratios"]
+    assert doc["ours"]["completed"] == 2 and doc["ours"]["output_tokens"] == 8
+    assert doc["baseline"] is None and doc["ratios"] is None
+    assert doc["config"]["users"] == 2 and doc["config"]["max_new_tokens"] == 4
+    assert png.stat().st_size > 1000
+    assert "TTFT p50" in capsys.readouterr().out
+
+
+# --- failures must be counted, never dropped ----------------------------------------------
+
+@contextlib.asynccontextmanager
+async def fake_server(app: web.Application):
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def _event(obj) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\r\n\r\n"
+
+
+def _flaky_app() -> web.Application:
+    """Request n (per server) behaves as n % 5: fine, 500, error event, clean end without final, hard cut."""
+    counter = {"n": 0}
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        mode = counter["n"] % 5
+        counter["n"] += 1
+        await request.read()
+        if mode == 1:
+            return web.json_response({"error": {"message": "engine died", "field": None}}, status=500)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b": keep-alive comment\r\n\r\n")
+        # a multi-line data field and an event split over two writes
+        first = b'data: {"text": "a",\ndata:  "token_ids": [1, 2]}\n\n'
+        await resp.write(first[:9])
+        await asyncio.sleep(0.01)
+        await resp.write(first[9:])
+        await asyncio.sleep(0.02)
+        await resp.write(_event({"text": "b", "token_ids": [3]}))
+        if mode == 0:
+            await resp.write(_event({"text": "", "token_ids": [], "finish_reason": "length",
+                                     "usage": {"prompt_tokens": 2, "completion_tokens": 3}}))
+        elif mode == 2:
+            await resp.write(_event({"error": {"message": "engine died mid-stream"}}))
+        elif mode == 4:
+            await resp.write(b'data: {"text": "c", "tok')
+            request.transport.close()  # the connection dies mid-event
+        return resp  # mode 3: the body ends cleanly but no final event ever came
+
+    async def generate(request: web.Request) -> web.Response:
+        counter["n"] += 1
+        if counter["n"] % 2 == 0:
+            return web.Response(status=503, text="overloaded")
+        return web.json_response({"text": "abc", "finish_reason": "length",
+                                  "usage": {"prompt_tokens": 2, "completion_tokens": 3}})
+
+    app = web.Application()
+    app.router.add_post("/generate_stream", stream)
+    app.router.add_post("/generate", generate)
+    return app
+
+
+def test_failed_stream_requests_are_counted_not_dropped():
+    async def go():
+        async with fake_server(_flaky_app()) as url:
+            return await run_load(url, _cfg(users=1, requests=10), load_prompts(), progress=False)
+
+    result = asyncio.run(go())
+    assert len(result.records) == 10
+    oks = [r.ok for r in result.records]
+    assert oks == [True, False, False, False, False] * 2
+    good = result.records[0]
+    assert good.output_tokens == 3 and len(good.itl_s) == 2 and good.itl_s[0] == 0.0  # 2 ids in one chunk
+    assert good.ttft_s is not None and good.e2e_s >= good.ttft_s
+    errors = [r.error for r in result.records[1:5]]
+    assert "500" in errors[0] and "engine died" in errors[0]
+    assert "error event" in errors[1] and "mid-stream" in errors[1]
+    assert "without a final event" in errors[2]
+    assert errors[3]  # a cut connection: an aiohttp payload error or a cut event, but recorded
+    f = figures(result)
+    assert (f.completed, f.failed, f.output_tokens) == (2, 8, 6)
+
+
+def test_failed_plain_requests_and_refused_connections_are_counted():
+    async def go():
+        async with fake_server(_flaky_app()) as url:
+            flaky = await run_load(url, _cfg(users=1, requests=4, stream=False), load_prompts(), progress=False)
+        dead = await run_load(f"http://127.0.0.1:{free_port()}", _cfg(), load_prompts(), progress=False)
+        return flaky, dead
+
+    flaky, dead = asyncio.run(go())
+    assert [r.ok for r in flaky.records] == [True, False, True, False]
+    assert flaky.records[1].status == 503 and "overloaded" in flaky.records[1].error
+    assert flaky.records[0].ttft_s == flaky.records[0].e2e_s  # no server timings: TTFT is the response time
+    assert len(dead.records) == 4 and all(not r.ok and "Connect" in r.error for r in dead.records)
+
+
+def test_peak_running_from_info():
+    async def go(rise: bool):
+        polls = {"n": 0}
+
+        async def info(request):
+            polls["n"] += 1
+            seen = 2 + (polls["n"] if rise else 0)
+            return web.json_response({"engines": [
+                {"id": "e0", "running": 1, "max_running_seen": seen},
+                {"id": "e1", "running": 3, "max_running_seen": 4}]})
+
+        async def stream(request):
+            await asyncio.sleep(0.6)  # long enough for a few /info polls
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(_event({"text": "x", "token_ids": [1], "finish_reason": "length",
+                                     "usage": {"completion_tokens": 1}}))
+            return resp
+
+        app = web.Application()
+        app.router.add_get("/info", info)
+        app.router.add_post("/generate_stream", stream)
+        async with fake_server(app) as url:
+            return await run_load(url, _cfg(users=1, requests=1), load_prompts(), progress=False), polls["n"]
+
+    flat, _ = asyncio.run(go(rise=False))
+    assert flat.peak_running == 3  # max_running_seen did not rise: sampled `running`, largest engine
+    risen, polls = asyncio.run(go(rise=True))
+    assert polls >= 2 and risen.peak_running >= 4  # e0's max_running_seen rose past e1's running
+
+
+def test_duration_mode_runs_until_the_deadline():
+    async def stream(request):
+        await asyncio.sleep(0.05)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_event({"text": "x", "token_ids": [1]}))
+        await resp.write(_event({"text": "", "token_ids": [2], "finish_reason": "length"}))
+        return resp
+
+    async def go():
+        app = web.Application()
+        app.router.add_post("/generate_stream", stream)
+        async with fake_server(app) as url:
+            return await run_load(url, _cfg(users=2, requests=1, duration=0.5), load_prompts(), progress=False)
+
+    result = asyncio.run(go())
+    assert len(result.records) >= 4 and all(r.ok for r in result.records)
+    assert {r.user for r in result.records} == {0, 1}
+    assert all(r.output_tokens == 2 for r in result.records)  # no usage: counted from token_ids
+    assert 0.5 <= result.wall_s < 2.0
+
+
+def test_run_benchmark_rejects_bad_arguments(capsys):
+    assert run_benchmark(url="http://127.0.0.1:9", users=0) == 2
+    assert run_benchmark(url="http://127.0.0.1:9", baseline="vllm") == 2
+    assert "baseline" in capsys.readouterr().err
