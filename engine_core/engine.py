@@ -7,113 +7,18 @@ raises fails the requests in it and the loop goes on.
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import threading
-import time
 
 import msgspec
 import torch
-import zmq
 
 from engine_core.model_runner import ModelRunner
 from engine_core.sampler import Sampler
 from engine_core.scheduler import ScheduledChunk, Scheduler
-from ipc.messages import (
-    Abort,
-    EngineFailed,
-    EngineHello,
-    EngineReady,
-    EngineStats,
-    Heartbeat,
-    Request,
-    RequestOutput,
-    Shutdown,
-    StepOutputs,
-    engine_input_codec,
-    engine_output_codec,
-)
+from engine_core.engine_io import HEARTBEAT_SECONDS, EngineIO
+from ipc.messages import Abort, Request, RequestOutput, SamplingParams, Shutdown, StepOutputs
 
 log = logging.getLogger("kiln.engine")
-
-HEARTBEAT_SECONDS = 1.0
-
-
-class EngineIO:
-    """The two socket threads. `send` is safe from any thread; `inbox` receives decoded inputs."""
-
-    def __init__(self, engine_id: str, input_address: str, output_address: str, parent_pid: int | None):
-        self.engine_id = engine_id
-        self.input_address = input_address
-        self.output_address = output_address
-        self.parent_pid = parent_pid
-        self.inbox: queue.Queue = queue.Queue()
-        self.outbox: queue.Queue = queue.Queue()
-        self.stats = EngineStats()
-        self.context = zmq.Context()
-        self.stopped = threading.Event()
-
-    def start_output(self) -> None:
-        threading.Thread(target=self._fatal_on_error, args=(self._output_loop,), name="engine-output",
-                         daemon=True).start()
-
-    def start_input(self) -> None:
-        threading.Thread(target=self._fatal_on_error, args=(self._input_loop,), name="engine-input",
-                         daemon=True).start()
-
-    @staticmethod
-    def _fatal_on_error(loop) -> None:
-        """An engine that cannot talk is useless: die loudly so the frontend notices at once."""
-        try:
-            loop()
-        except Exception:
-            log.exception("%s crashed; engine exits", threading.current_thread().name)
-            os._exit(70)
-
-    def close(self, timeout: float = 2.0) -> None:
-        """Let queued outputs go out, then stop both threads."""
-        deadline = time.monotonic() + timeout
-        while not self.outbox.empty() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.stopped.set()
-
-    def send(self, message) -> None:
-        self.outbox.put(message)
-
-    def _output_loop(self) -> None:
-        encoder, _ = engine_output_codec()
-        sock = self.context.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 2000)
-        sock.connect(self.output_address)
-        last_sent = 0.0
-        while not self.stopped.is_set():
-            try:
-                message = self.outbox.get(timeout=HEARTBEAT_SECONDS / 2)
-            except queue.Empty:
-                message = None
-            if message is None:
-                if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                    log.error("frontend process %d is gone; engine exits", self.parent_pid)
-                    os._exit(1)
-                if time.monotonic() - last_sent < HEARTBEAT_SECONDS:
-                    continue
-                message = Heartbeat(self.engine_id, self.stats)
-            sock.send(encoder.encode(message), copy=False)
-            last_sent = time.monotonic()
-        sock.close()
-
-    def _input_loop(self) -> None:
-        _, decoder = engine_input_codec()
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.engine_id.encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.input_address)
-        while not self.stopped.is_set():
-            frame = sock.recv(copy=False)
-            try:
-                self.inbox.put(decoder.decode(frame.buffer))
-            except Exception as exc:  # a malformed frame must not kill the engine
-                log.warning("dropping undecodable input message: %s", exc)
 
 
 class Engine:
@@ -130,8 +35,6 @@ class Engine:
 
     def warmup(self) -> None:
         """One full-batch step at the planned maximum so the first user does not pay for allocation."""
-        from ipc.messages import SamplingParams
-
         params = SamplingParams(max_new_tokens=1, temperature=0.0)
         prompt = [0] * min(self.plan.prefill_chunk // max(1, self.plan.max_batch), 8) or [0]
         for i in range(self.plan.max_batch):
@@ -234,15 +137,3 @@ class Engine:
         self._update_stats()
         if outputs:
             self.io.send(StepOutputs(self.io.engine_id, outputs, msgspec.structs.replace(self.stats)))
-
-
-def announce(io: EngineIO, device: str, model_name: str, plan) -> None:
-    io.send(EngineHello(engine_id=io.engine_id, pid=os.getpid(), device=device, model=model_name, plan=plan))
-
-
-def ready(io: EngineIO, load_seconds: float) -> None:
-    io.send(EngineReady(engine_id=io.engine_id, load_seconds=load_seconds))
-
-
-def failed(io: EngineIO, message: str) -> None:
-    io.send(EngineFailed(engine_id=io.engine_id, message=message))

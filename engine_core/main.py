@@ -1,6 +1,7 @@
 """Entry point of one engine process: plan, say hello, load, warm up, serve until told to stop.
 
-Started by `cli.py serve` (one per device) or `cli.py engine` (attach one more). Usage:
+Started by `cli.py serve` (one per device, as children) or by `cli.py engine` (one more engine
+attaching to a running frontend, possibly from another machine). Usage:
 python -m engine_core.main --input ADDR --output ADDR --model PATH --model-name NAME --engine-id ID
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ from hardware.plan import PlanOverrides, ServingPlan
 
 log = logging.getLogger("kiln.engine")
 
+HANDSHAKE_TIMEOUT_S = 15.0
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="engine_core.main")
@@ -28,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine-id", required=True)
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index; none = CPU")
     p.add_argument("--overrides", default="{}", help="PlanOverrides as JSON")
-    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process goes away")
+    p.add_argument("--watch-pid", type=int, default=None, help="exit when this process (the frontend) goes away")
     return p.parse_args(argv)
 
 
@@ -43,36 +46,42 @@ def build_plan(model_path: str, gpu: int | None, overrides: PlanOverrides) -> Se
     return make_plan(load_model_shape(model_path), profile, overrides, gpu_index=gpu)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine {args.engine_id} %(levelname)s %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole group; the frontend stops us
-    if args.gpu is not None:
+def run_engine(*, input_address: str, output_address: str, model_path: str, model_name: str, engine_id: str,
+               gpu: int | None = None, overrides: PlanOverrides = PlanOverrides(), watch_pid: int | None = None,
+               secret: str | None = None) -> int:
+    """The whole life of an engine; returns the process exit code."""
+    from engine_core.engine_io import EngineIO
+    from ipc.messages import EngineFailed, EngineHello, EngineReady
+    from ipc.security import CurveKeys
+
+    if gpu is not None:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-    from engine_core import engine as core
-
-    io = core.EngineIO(args.engine_id, args.input, args.output, args.parent_pid)
-    io.start_output()
+    io = EngineIO(engine_id, input_address, output_address, watch_pid, CurveKeys(secret) if secret else None)
     try:
-        plan = build_plan(args.model, args.gpu, msgspec.json.decode(args.overrides, type=PlanOverrides))
+        plan = build_plan(model_path, gpu, overrides)
     except Exception as exc:
-        core.failed(io, f"cannot plan for {args.model_name}: {exc}")
-        time.sleep(0.5)
+        io.start(None)
+        io.send(EngineFailed(engine_id=engine_id, message=f"cannot plan {model_name} on this machine: {exc}"))
+        io.close()
+        log.error("cannot plan: %s", exc)
         return 2
-    core.announce(io, plan.device, args.model_name, plan)
+    io.start(EngineHello(engine_id=engine_id, pid=os.getpid(), device=plan.device, model=model_name, plan=plan))
+    if io.wait_welcome(HANDSHAKE_TIMEOUT_S) is None:
+        log.error("no answer from a frontend at %s within %.0f s: is it running there, and is the secret the "
+                  "same on both sides?", input_address, HANDSHAKE_TIMEOUT_S)
+        return 5
+    log.info("plan: %s, %s, batch %d x context %d", plan.device, plan.dtype, plan.max_batch, plan.max_context)
     try:
         started = time.monotonic()
-        engine = load_engine(io, args.model, plan)
+        engine = load_engine(io, model_path, plan)
         load_seconds = time.monotonic() - started
     except Exception as exc:
         log.exception("loading failed")
-        core.failed(io, f"loading {args.model_name} failed: {exc}")
-        time.sleep(0.5)
+        io.send(EngineFailed(engine_id=engine_id, message=f"loading {model_name} failed: {exc}"))
+        io.close()
         return 3
-    log.info("ready in %.1f s: %s, batch %d x context %d", load_seconds, plan.dtype, plan.max_batch, plan.max_context)
-    io.start_input()
-    core.ready(io, load_seconds)
+    log.info("ready in %.1f s", load_seconds)
+    io.send(EngineReady(engine_id=engine_id, load_seconds=load_seconds))
     signal.signal(signal.SIGTERM, lambda *_: setattr(engine, "running", False))
     engine.run()
     io.close()
@@ -91,11 +100,27 @@ def load_engine(io, model_path: str, plan: ServingPlan):
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos = eos if eos is not None else model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    device = torch.device(plan.device if not plan.offload else "cuda:0" if plan.device.startswith("cuda") else "cpu")
-    engine = Engine(io, model, plan, eos_ids, device)
+    engine = Engine(io, model, plan, eos_ids, torch.device(plan.device))
     engine.warmup()
     return engine
 
 
+def configure_logging(engine_id: str) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine {engine_id} %(levelname)s %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.engine_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend stops its engines itself
+    return run_engine(
+        input_address=args.input, output_address=args.output, model_path=args.model, model_name=args.model_name,
+        engine_id=args.engine_id, gpu=args.gpu, watch_pid=args.watch_pid,
+        overrides=msgspec.json.decode(args.overrides, type=PlanOverrides), secret=os.environ.get("KILN_SECRET"),
+    )
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # daemon socket threads may sit in recv(); nothing is left to flush

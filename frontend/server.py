@@ -1,8 +1,9 @@
 """`cli.py serve`: start the engines, run the HTTP frontend on uvloop, stop everything cleanly.
 
 The frontend runs in this process; each engine is a child process started with the same Python.
-The IPC sockets live in a private temporary folder removed at exit. Engines also watch this
-process and exit if it disappears, so even a `kill -9` of the server leaves no orphans.
+The IPC sockets live in a private temporary folder removed at exit, next to `frontend.json`,
+which lets `cli.py engine` find this server without the user copying socket paths. Engines also
+watch this process and exit if it disappears, so even a `kill -9` of the server leaves no orphans.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from tokenizers import Tokenizer
 from frontend.app import build_app
 from hardware.model_source import ModelSource, resolve_model
 from hardware.plan import PlanOverrides
+from ipc.discovery import RUNTIME_PREFIX, FrontendInfo
 from ipc.engine_client import EngineClient
 
 log = logging.getLogger("kiln.frontend")
@@ -37,8 +39,11 @@ class ServeConfig:
     model: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
-    gpus: list[int | None] = field(default_factory=lambda: [None])  # None = a CPU engine
+    devices: list[int | None] = field(default_factory=lambda: [None])  # one engine each; None = CPU
     overrides: PlanOverrides = field(default_factory=PlanOverrides)
+    engine_port: int | None = None  # also accept engines over tcp on this port and the next
+    engine_host: str = "0.0.0.0"
+    secret: str | None = None
 
 
 def load_tokenizer(source: ModelSource) -> Tokenizer:
@@ -51,39 +56,54 @@ class Server:
     def __init__(self, config: ServeConfig, source: ModelSource):
         self.config = config
         self.source = source
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="kiln-run-"))
-        self.client = EngineClient(f"ipc://{self.runtime_dir}/input", f"ipc://{self.runtime_dir}/output", source.name)
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix=RUNTIME_PREFIX))
         self.processes: dict[str, subprocess.Popen] = {}
         self.stopping = asyncio.Event()
+        self.ever_ready = False
+        self.info = FrontendInfo(
+            input=f"ipc://{self.runtime_dir}/input", output=f"ipc://{self.runtime_dir}/output",
+            model=source.name, model_path=source.path, pid=os.getpid(), url=f"http://{config.host}:{config.port}")
+        inputs, outputs = [self.info.input], [self.info.output]
+        if config.engine_port is not None:
+            self.info.tcp_input = f"tcp://{config.engine_host}:{config.engine_port}"
+            self.info.tcp_output = f"tcp://{config.engine_host}:{config.engine_port + 1}"
+            inputs.append(self.info.tcp_input)
+            outputs.append(self.info.tcp_output)
+        self.client = EngineClient(inputs, outputs, source.name, config.secret)
 
     def start_engine(self, engine_id: str, gpu: int | None) -> None:
         cmd = [
             sys.executable, "-m", "engine_core.main",
-            "--input", self.client.input_address, "--output", self.client.output_address,
+            "--input", self.info.input, "--output", self.info.output,
             "--model", self.source.path, "--model-name", self.source.name,
-            "--engine-id", engine_id, "--parent-pid", str(os.getpid()),
+            "--engine-id", engine_id, "--watch-pid", str(os.getpid()),
             "--overrides", msgspec.json.encode(self.config.overrides).decode(),
         ]
         if gpu is not None:
             cmd += ["--gpu", str(gpu)]
-        self.processes[engine_id] = subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True)
+        env = dict(os.environ)
+        if self.config.secret:
+            env["KILN_SECRET"] = self.config.secret  # env, not argv: other users can read argv in ps
+        self.processes[engine_id] = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True)
 
     async def watch_engines(self) -> None:
-        """Turn an engine process exit into `engine_lost`; stop the server if none is left."""
+        """Turn a child engine's exit into `engine_lost` at once (attached engines are caught by
+        their missing heartbeats); give up if no engine ever became ready."""
         while not self.stopping.is_set():
             for engine_id, process in list(self.processes.items()):
                 code = process.poll()
                 if code is not None:
                     del self.processes[engine_id]
                     self.client.engine_lost(engine_id, f"process {process.pid} exited with code {code}")
-            if not self.processes:
-                log.error("no engine left: %s", "; ".join(self.client.failures) or "all engines exited")
+            if not self.processes and not self.ever_ready and not self.client.engine_ready.is_set():
+                log.error("no engine could start: %s", "; ".join(self.client.failures) or "all engines exited")
                 self.stopping.set()
             await asyncio.sleep(0.2)
 
     async def run(self) -> int:
         await self.client.start()
-        for index, gpu in enumerate(self.config.gpus):
+        (self.runtime_dir / "frontend.json").write_bytes(msgspec.json.encode(self.info))
+        for index, gpu in enumerate(self.config.devices):
             self.start_engine(f"engine-{index}", gpu)
         app = build_app(self.client, load_tokenizer(self.source), self.source.name)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -99,6 +119,7 @@ class Server:
         await asyncio.wait([ready, stop], return_when=asyncio.FIRST_COMPLETED)
         code = 0
         if ready.done():
+            self.ever_ready = True
             print(f"kiln: serving {self.source.name} on http://{self.config.host}:{self.config.port}", flush=True)
             await stop
         else:
@@ -131,6 +152,10 @@ class Server:
 
 def serve(config: ServeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s frontend %(levelname)s %(message)s")
+    if config.engine_port is not None and not config.secret:
+        print("kiln: --engine-port accepts engines from other machines; it needs --secret (or KILN_SECRET) "
+              "so that strangers cannot attach or inject requests", file=sys.stderr)
+        return 2
     source = resolve_model(config.model)
     server = None
 

@@ -1,9 +1,11 @@
-"""The frontend's side of the engines: sockets, routing, per-request streams, liveness.
+"""The frontend's side of the engines: sockets, handshake, routing, per-request streams, liveness.
 
-One ROUTER socket sends requests to engines (addressed by engine id); one PULL socket receives
-everything engines say. Both live on the frontend's event loop through zmq.asyncio, so the loop
-never blocks. Each request gets an asyncio.Queue of `RequestOutput`s; an engine that dies or falls
-silent turns every request it held into an explicit error, never a hang.
+One ROUTER socket talks with each engine's DEALER (hello and welcome, then requests and aborts,
+addressed by engine id); one PULL socket receives step outputs and heartbeats. Both live on the
+frontend's event loop through zmq.asyncio, so the loop never blocks. Each request gets an
+asyncio.Queue of `RequestOutput`s. An engine that exits, falls silent or stops making progress is
+dropped: its requests that have no token yet go to another engine, the others end with an
+explicit error, never a hang.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
+from ipc.security import CurveKeys
 from ipc.messages import (
     Abort,
+    Welcome,
     EngineFailed,
     EngineHello,
     EngineReady,
@@ -34,6 +38,7 @@ from ipc.messages import (
 log = logging.getLogger("kiln.frontend")
 
 HEARTBEAT_TIMEOUT_S = 5.0
+PROGRESS_TIMEOUT_S = 60.0  # an engine holding requests must finish a step within this (hung-engine check)
 QUEUE_PER_SLOT = 8  # waiting requests allowed per KV slot before new ones get a 429
 
 
@@ -49,6 +54,7 @@ class EngineHandle:
     last_seen: float = field(default_factory=time.monotonic)
     requests: set[str] = field(default_factory=set)
     pending_tokens: int = 0  # prompt + budget of requests sent but not finished: the routing load
+    last_progress: float = field(default_factory=time.monotonic)  # last time `steps` advanced
 
     @property
     def engine_id(self) -> str:
@@ -74,18 +80,28 @@ class EngineHandle:
 
 @dataclass(eq=False)
 class RequestStream:
-    request_id: str
+    request: Request
     engine_id: str
-    cost: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    tokens_received: int = 0
     finished: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def cost(self) -> int:
+        return len(self.request.prompt_token_ids) + self.request.params.max_new_tokens
 
 
 class EngineClient:
-    def __init__(self, input_address: str, output_address: str, model_name: str):
-        self.input_address = input_address
-        self.output_address = output_address
+    def __init__(self, input_addresses: list[str], output_addresses: list[str], model_name: str,
+                 secret: str | None = None):
+        self.input_addresses = input_addresses  # e.g. ipc:// for local engines, tcp:// for other machines
+        self.output_addresses = output_addresses
         self.model_name = model_name
+        self.keys = CurveKeys(secret) if secret else None
         self.engines: dict[str, EngineHandle] = {}
         self.failures: list[str] = []  # why engines refused or died, for /health and the launcher
         self.streams: dict[str, RequestStream] = {}
@@ -95,14 +111,27 @@ class EngineClient:
         self.engine_ready = asyncio.Event()
 
     async def start(self) -> None:
-        self._router = self._context.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._router.setsockopt(zmq.LINGER, 0)
-        self._router.bind(self.input_address)
-        self._pull = self._context.socket(zmq.PULL)
-        self._pull.setsockopt(zmq.LINGER, 0)
-        self._pull.bind(self.output_address)
-        self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._liveness_loop())]
+        if self.keys is not None:
+            from zmq.auth.asyncio import AsyncioAuthenticator
+
+            self._auth = AsyncioAuthenticator(self._context)
+            self._auth.start()
+            self._auth.configure_curve_callback(domain="*", credentials_provider=self.keys)
+        self._router = self._bind(zmq.ROUTER, self.input_addresses)
+        self._pull = self._bind(zmq.PULL, self.output_addresses)
+        self._tasks = [asyncio.create_task(loop()) for loop in (self._hello_loop, self._receive_loop,
+                                                                   self._liveness_loop)]
+
+    def _bind(self, kind: int, addresses: list[str]) -> zmq.asyncio.Socket:
+        sock = self._context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished engine raises, never vanishes
+        if self.keys is not None:
+            self.keys.as_server(sock)
+        for address in addresses:
+            sock.bind(address)
+        return sock
 
     async def close(self) -> None:
         for engine_id in list(self.engines):
@@ -112,6 +141,8 @@ class EngineClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._router.close()
         self._pull.close()
+        if self.keys is not None:
+            self._auth.stop()
         self._context.term()
 
     # ---- requests ------------------------------------------------------------------------
@@ -133,15 +164,22 @@ class EngineClient:
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                      engine: EngineHandle | None = None) -> RequestStream:
-        engine = engine or self.pick_engine()
-        stream = RequestStream(request_id, engine.engine_id, len(prompt_ids) + params.max_new_tokens)
+        stream = RequestStream(Request(request_id, prompt_ids, params), "")
         self.streams[request_id] = stream
-        engine.requests.add(request_id)
-        engine.pending_tokens += stream.cost
-        if not await self._send(engine.engine_id, Request(request_id, prompt_ids, params)):
+        if not await self._dispatch(stream, engine or self.pick_engine()):
             self._finish(stream)
-            raise NoEngineAvailable(f"engine {engine.engine_id} is unreachable")
+            raise NoEngineAvailable("no engine is reachable")
         return stream
+
+    async def _dispatch(self, stream: RequestStream, engine: EngineHandle) -> bool:
+        stream.engine_id = engine.engine_id
+        engine.requests.add(stream.request_id)
+        engine.pending_tokens += stream.cost
+        if await self._send(engine.engine_id, stream.request):
+            return True
+        engine.requests.discard(stream.request_id)
+        engine.pending_tokens -= stream.cost
+        return False
 
     async def abort(self, request_id: str) -> None:
         stream = self.streams.get(request_id)
@@ -170,6 +208,35 @@ class EngineClient:
 
     # ---- engine messages ------------------------------------------------------------------
 
+    async def _hello_loop(self) -> None:
+        """Engines say hello on the ROUTER; the answer goes straight back on the same route."""
+        _, decoder = engine_output_codec()
+        while True:
+            identity, payload = await self._router.recv_multipart()
+            try:
+                hello = decoder.decode(payload)
+            except Exception as exc:
+                log.warning("dropping undecodable hello: %s", exc)
+                continue
+            if not isinstance(hello, EngineHello) or hello.engine_id.encode() != identity:
+                log.warning("dropping an unexpected %s on the request socket", type(hello).__name__)
+                continue
+            reason = self._refusal(hello)
+            if reason:
+                log.error("refusing engine %s: %s", hello.engine_id, reason)
+                self.failures.append(reason)
+            else:
+                log.info("engine %s (pid %d) on %s says hello; loading", hello.engine_id, hello.pid, hello.device)
+                self.engines[hello.engine_id] = EngineHandle(hello)
+            await self._send(hello.engine_id, Welcome(accepted=not reason, reason=reason))
+
+    def _refusal(self, hello: EngineHello) -> str:
+        if hello.model != self.model_name:
+            return f"engine {hello.engine_id} loads {hello.model!r} but this frontend serves {self.model_name!r}"
+        if hello.engine_id in self.engines:
+            return f"an engine named {hello.engine_id} is already attached"
+        return ""
+
     async def _receive_loop(self) -> None:
         _, decoder = engine_output_codec()
         while True:
@@ -183,29 +250,17 @@ class EngineClient:
 
     def _handle(self, message) -> None:
         if isinstance(message, StepOutputs):
-            engine = self.engines.get(message.engine_id)
-            if engine is not None:
-                engine.stats, engine.last_seen = message.stats, time.monotonic()
+            self._note_stats(message.engine_id, message.stats)
             for output in message.outputs:
                 stream = self.streams.get(output.request_id)
-                if stream is None:
-                    continue  # aborted here already; the engine's abort is in flight
+                if stream is None or stream.engine_id != message.engine_id:
+                    continue  # aborted here already (the engine's abort is in flight), or moved
+                stream.tokens_received += len(output.new_token_ids)
                 stream.queue.put_nowait(output)
                 if output.finish_reason is not None:
                     self._finish(stream)
         elif isinstance(message, Heartbeat):
-            engine = self.engines.get(message.engine_id)
-            if engine is not None:
-                engine.stats, engine.last_seen = message.stats, time.monotonic()
-        elif isinstance(message, EngineHello):
-            if message.model != self.model_name:
-                why = f"engine {message.engine_id} serves {message.model!r}, this frontend serves {self.model_name!r}"
-                log.error("refusing %s", why)
-                self.failures.append(why)
-                asyncio.ensure_future(self._send(message.engine_id, Shutdown()))
-                return
-            log.info("engine %s (pid %d) on %s says hello; loading", message.engine_id, message.pid, message.device)
-            self.engines[message.engine_id] = EngineHandle(message)
+            self._note_stats(message.engine_id, message.stats)
         elif isinstance(message, EngineReady):
             engine = self.engines.get(message.engine_id)
             if engine is not None:
@@ -216,24 +271,52 @@ class EngineClient:
             self.failures.append(message.message)
             self.engine_lost(message.engine_id, message.message)
 
+    def _note_stats(self, engine_id: str, stats: EngineStats) -> None:
+        engine = self.engines.get(engine_id)
+        if engine is None:
+            return
+        now = time.monotonic()
+        if stats.steps != engine.stats.steps or not engine.requests:
+            engine.last_progress = now
+        engine.stats, engine.last_seen = stats, now
+
     def engine_lost(self, engine_id: str, why: str) -> None:
-        """Forget an engine and end every request it held with an explicit error."""
+        """Forget an engine. Its requests with no token yet move to another engine; the rest end
+        with an explicit error (their text so far was already sent, so they cannot restart)."""
         engine = self.engines.pop(engine_id, None)
         if engine is None:
             return
         log.error("engine %s lost: %s", engine_id, why)
-        for request_id in list(engine.requests):
-            stream = self.streams.get(request_id)
-            if stream is not None:
-                stream.queue.put_nowait(RequestOutput(request_id, [], "error", f"engine {engine_id} lost: {why}"))
-                self._finish(stream)
         if not self.ready_engines():
             self.engine_ready.clear()
+        for request_id in list(engine.requests):
+            stream = self.streams.get(request_id)
+            if stream is None:
+                continue
+            if stream.tokens_received == 0 and self.ready_engines():
+                asyncio.ensure_future(self._redispatch(stream, f"engine {engine_id} lost: {why}"))
+            else:
+                self._fail(stream, f"engine {engine_id} lost: {why}")
+
+    async def _redispatch(self, stream: RequestStream, why: str) -> None:
+        for engine in sorted(self.ready_engines(), key=lambda e: e.pending_tokens):
+            if await self._dispatch(stream, engine):
+                log.info("request %s moved to engine %s", stream.request_id, engine.engine_id)
+                return
+        self._fail(stream, why)
+
+    def _fail(self, stream: RequestStream, why: str) -> None:
+        stream.queue.put_nowait(RequestOutput(stream.request_id, [], "error", why))
+        self._finish(stream)
 
     async def _liveness_loop(self) -> None:
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for engine in list(self.engines.values()):
-                if engine.ready and now - engine.last_seen > HEARTBEAT_TIMEOUT_S:
+                if now - engine.last_seen > HEARTBEAT_TIMEOUT_S:
                     self.engine_lost(engine.engine_id, f"no heartbeat for {now - engine.last_seen:.1f} s")
+                elif engine.requests and now - engine.last_progress > PROGRESS_TIMEOUT_S:
+                    self.engine_lost(engine.engine_id, f"no step finished in {now - engine.last_progress:.0f} s "
+                                                       "while it held requests (hung)")
+                    await self._send(engine.engine_id, Shutdown())

@@ -50,14 +50,22 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     pass
 
 
-EngineInput = Request | Abort | Shutdown
+class Welcome(msgspec.Struct, tag="welcome", array_like=True):
+    """The frontend's answer to a hello: accepted, or refused with the reason (then the engine exits)."""
+
+    accepted: bool
+    reason: str = ""
+
+
+EngineInput = Request | Abort | Shutdown | Welcome
 
 
 # ---- engine → frontend ----------------------------------------------------------------------
 
 
 class EngineHello(msgspec.Struct, tag="hello", array_like=True, kw_only=True):
-    """First word of an engine: who it is and what it will be able to hold once loaded."""
+    """First word of an engine, sent on its request socket so the frontend can answer at once:
+    who it is and what it will be able to hold once loaded."""
 
     engine_id: str
     pid: int
