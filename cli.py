@@ -36,6 +36,8 @@ def plan_options(command):
         click.option("--gpu-memory-fraction", type=click.FloatRange(0.05, 1.0), help="share of GPU memory to use"),
         click.option("--cpu-offload/--no-cpu-offload", default=None, help="force or forbid CPU offload"),
         click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile (env ENABLE_COMPILE=1)"),
+        click.option("--gpu-layers", type=click.IntRange(0), default=None,
+                     help="decoder layers kept on the GPU (on CPU: in RAM), the rest offloaded (env GPU_LAYERS)"),
     ]
     for option in reversed(options):
         command = option(command)

@@ -36,11 +36,43 @@ def load_model(path: str, plan: ServingPlan) -> torch.nn.Module:
         max_memory = getattr(plan, "max_memory", None)
         if max_memory:
             kwargs["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
+        if "disk" in plan.device_map.values():
+            kwargs["offload_folder"] = str(offload_folder(path))
     elif plan.device != "cpu" or plan.quantization == "nf4":
         kwargs["device_map"] = {"": plan.device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
+    if plan.device_map and plan.offload:
+        log.info("offload: %s", describe_offload(model))
     return model
+
+
+def offload_folder(path: str):
+    """Where accelerate may write disk-offloaded weights: a folder per model under the kiln cache.
+
+    A safetensors checkpoint needs none of it (the offloaded tensors are memory-mapped from the
+    checkpoint itself); other formats are written there once per load.
+    """
+    import hashlib
+    from pathlib import Path
+
+    from hardware.model_source import cache_dir
+
+    key = hashlib.sha256(str(Path(path).expanduser().resolve()).encode()).hexdigest()[:12]
+    folder = cache_dir() / "offload" / f"{Path(path).name}-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def describe_offload(model: torch.nn.Module) -> str:
+    """For the log: how many decoder layers hold their weights on `meta` (offloaded, read in per forward)."""
+    layers = list(getattr(getattr(model, "model", None), "layers", []) or [])
+    offloaded = [i for i, layer in enumerate(layers)
+                 if any(p.device.type == "meta" for p in layer.parameters())]
+    where = getattr(model, "hf_device_map", None) or {}
+    kinds = sorted({str(v) for v in where.values()})
+    return (f"{len(offloaded)} of {len(layers)} decoder layers offloaded (weights loaded per forward by "
+            f"accelerate hooks); devices in the map: {', '.join(kinds)}")
 
 
 def compile_model(model: torch.nn.Module) -> str:

@@ -113,9 +113,13 @@ class ModelRunner:
         cos, sin = self.inner.rotary_emb(hidden, pos_t[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [n, 1, head_dim]
         for index, layer in enumerate(self.layers):
-            hook = getattr(layer, "_hf_hook", None)  # accelerate offload: bring this layer's weights in
+            # accelerate offload: we call the layer's submodules, not `layer(...)`, so drive its hook the way
+            # accelerate's wrapped forward would. Offloaded weights sit on each leaf module (q_proj, norms...)
+            # whose own hooks fire when called; this layer-level hook (an AlignDevicesHook or SequentialHook)
+            # moves inputs and, with place_submodules / preload classes, loads and drops the whole layer.
+            hook = getattr(layer, "_hf_hook", None)
             if hook is not None:
-                hook.pre_forward(layer)
+                (hidden,), _ = hook.pre_forward(layer, hidden)
             residual = hidden
             x = layer.input_layernorm(hidden)
             attn = layer.self_attn
@@ -154,6 +158,6 @@ class ModelRunner:
             hidden = residual + attn.o_proj(out.reshape(1, n, self.num_heads * self.head_dim))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             if hook is not None:
-                hook.post_forward(layer, hidden)
+                hidden = hook.post_forward(layer, hidden)
         last = hidden[0, logit_rows]
         return self.model.lm_head(self.inner.norm(last)).float()

@@ -52,6 +52,7 @@ class GenerateResponse(msgspec.Struct):
     usage: Usage
     timings: Timings
     token_ids: list[int]
+    engine: str  # which engine served it (see /info)
 
 
 class StreamPiece(msgspec.Struct, omit_defaults=True):
@@ -60,6 +61,7 @@ class StreamPiece(msgspec.Struct, omit_defaults=True):
     finish_reason: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    engine: str | None = None
 
 
 class ApiError(Exception):

@@ -145,6 +145,7 @@ async def generate(request: web.Request) -> web.Response:
         usage=generation.usage(),
         timings=generation.timings(),
         token_ids=generation.token_ids,
+        engine=generation.stream.engine_id,
     ))
 
 
@@ -159,6 +160,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
                         piece.finish_reason = generation.finish_reason
                         piece.usage = generation.usage()
                         piece.timings = generation.timings()
+                        piece.engine = generation.stream.engine_id
                     await sse.send(_json.encode(piece).decode())
             except EngineError as exc:
                 await sse.send(_json.encode(ApiError(500, str(exc), kind="engine_error").body()).decode())

@@ -39,12 +39,18 @@ def normalize_dtype(value: str) -> str:
 
 
 def overrides_from_env(environ: Mapping[str, str]) -> PlanOverrides:
-    """QUANTIZATION=4bit|nf4|None|none and ENABLE_COMPILE=1|0; unset or empty means no override."""
+    """QUANTIZATION=4bit|nf4|None|none, ENABLE_COMPILE=1|0 and GPU_LAYERS=N (decoder layers on the GPU, or
+    in RAM on a CPU-only machine; the rest are offloaded); unset or empty means no override."""
     fields: dict = {}
     sources: dict[str, str] = {}
     if (q := environ.get("QUANTIZATION", "").strip()):
         fields["quantization"] = normalize_quantization(q)
         sources["quantization"] = f"QUANTIZATION={q}"
+    if (g := environ.get("GPU_LAYERS", "").strip()):
+        if not g.isdigit():
+            raise ValueError(f"GPU_LAYERS={g!r}: use a layer count (0 or more)")
+        fields["gpu_layers"] = int(g)
+        sources["gpu_layers"] = f"GPU_LAYERS={g}"
     if (c := environ.get("ENABLE_COMPILE", "").strip().lower()):
         if c not in _TRUE | _FALSE:
             raise ValueError(f"ENABLE_COMPILE={c!r}: use 1 or 0")

@@ -19,7 +19,8 @@ class PlanOverrides(msgspec.Struct, omit_defaults=True, frozen=True):
     gpu_memory_fraction: float | None = None
     cpu_offload: bool | None = None
     compile: bool | None = None
-    gpu_layers: int | None = None  # decoder layers kept on the GPU, the rest offloaded (like llama.cpp -ngl)
+    gpu_layers: int | None = None  # decoder layers kept on the GPU, the rest offloaded (like llama.cpp -ngl);
+    # on a CPU-only machine: decoder layers kept in RAM, the rest read from disk (accelerate disk offload)
     # Where each forced value came from, e.g. {"quantization": "QUANTIZATION=none"}; for reasons only.
     sources: dict[str, str] = msgspec.field(default_factory=dict)
 
@@ -45,7 +46,7 @@ class ServingPlan(msgspec.Struct, kw_only=True):
     kv_cache_bytes: int = 0  # kv_cache_tokens × kv_bytes_per_token, allocated once at start
     reserve_bytes: int = 0  # kept free on the device: runtime overhead + activation peak
     budget_bytes: int = 0  # device memory the plan may use (GPU total × fraction capped by free, or available RAM)
-    offload_bytes: int = 0  # weight bytes placed in CPU RAM by the device_map
+    offload_bytes: int = 0  # weight bytes the device_map offloads: to CPU RAM (GPU plans) or to disk (CPU plans)
     total_params: int = 0
     model: str = ""  # the model's name, for display
 

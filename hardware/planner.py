@@ -274,6 +274,10 @@ def _plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverri
         act = activation_peak_bytes(shape, chunk, _context_for_activations(shape, overrides), d, q)
         return max(CPU_RESERVE_MIN, int(CPU_RESERVE_FRACTION * budget)) + act
 
+    if overrides.gpu_layers is not None and overrides.gpu_layers < shape.num_layers:
+        return _plan_disk_offload(shape, profile, overrides, dtype, budget, reserve_for(dtype, False), chunk,
+                                  reasons, overridden)
+
     options: list[tuple[str, bool]] = []
     if overrides.quantization != "nf4":
         options.append((dtype, False))
@@ -290,7 +294,8 @@ def _plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverri
             f"the smallest plan, {smallest.label}, needs {fb(smallest.needed_min)} "
             f"(weights {fb(smallest.weights)} + KV cache for one {context_limits(shape)[0]}-token sequence "
             f"{fb(smallest.kv_per_token * context_limits(shape)[0])} + reserve {fb(budget - smallest.kv_room - smallest.weights)}), "
-            f"but only {fb(budget)} of RAM is available"
+            f"but only {fb(budget)} of RAM is available (GPU_LAYERS=N keeps N decoder layers in RAM and "
+            "reads the rest from disk on every forward: it runs, slowly)"
         )
     if chosen.dtype != dtype:
         reasons["dtype"] = f"{chosen.dtype}: {dtype} weights ({fb(weight_bytes(shape, dtype, False))}) leave too little RAM for a KV cache"
@@ -311,7 +316,9 @@ def _plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverri
     else:
         reasons["offload"] = "none: no GPU, all weights in RAM"
     if overrides.gpu_layers is not None:
-        reasons["offload"] += f"; {describe(overrides, 'gpu_layers')} ignored without a GPU"
+        overridden.append("gpu_layers")
+        reasons["offload"] += (f"; all {shape.num_layers} layers in RAM ({describe(overrides, 'gpu_layers')}, "
+                               "which counts layers kept in RAM on a CPU-only machine)")
     batch, ctx, kv_tokens = _finish(shape, overrides, reasons, overridden, chosen.kv_room, chosen.kv_per_token)
     compile_ = _common(reasons, overridden, overrides, chunk, "small chunks keep inter-token latency bounded on a few cores")
     reasons["device"] += f"; reserve {fb(reserve)} = max(2 GiB, 20% of available) for OS and frontend + activation peak"
@@ -322,6 +329,78 @@ def _plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverri
         reasons=reasons, overridden=overridden, max_memory=None, kv_bytes_per_token=chosen.kv_per_token,
         kv_cache_bytes=kv_tokens * chosen.kv_per_token, reserve_bytes=reserve, budget_bytes=budget,
         offload_bytes=0, total_params=shape.total_params, model=shape.name,
+    )
+
+
+def _plan_disk_offload(
+    shape: ModelShape, profile: HardwareProfile, overrides: PlanOverrides, dtype: str, budget: int, reserve: int,
+    chunk: int, reasons: dict, overridden: list,
+) -> ServingPlan:
+    """CPU-only, `gpu_layers` (read as "decoder layers kept in RAM") < all: the rest go to disk.
+
+    accelerate's disk offload: the offloaded layers' weights stay in the safetensors checkpoint (or are
+    written once to an offload folder) and are memory-mapped; an AlignDevicesHook on each of their
+    modules reads the weights in before that module runs and drops them after. RAM then holds the
+    embeddings, norms, the kept layers, the KV cache and one streamed layer at a time (the kernel's
+    page cache may keep the file's pages around, but it can always reclaim them). bitsandbytes
+    quantizes while loading into RAM, so NF4 is not combined with disk offload.
+    """
+    L, b, kept = shape.num_layers, dtype_bytes(dtype), overrides.gpu_layers
+    if overrides.cpu_offload is False:
+        overridden.append("cpu_offload")
+        raise PlanError(
+            f"{describe(overrides, 'gpu_layers')} keeps {kept} of {L} layers in RAM, which needs disk offload, "
+            f"but offload is off ({describe(overrides, 'cpu_offload')})"
+        )
+    if overrides.quantization == "nf4":
+        raise PlanError(
+            f"NF4 ({describe(overrides, 'quantization')}) cannot be combined with disk offload "
+            f"({describe(overrides, 'gpu_layers')}): bitsandbytes quantizes layers as they are loaded into RAM; "
+            "drop one of the two"
+        )
+    overridden.append("gpu_layers")
+    if overrides.cpu_offload is not None:
+        overridden.append("cpu_offload")
+    if overrides.quantization is not None:
+        overridden.append("quantization")
+    layers_other = L * _layer_split(shape)[1]
+    fixed = (shape.embedding_params + shape.lm_head_params + max(0, shape.other_params - layers_other)) * b
+    layer = shape.layer_params * b
+    on_disk = L - kept
+    ram_weights = fixed + kept * layer
+    disk_bytes = on_disk * layer
+    stream = layer  # one disk layer's weights materialized while it runs (module by module, so at most this)
+    kv_per_token = kv_bytes_per_token(shape, dtype)
+    kv_room = budget - reserve - ram_weights - stream
+    reasons["quantization"] = (
+        f"none: disk offload keeps {dtype} weights (bitsandbytes cannot quantize layers that live on disk)"
+        + (f", {describe(overrides, 'quantization')}" if overrides.quantization is not None else "")
+    )
+    reasons["offload"] = (
+        f"{kept} of {L} decoder layers in RAM, {on_disk} on disk ({fb(disk_bytes)}), "
+        f"{describe(overrides, 'gpu_layers')} (layers kept in RAM on a CPU-only machine): accelerate disk offload, "
+        "weights memory-mapped from the checkpoint or the offload folder and read in on every forward, "
+        "so each step is bound by disk and page-cache reads"
+    )
+    batch, ctx, kv_tokens = _finish(shape, overrides, reasons, overridden, kv_room, kv_per_token)
+    compile_ = _common(reasons, overridden, overrides, chunk, "small chunks keep inter-token latency bounded on a few cores")
+    reasons["device"] += (
+        f"; reserve {fb(reserve)} = max(2 GiB, 20% of available) for OS and frontend + activation peak, "
+        f"plus {fb(stream)} for the layer streamed from disk"
+    )
+    device_map: dict[str, str | int] = {"model.embed_tokens": "cpu"}
+    if shape.architecture in ACCELERATE_LAYOUT or shape.source.endswith(".gguf"):
+        device_map["model.rotary_emb"] = "cpu"
+    for i in range(L):
+        device_map[f"model.layers.{i}"] = "cpu" if i < kept else "disk"
+    device_map["model.norm"] = "cpu"
+    device_map["lm_head"] = "cpu"
+    return ServingPlan(
+        device="cpu", dtype=dtype, quantization=None, double_quant=False, offload=True, device_map=device_map,
+        max_batch=batch, max_context=ctx, kv_cache_tokens=kv_tokens, weights_bytes=ram_weights + disk_bytes,
+        compile=compile_, prefill_chunk=chunk, reasons=reasons, overridden=overridden, max_memory=None,
+        kv_bytes_per_token=kv_per_token, kv_cache_bytes=kv_tokens * kv_per_token, reserve_bytes=reserve + stream,
+        budget_bytes=budget, offload_bytes=disk_bytes, total_params=shape.total_params, model=shape.name,
     )
 
 
