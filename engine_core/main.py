@@ -70,7 +70,9 @@ def run_engine(*, input_address: str, output_address: str, model_path: str, mode
         log.error("no answer from a frontend at %s within %.0f s: is it running there, and is the secret the "
                   "same on both sides?", input_address, HANDSHAKE_TIMEOUT_S)
         return 5
-    log.info("plan: %s, %s, batch %d x context %d", plan.device, plan.dtype, plan.max_batch, plan.max_context)
+    from hardware.report import format_plan_table
+
+    log.info("serving plan for %s:\n%s", model_name, format_plan_table(plan))
     try:
         started = time.monotonic()
         engine = load_engine(io, model_path, plan)

@@ -262,12 +262,13 @@ def _plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverri
     reasons["device"] = f"cpu: no GPU ({profile.source}); {profile.cpu_cores} cores, {fb(budget)} RAM available"
     if overrides.gpu_memory_fraction is not None:
         reasons["device"] += f"; gpu_memory_fraction ignored ({describe(overrides, 'gpu_memory_fraction')})"
-    if profile.cpu_amx:
-        default, why = "bfloat16", "this CPU has AMX (amx_bf16), where bf16 matmuls beat fp32"
+    if profile.cpu_bf16:
+        default, why = "bfloat16", ("this CPU computes bf16 natively (avx512_bf16/amx_bf16): half the weight "
+                                    "traffic and faster matmuls (measured on a 2-core EPYC: 33 vs 54 ms per decode "
+                                    "step at batch 1, 57 vs 99 ms at batch 10)")
     else:
-        default, why = "float32", (
-            "CPU without AMX: batched fp32 matmuls are faster than bf16 (bf16 only helps bandwidth-bound batch-1 decode)"
-        )
+        default, why = "float32", ("CPU without native bf16 (no avx512_bf16/amx_bf16): bf16 matmuls would be "
+                                   "emulated, slower than fp32")
     dtype = _dtype_choice(overrides, default, why, reasons, overridden)
 
     def reserve_for(d: str, q: bool) -> int:

@@ -39,7 +39,7 @@ class HardwareProfile(msgspec.Struct, frozen=True):
     cpu_cores: int
     gpus: list[GpuInfo] = msgspec.field(default_factory=list)
     source: str = "none"  # where the GPU list came from: "nvml", "torch.cuda", "simulated", "none (...)"
-    cpu_amx: bool = False  # Intel AMX tiles (amx_bf16): the one CPU case where bf16 matmuls beat fp32
+    cpu_bf16: bool = False  # native bf16 dot products (avx512_bf16 or AMX amx_bf16): bf16 matmuls beat fp32
 
 
 # ---------------------------------------------------------------- sizes
@@ -123,13 +123,13 @@ def detect_cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def detect_cpu_amx() -> bool:
-    """True when /proc/cpuinfo lists amx_bf16 (Sapphire Rapids and later); False elsewhere."""
+def detect_cpu_bf16() -> bool:
+    """True when /proc/cpuinfo lists avx512_bf16 or amx_bf16 (Cooper Lake, Sapphire Rapids, Zen 4 and later)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
+                    return not {"avx512_bf16", "amx_bf16"}.isdisjoint(line.split())
     except OSError:
         pass
     return False
@@ -215,7 +215,7 @@ def detect_hardware() -> HardwareProfile:
     """The machine we are on."""
     total, available = detect_ram()
     gpus, source = detect_gpus()
-    return HardwareProfile(total, available, detect_cpu_cores(), gpus, source, detect_cpu_amx())
+    return HardwareProfile(total, available, detect_cpu_cores(), gpus, source, detect_cpu_bf16())
 
 
 # ---------------------------------------------------------------- simulated machines
@@ -262,4 +262,4 @@ def simulated_profile(
         gpu_list, source = [], "none (--cpu-only)"
     else:
         gpu_list, source = detect_gpus()
-    return HardwareProfile(total, available, detect_cpu_cores(), gpu_list, source, detect_cpu_amx())
+    return HardwareProfile(total, available, detect_cpu_cores(), gpu_list, source, detect_cpu_bf16())

@@ -156,11 +156,12 @@ class EngineClient:
         return len(self.streams) >= capacity * (1 + QUEUE_PER_SLOT)
 
     def pick_engine(self) -> EngineHandle:
-        """Least outstanding work: tokens still to be processed by requests it holds."""
+        """Least outstanding work: prompt + budget tokens of the requests it holds; ties go to the
+        engine that has served least, so sequential requests alternate."""
         ready = self.ready_engines()
         if not ready:
             raise NoEngineAvailable("no engine is ready")
-        return min(ready, key=lambda e: (e.pending_tokens, len(e.requests)))
+        return min(ready, key=lambda e: (e.pending_tokens, len(e.requests), e.stats.served))
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                      engine: EngineHandle | None = None) -> RequestStream:

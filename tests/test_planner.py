@@ -196,7 +196,7 @@ def test_t4_uses_float16():
 
 
 def test_cpu_default_is_float32_with_reason():
-    p = msgspec.structs.replace(profile("CPU16"), cpu_amx=False)
+    p = msgspec.structs.replace(profile("CPU16"), cpu_bf16=False)
     plan = make_plan(shape("starcoder2-3b"), p)
     assert plan.dtype == "float32" and "fp32" in plan.reasons["dtype"]
     assert plan.device_map is None and plan.prefill_chunk == 256

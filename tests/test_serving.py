@@ -32,7 +32,8 @@ def test_greedy_generate_matches_transformers(server, default_model_path):
     status, body = run(_generate(server.url, FIB))
     assert status == 200, body
     tokenizer = AutoTokenizer.from_pretrained(default_model_path)
-    model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
+    dtype = getattr(torch, server.info()["plan"]["dtype"])  # the reference runs in the dtype the engine chose
+    model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=dtype).eval()
     prompt = tokenizer(FIB["prompt"], return_tensors="pt").input_ids
     with torch.inference_mode():
         expected = model.generate(prompt, max_new_tokens=FIB["max_new_tokens"], do_sample=False)[0, prompt.shape[1]:]
