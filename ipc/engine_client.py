@@ -234,8 +234,13 @@ class EngineClient:
     def _refusal(self, hello: EngineHello) -> str:
         if hello.model != self.model_name:
             return f"engine {hello.engine_id} loads {hello.model!r} but this frontend serves {self.model_name!r}"
-        if hello.engine_id in self.engines:
-            return f"an engine named {hello.engine_id} is already attached"
+        existing = self.engines.get(hello.engine_id)
+        if existing is not None:
+            if existing.hello.pid == hello.pid:
+                return f"an engine named {hello.engine_id} is already attached"
+            # a restarted engine under the same name: the old process is gone even if its heartbeat
+            # timeout has not run out yet
+            self.engine_lost(hello.engine_id, f"replaced by a new process (pid {hello.pid})")
         return ""
 
     async def _receive_loop(self) -> None:

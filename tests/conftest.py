@@ -94,12 +94,17 @@ def default_model_path() -> str:
     return resolve_model(None).path
 
 
-@pytest.fixture(scope="module")
-def server(default_model_path):
-    """One started server (default model, CPU) shared by a test module."""
-    proc = ServerProcess("--max-context", "512")
+def running_server(*args: str, env: dict | None = None):
+    """Generator for module fixtures: a started server, always stopped afterwards."""
+    proc = ServerProcess(*args, env=env)
     try:
         proc.wait_ready()
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def server(default_model_path):
+    """One started server (default model, CPU) shared by a test module."""
+    yield from running_server("--max-context", "512")

@@ -30,5 +30,11 @@ async def stream_events(session: aiohttp.ClientSession, url: str, body: dict, ma
     return events
 
 
+async def generate(url: str, body) -> tuple[int, dict]:
+    """One POST /generate on its own session: (status, JSON)."""
+    async with aiohttp.ClientSession() as session:
+        return await post_json(session, url + "/generate", body)
+
+
 def run(coroutine):
     return asyncio.run(coroutine)

@@ -12,8 +12,8 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import REPO_ROOT, ServerProcess, free_port, pid_alive
-from tests.http_client import post_json, run, stream_events
+from tests.conftest import REPO_ROOT, ServerProcess, free_port
+from tests.http_client import generate, post_json, run, stream_events
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +62,9 @@ def test_burst_spreads_over_engines(two_engines):
 
 
 def test_greedy_output_alone_is_the_same_on_every_engine(two_engines):
-    first = run(_generate(two_engines.url, GREEDY))[1]
+    first = run(generate(two_engines.url, GREEDY))[1]
     wait_for(lambda: all(e["running"] == 0 for e in two_engines.info()["engines"]), 10, "idle engines")
-    second = run(_generate(two_engines.url, GREEDY))[1]
+    second = run(generate(two_engines.url, GREEDY))[1]
     assert first["engine"] != second["engine"], "sequential requests should alternate between idle engines"
     assert first["token_ids"] == second["token_ids"]
 
@@ -134,7 +134,7 @@ def test_killed_engine_ends_its_streams_and_survivor_serves(default_model_path):
         engines = wait_for(lambda: (lambda es: es if len(es) == 1 else None)(proc.info()["engines"]), 10,
                            "one engine left in /info")
         assert engines[0]["id"] != victim["id"]
-        status, body = run(_generate(proc.url, GREEDY))
+        status, body = run(generate(proc.url, GREEDY))
         assert status == 200 and body["engine"] == engines[0]["id"]
     finally:
         proc.stop()
@@ -189,6 +189,3 @@ def test_tcp_engine_needs_the_secret(default_model_path):
         proc.stop()
 
 
-async def _generate(url: str, body: dict):
-    async with aiohttp.ClientSession() as session:
-        return await post_json(session, url + "/generate", body)

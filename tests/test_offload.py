@@ -15,8 +15,8 @@ from hardware.model_config import load_model_shape
 from hardware.overrides import overrides_from_env, overrides_from_flags, resolve_overrides
 from hardware.planner import PlanError, make_plan
 from hardware.profile import GiB, simulated_profile
-from tests.conftest import REPO_ROOT, ServerProcess
-from tests.http_client import post_json, run
+from tests.conftest import REPO_ROOT, running_server
+from tests.http_client import generate, post_json, run
 
 CONFIGS = REPO_ROOT / "tests" / "fixtures" / "configs"
 KEPT = 18  # of SmolLM2-135M's 30 decoder layers stay in RAM, 12 go to disk
@@ -82,18 +82,10 @@ def test_default_model_plan_on_this_machine(default_model_path):
 @pytest.fixture(scope="module")
 def offload_server(default_model_path):
     # float32: the batched check below needs batch-invariant numerics (bf16 rounding can differ by batch shape)
-    proc = ServerProcess("--max-context", "512", "--max-batch", "4", "--dtype", "float32",
+    yield from running_server("--max-context", "512", "--max-batch", "4", "--dtype", "float32",
                          env={"GPU_LAYERS": str(KEPT)})
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
 
 
-async def _generate(url: str, body: dict) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as session:
-        return await post_json(session, url + "/generate", body)
 
 
 @pytest.mark.slow
@@ -108,7 +100,7 @@ def test_disk_offloaded_server_matches_transformers_greedy(offload_server, defau
     log = offload_server.log_path.read_text()
     assert f"{30 - KEPT} of 30 decoder layers offloaded" in log, offload_server.log()
 
-    status, body = run(_generate(offload_server.url, PROMPT))
+    status, body = run(generate(offload_server.url, PROMPT))
     assert status == 200, body
     tokenizer = AutoTokenizer.from_pretrained(default_model_path)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[plan["dtype"]]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from tests.conftest import ServerProcess
-from tests.http_client import post_json, run
+from tests.conftest import running_server
+from tests.http_client import generate, post_json, run
 
 pytestmark = pytest.mark.slow
 
@@ -16,17 +16,9 @@ CHAT = {"prompt": "The capital of France is", "max_new_tokens": 16, "temperature
 
 @pytest.fixture(scope="module")
 def nf4_server(default_model_path):
-    proc = ServerProcess("--max-context", "512", "--max-batch", "4", env={"QUANTIZATION": "4bit"})
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+    yield from running_server("--max-context", "512", "--max-batch", "4", env={"QUANTIZATION": "4bit"})
 
 
-async def _generate(url: str, body: dict) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as session:
-        return await post_json(session, url + "/generate", body)
 
 
 def test_info_shows_nf4_with_double_quant(nf4_server):
@@ -55,7 +47,7 @@ def _nf4_reference(path: str, compute_dtype: str, body: dict) -> list[int]:
 
 def test_nf4_greedy_is_coherent_and_matches_transformers_nf4(nf4_server, default_model_path):
     plan = nf4_server.info()["plan"]
-    status, body = run(_generate(nf4_server.url, PROMPT))
+    status, body = run(generate(nf4_server.url, PROMPT))
     assert status == 200, body
     text = body["text"]
     assert text.strip(), body

@@ -8,16 +8,13 @@ import aiohttp
 import pytest
 
 from tests.conftest import ServerProcess, pid_alive
-from tests.http_client import post_json, run, stream_events
+from tests.http_client import generate, post_json, run, stream_events
 
 pytestmark = pytest.mark.slow
 
 FIB = {"prompt": "def fibonacci(n):", "max_new_tokens": 48, "temperature": 0}
 
 
-async def _generate(url: str, body: dict) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as session:
-        return await post_json(session, url + "/generate", body)
 
 
 async def _stream(url: str, body: dict, max_events=None) -> list[dict]:
@@ -29,7 +26,7 @@ def test_greedy_generate_matches_transformers(server, default_model_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    status, body = run(_generate(server.url, FIB))
+    status, body = run(generate(server.url, FIB))
     assert status == 200, body
     tokenizer = AutoTokenizer.from_pretrained(default_model_path)
     dtype = getattr(torch, server.info()["plan"]["dtype"])  # the reference runs in the dtype the engine chose
@@ -45,7 +42,7 @@ def test_greedy_generate_matches_transformers(server, default_model_path):
 
 
 def test_stream_pieces_concatenate_to_generate_text(server):
-    _, full = run(_generate(server.url, FIB))
+    _, full = run(generate(server.url, FIB))
     events = run(_stream(server.url, FIB))
     assert len(events) > 5, "the stream should arrive piece by piece"
     assert "".join(e.get("text", "") for e in events) == full["text"]
@@ -89,7 +86,7 @@ def test_disconnected_stream_frees_its_slot(server):
 def test_non_ascii_round_trip(server):
     body = {"prompt": "Schreibe über Käse 🧀. Antworte auf Deutsch mit Umlauten wie ä, ö, ü:", "max_new_tokens": 40,
             "temperature": 0}
-    status, full = run(_generate(server.url, body))
+    status, full = run(generate(server.url, body))
     assert status == 200
     events = run(_stream(server.url, body))
     streamed = "".join(e.get("text", "") for e in events)
@@ -99,10 +96,10 @@ def test_non_ascii_round_trip(server):
 
 
 def test_stop_string_never_leaks(server):
-    _, full = run(_generate(server.url, FIB))
+    _, full = run(generate(server.url, FIB))
     stop = full["text"][10:14]  # a string the greedy output is known to contain
     body = dict(FIB, stop=[stop])
-    status, cut = run(_generate(server.url, body))
+    status, cut = run(generate(server.url, body))
     assert status == 200
     assert cut["finish_reason"] == "stop"
     assert cut["text"] == full["text"][: full["text"].index(stop)]
@@ -114,7 +111,7 @@ def test_stop_string_never_leaks(server):
 def test_seeded_sampling_is_reproducible(server):
     body = {"prompt": "Once upon a time", "max_new_tokens": 16, "temperature": 0.9, "top_p": 0.9, "top_k": 50,
             "seed": 1234}
-    first, second = run(_generate(server.url, body)), run(_generate(server.url, body))
+    first, second = run(generate(server.url, body)), run(generate(server.url, body))
     assert first[1]["token_ids"] == second[1]["token_ids"]
 
 
@@ -144,7 +141,7 @@ def test_bad_input_is_400_naming_the_field(server, payload, field, route):
 
 def test_prompt_longer_than_context_is_refused(server):
     context = server.info()["engines"][0]["max_context"]
-    status, body = run(_generate(server.url, {"prompt": "word " * (context + 10), "max_new_tokens": 4}))
+    status, body = run(generate(server.url, {"prompt": "word " * (context + 10), "max_new_tokens": 4}))
     assert status == 400
     assert body["error"]["field"] == "prompt"
     assert str(context) in body["error"]["message"]
