@@ -171,13 +171,20 @@ def shape_from_gguf(meta: GGUFMetadata, *, name: str = "model", source: str = ""
 
 
 def _hub_cache_config(repo_id: str) -> Path | None:
-    """config.json of a hub model already in the local HF cache (no network here)."""
+    """config.json of a hub model: from the local HF cache, else downloaded (a few KB) where there is internet."""
     hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME") or os.path.join(Path.home(), ".cache", "huggingface"), "hub"
     )
     snapshots = Path(hub) / ("models--" + repo_id.replace("/", "--")) / "snapshots"
     found = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return found[0] if found else None
+    if found:
+        return found[0]
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, "config.json", etag_timeout=5))
+    except Exception:  # offline, unknown repo, gated model: the caller explains
+        return None
 
 
 def load_model_shape(path: str | os.PathLike) -> ModelShape:
