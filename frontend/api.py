@@ -13,6 +13,7 @@ import msgspec
 from ipc.messages import SamplingParams
 
 MAX_STOP_STRINGS = 16
+MIN_TEMPERATURE = 1e-5  # below this, logits / temperature overflow: treat as greedy
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False):
@@ -22,13 +23,13 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False):
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
     stop: Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)] = []
-    seed: int | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
     ignore_eos: bool = False
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=max_new_tokens,
-            temperature=self.temperature,
+            temperature=self.temperature if self.temperature >= MIN_TEMPERATURE else 0.0,
             top_p=self.top_p,
             top_k=self.top_k,
             seed=self.seed,
@@ -91,7 +92,7 @@ def parse_generate_request(body: bytes) -> GenerateRequest:
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _AT_PATH.search(message) or _MISSING.search(message)
-        raise ApiError(400, message, match.group(1) if match else None) from None
+        raise ApiError(400, message, match.group(1) if match else "body") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"malformed JSON: {exc}", "body") from None
     if not request.prompt:

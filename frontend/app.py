@@ -36,6 +36,7 @@ TOKENIZER = web.AppKey("tokenizer", Tokenizer)
 MODEL_NAME = web.AppKey("model_name", str)
 REQUEST_IDS = web.AppKey("request_ids", itertools.count)
 _json = msgspec.json.Encoder()
+LONG_PROMPT_CHARS = 4096
 
 
 def json_response(payload, status: int = 200) -> web.Response:
@@ -53,13 +54,13 @@ async def api_errors(request: web.Request, handler):
 class Generation:
     """One request's life: admission, the engine stream, detokenization, timings."""
 
-    def __init__(self, app: web.Application, body: GenerateRequest):
+    def __init__(self, app: web.Application, body: GenerateRequest, prompt_ids: list[int]):
         self.client = app[CLIENT]
         self.body = body
         self.request_id = f"{os.getpid()}-{next(app[REQUEST_IDS])}"
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
-        self.prompt_ids = app[TOKENIZER].encode(body.prompt).ids
+        self.prompt_ids = prompt_ids
         self.detok = IncrementalDetokenizer(app[TOKENIZER], self.prompt_ids, body.stop)
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -123,9 +124,17 @@ class EngineError(Exception):
     pass
 
 
+async def tokenize(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Short prompts inline; long ones in a thread (the Rust tokenizer releases the GIL) so one
+    big prompt never stalls the event loop that streams everybody else's tokens."""
+    if len(text) < LONG_PROMPT_CHARS:
+        return tokenizer.encode(text).ids
+    return (await asyncio.to_thread(tokenizer.encode, text)).ids
+
+
 async def read_generation(request: web.Request) -> Generation:
     body = parse_generate_request(await request.read())
-    generation = Generation(request.app, body)
+    generation = Generation(request.app, body, await tokenize(request.app[TOKENIZER], body.prompt))
     await generation.start()
     return generation
 
@@ -177,7 +186,7 @@ async def health(request: web.Request) -> web.Response:
     if client.ready_engines():
         return json_response({"status": "ok", "engines": len(client.ready_engines())})
     return json_response({"status": "loading" if not client.failures else "failed",
-                          "failures": client.failures}, 503)
+                          "failures": list(client.failures)}, 503)
 
 
 async def info(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
@@ -53,7 +54,6 @@ class EngineHandle:
     stats: EngineStats = field(default_factory=EngineStats)
     last_seen: float = field(default_factory=time.monotonic)
     requests: set[str] = field(default_factory=set)
-    pending_tokens: int = 0  # prompt + budget of requests sent but not finished: the routing load
     last_progress: float = field(default_factory=time.monotonic)  # last time `steps` advanced
 
     @property
@@ -72,7 +72,7 @@ class EngineHandle:
             "max_running_seen": self.stats.max_running_seen,
             "served": self.stats.served,
             "steps": self.stats.steps,
-            "outstanding": len(self.requests),
+            "outstanding_requests": len(self.requests),
             "max_batch": self.hello.plan.max_batch,
             "max_context": self.hello.plan.max_context,
         }
@@ -91,7 +91,9 @@ class RequestStream:
         return self.request.request_id
 
     @property
-    def cost(self) -> int:
+    def remaining(self) -> int:
+        if self.tokens_received:
+            return self.request.params.max_new_tokens - self.tokens_received
         return len(self.request.prompt_token_ids) + self.request.params.max_new_tokens
 
 
@@ -103,7 +105,7 @@ class EngineClient:
         self.model_name = model_name
         self.keys = CurveKeys(secret) if secret else None
         self.engines: dict[str, EngineHandle] = {}
-        self.failures: list[str] = []  # why engines refused or died, for /health and the launcher
+        self.failures: deque[str] = deque(maxlen=20)  # why engines were refused or failed, newest last
         self.streams: dict[str, RequestStream] = {}
         self._context = zmq.asyncio.Context()
         self._encoder, _ = engine_input_codec()
@@ -156,12 +158,17 @@ class EngineClient:
         return len(self.streams) >= capacity * (1 + QUEUE_PER_SLOT)
 
     def pick_engine(self) -> EngineHandle:
-        """Least outstanding work: prompt + budget tokens of the requests it holds; ties go to the
-        engine that has served least, so sequential requests alternate."""
+        """Least outstanding work; ties go to the engine that has served least, so sequential
+        requests alternate."""
         ready = self.ready_engines()
         if not ready:
             raise NoEngineAvailable("no engine is ready")
-        return min(ready, key=lambda e: (e.pending_tokens, len(e.requests), e.stats.served))
+        return min(ready, key=lambda e: (self.outstanding_tokens(e), e.stats.served))
+
+    def outstanding_tokens(self, engine: EngineHandle) -> int:
+        """Tokens its requests still have to go through: unprocessed prompt + remaining budget.
+        A better measure than request counts when prompts and budgets differ a lot."""
+        return sum(self.streams[r].remaining for r in engine.requests if r in self.streams)
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                      engine: EngineHandle | None = None) -> RequestStream:
@@ -175,11 +182,9 @@ class EngineClient:
     async def _dispatch(self, stream: RequestStream, engine: EngineHandle) -> bool:
         stream.engine_id = engine.engine_id
         engine.requests.add(stream.request_id)
-        engine.pending_tokens += stream.cost
         if await self._send(engine.engine_id, stream.request):
             return True
         engine.requests.discard(stream.request_id)
-        engine.pending_tokens -= stream.cost
         return False
 
     async def abort(self, request_id: str) -> None:
@@ -195,9 +200,8 @@ class EngineClient:
         stream.finished = True
         self.streams.pop(stream.request_id, None)
         engine = self.engines.get(stream.engine_id)
-        if engine is not None and stream.request_id in engine.requests:
+        if engine is not None:
             engine.requests.discard(stream.request_id)
-            engine.pending_tokens -= stream.cost
 
     async def _send(self, engine_id: str, message) -> bool:
         try:
@@ -305,7 +309,7 @@ class EngineClient:
                 self._fail(stream, f"engine {engine_id} lost: {why}")
 
     async def _redispatch(self, stream: RequestStream, why: str) -> None:
-        for engine in sorted(self.ready_engines(), key=lambda e: e.pending_tokens):
+        for engine in sorted(self.ready_engines(), key=self.outstanding_tokens):
             if await self._dispatch(stream, engine):
                 log.info("request %s moved to engine %s", stream.request_id, engine.engine_id)
                 return

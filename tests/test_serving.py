@@ -127,6 +127,8 @@ def test_seeded_sampling_is_reproducible(server):
     ({"prompt": "hi", "top_k": -1}, "top_k"),
     ({"prompt": "hi", "stop": "x"}, "stop"),
     ({"prompt": "hi", "seed": 1.5}, "seed"),
+    ({"prompt": "hi", "seed": 10**30}, "seed"),
+    ([1, 2, 3], "body"),
 ])
 @pytest.mark.parametrize("route", ["/generate", "/generate_stream"])
 def test_bad_input_is_400_naming_the_field(server, payload, field, route):
@@ -157,10 +159,18 @@ def test_health_and_info(server):
     assert info["plan"]["max_context"] == 512  # the --max-context override reached the engine
 
 
-def test_sigterm_stops_everything_without_orphans(default_model_path):
+def test_queue_beyond_slots_then_sigterm_stops_everything(default_model_path):
     dirs_before = _kiln_runtime_dirs()
     proc = ServerProcess("--max-batch", "2", "--max-context", "256")
     proc.wait_ready()
+
+    async def burst():  # more requests than KV slots: the rest wait in the queue, none fails
+        async with aiohttp.ClientSession() as session:
+            body = {"prompt": "Name a colour:", "max_new_tokens": 6, "ignore_eos": True}
+            return await asyncio.gather(*(post_json(session, proc.url + "/generate", body) for _ in range(5)))
+
+    assert all(status == 200 and body["usage"]["completion_tokens"] == 6 for status, body in run(burst()))
+    assert proc.info()["engines"][0]["max_running_seen"] == 2
     engine_pids = proc.engine_pids()
     assert _kiln_runtime_dirs() - dirs_before, "the server should keep its sockets in a private folder"
     assert proc.stop() == 0
