@@ -27,6 +27,7 @@ from frontend.api import (
     parse_generate_request,
 )
 from frontend.detokenizer import IncrementalDetokenizer
+from frontend.metrics import Metrics
 from ipc.engine_client import EngineClient, NoEngineAvailable
 
 log = logging.getLogger("kiln.frontend")
@@ -34,6 +35,7 @@ log = logging.getLogger("kiln.frontend")
 CLIENT = web.AppKey("client", EngineClient)
 TOKENIZER = web.AppKey("tokenizer", Tokenizer)
 MODEL_NAME = web.AppKey("model_name", str)
+METRICS = web.AppKey("metrics", Metrics)
 REQUEST_IDS = web.AppKey("request_ids", itertools.count)
 _json = msgspec.json.Encoder()
 LONG_PROMPT_CHARS = 4096
@@ -56,6 +58,7 @@ class Generation:
 
     def __init__(self, app: web.Application, body: GenerateRequest, prompt_ids: list[int]):
         self.client = app[CLIENT]
+        self.metrics = app[METRICS]
         self.body = body
         self.request_id = f"{os.getpid()}-{next(app[REQUEST_IDS])}"
         self.started = time.perf_counter()
@@ -65,6 +68,7 @@ class Generation:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.stream = None
+        self.closed = False
 
     async def start(self) -> None:
         if not self.prompt_ids:
@@ -92,6 +96,7 @@ class Generation:
         while self.finish_reason is None:
             output = await self.stream.queue.get()
             if output.finish_reason == "error":
+                self.finish_reason = "error"
                 raise EngineError(output.error or "engine error")
             if self.first_token_at is None and output.new_token_ids:
                 self.first_token_at = time.perf_counter()
@@ -108,9 +113,19 @@ class Generation:
                 yield text, output.new_token_ids
 
     async def close(self) -> None:
-        """Abort in the engine unless it already finished (idempotent)."""
-        if self.stream is not None:
-            await self.client.abort(self.request_id)
+        """Abort in the engine unless it already finished (idempotent); count the outcome."""
+        if self.stream is None or self.closed:
+            return
+        self.closed = True
+        await self.client.abort(self.request_id)
+        timings = self.timings()
+        self.metrics.observe(self.finish_reason or "abort", len(self.prompt_ids), len(self.token_ids),
+                             timings.ttft_s, timings.total_s)
+
+    @property
+    def engine_id(self) -> str:
+        """The engine that served it (a request moved off a lost engine reports the new one)."""
+        return self.stream.engine_id
 
     def usage(self) -> Usage:
         return Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.token_ids))
@@ -154,7 +169,7 @@ async def generate(request: web.Request) -> web.Response:
         usage=generation.usage(),
         timings=generation.timings(),
         token_ids=generation.token_ids,
-        engine=generation.stream.engine_id,
+        engine=generation.engine_id,
     ))
 
 
@@ -169,7 +184,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
                         piece.finish_reason = generation.finish_reason
                         piece.usage = generation.usage()
                         piece.timings = generation.timings()
-                        piece.engine = generation.stream.engine_id
+                        piece.engine = generation.engine_id
                     await sse.send(_json.encode(piece).decode())
             except EngineError as exc:
                 await sse.send(_json.encode(ApiError(500, str(exc), kind="engine_error").body()).decode())
@@ -179,6 +194,11 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         await generation.close()
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].exposition(), content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Format": "prometheus-0.0.4"})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -206,8 +226,10 @@ def build_app(client: EngineClient, tokenizer: Tokenizer, model_name: str) -> we
     app[TOKENIZER] = tokenizer
     app[MODEL_NAME] = model_name
     app[REQUEST_IDS] = itertools.count()
+    app[METRICS] = Metrics(client)
     app.router.add_post("/generate", generate)
     app.router.add_post("/generate_stream", generate_stream)
     app.router.add_get("/health", health)
     app.router.add_get("/info", info)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -39,6 +39,7 @@ from ipc.messages import (
 log = logging.getLogger("kiln.frontend")
 
 HEARTBEAT_TIMEOUT_S = 5.0
+LOADING_HEARTBEAT_TIMEOUT_S = 60.0  # a big checkpoint load can hold the GIL for a while
 PROGRESS_TIMEOUT_S = 60.0  # an engine holding requests must finish a step within this (hung-engine check)
 QUEUE_PER_SLOT = 8  # waiting requests allowed per KV slot before new ones get a 429
 
@@ -110,6 +111,7 @@ class EngineClient:
         self._context = zmq.asyncio.Context()
         self._encoder, _ = engine_input_codec()
         self._tasks: list[asyncio.Task] = []
+        self._dropped: set[str] = set()  # engines dropped for silence; if they speak again, they are sent away
         self.engine_ready = asyncio.Event()
 
     async def start(self) -> None:
@@ -284,6 +286,11 @@ class EngineClient:
     def _note_stats(self, engine_id: str, stats: EngineStats) -> None:
         engine = self.engines.get(engine_id)
         if engine is None:
+            if engine_id in self._dropped:  # it was dropped but lives on: tell it to go, not to linger
+                self._dropped.discard(engine_id)
+                asyncio.ensure_future(self._send(engine_id, Welcome(
+                    accepted=False, reason="the frontend dropped this engine after missed heartbeats; "
+                                           "restart it to attach again")))
             return
         now = time.monotonic()
         if stats.steps != engine.stats.steps or not engine.requests:
@@ -324,7 +331,9 @@ class EngineClient:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for engine in list(self.engines.values()):
-                if now - engine.last_seen > HEARTBEAT_TIMEOUT_S:
+                timeout = HEARTBEAT_TIMEOUT_S if engine.ready else LOADING_HEARTBEAT_TIMEOUT_S
+                if now - engine.last_seen > timeout:
+                    self._dropped.add(engine.engine_id)
                     self.engine_lost(engine.engine_id, f"no heartbeat for {now - engine.last_seen:.1f} s")
                 elif engine.requests and now - engine.last_progress > PROGRESS_TIMEOUT_S:
                     self.engine_lost(engine.engine_id, f"no step finished in {now - engine.last_progress:.0f} s "

@@ -186,3 +186,19 @@ def _kiln_runtime_dirs():
     from pathlib import Path
 
     return set(Path(tempfile.gettempdir()).glob("kiln-run-*"))
+
+
+def test_metrics_count_requests_and_engine_load(server):
+    import urllib.request
+
+    run(generate(server.url, {"prompt": "Hello", "max_new_tokens": 3}))
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    assert samples['kiln_requests_total{outcome="length"}'] >= 1
+    assert samples["kiln_generation_tokens_total"] >= 3
+    assert samples["kiln_time_to_first_token_seconds_count"] >= 1
+    assert samples['kiln_engine_running{device="cpu",engine="engine-0"}'] == 0
+    assert samples["kiln_engines_ready"] == 1
