@@ -5,6 +5,7 @@ path (`... - at `$.max_new_tokens``) or its "missing required field" message.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated
 
@@ -75,26 +76,33 @@ class ApiError(Exception):
     def body(self) -> dict:
         error = {"message": self.message, "type": self.kind}
         if self.field:
-            error["field"] = self.field
+            error["field"] = error["param"] = self.field  # `param`: the name OpenAI clients read
         return {"error": error}
 
 
 _AT_PATH = re.compile(r"at `\$\.([A-Za-z_]\w*)")
 _MISSING = re.compile(r"missing required field `(\w+)`")
-_decoder = msgspec.json.Decoder(GenerateRequest)
-
-
 def parse_generate_request(body: bytes) -> GenerateRequest:
+    request = decode_body(body, GenerateRequest)
+    if not request.prompt:
+        raise ApiError(400, "`prompt` is empty", "prompt")
+    return request
+
+
+@functools.cache
+def _decoder(kind: type) -> msgspec.json.Decoder:
+    return msgspec.json.Decoder(kind)
+
+
+def decode_body(body: bytes, kind: type):
+    """JSON body → `kind`, or a 400 naming the field msgspec complained about."""
     if not body.strip():
-        raise ApiError(400, "request body is empty; send a JSON object with at least `prompt`", "prompt")
+        raise ApiError(400, "request body is empty; send a JSON object", "body")
     try:
-        request = _decoder.decode(body)
+        return _decoder(kind).decode(body)
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _AT_PATH.search(message) or _MISSING.search(message)
         raise ApiError(400, message, match.group(1) if match else "body") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"malformed JSON: {exc}", "body") from None
-    if not request.prompt:
-        raise ApiError(400, "`prompt` is empty", "prompt")
-    return request

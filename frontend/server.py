@@ -23,6 +23,7 @@ from aiohttp import web
 from tokenizers import Tokenizer
 
 from frontend.app import build_app
+from frontend.chat_template import ChatTemplate
 from hardware.model_source import ModelSource, resolve_model
 from hardware.plan import PlanOverrides
 from ipc.discovery import RUNTIME_PREFIX, FrontendInfo
@@ -105,7 +106,8 @@ class Server:
         (self.runtime_dir / "frontend.json").write_bytes(msgspec.json.encode(self.info))
         for index, gpu in enumerate(self.config.devices):
             self.start_engine(f"engine-{index}", gpu)
-        app = build_app(self.client, load_tokenizer(self.source), self.source.name)
+        template = None if self.source.is_hub else ChatTemplate.from_folder(self.source.path)
+        app = build_app(self.client, load_tokenizer(self.source), self.source.name, template)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port)

@@ -24,7 +24,7 @@ async def stream_events(session: aiohttp.ClientSession, url: str, body: dict, ma
         assert response.headers["Content-Type"].startswith("text/event-stream")
         async for chunk in response.content.iter_any():
             for event in decoder.feed(chunk):
-                events.append(json.loads(event.data))
+                events.append(event.data if event.data == "[DONE]" else json.loads(event.data))
                 if max_events is not None and len(events) >= max_events:
                     return events
     return events

@@ -1,0 +1,84 @@
+"""The OpenAI-compatible routes on a real server, checked against the native /generate."""
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from tests.http_client import generate, post_json, run, stream_events
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "def bubble_sort(items):"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+async def _post(url: str, path: str, body) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session:
+        return await post_json(session, url + path, body)
+
+
+async def _stream(url: str, path: str, body: dict) -> list:
+    async with aiohttp.ClientSession() as session:
+        return await stream_events(session, url + path, body)
+
+
+def test_completions_match_generate(server):
+    _, native = run(generate(server.url, {"prompt": PROMPT, "max_new_tokens": 20, "temperature": 0}))
+    status, body = run(_post(server.url, "/v1/completions",
+                             {"model": "SmolLM2-135M-Instruct", "prompt": PROMPT, "max_tokens": 20, "temperature": 0}))
+    assert status == 200, body
+    assert body["object"] == "text_completion" and body["model"] == "SmolLM2-135M-Instruct"
+    (choice,) = body["choices"]
+    assert choice["text"] == native["text"] and choice["finish_reason"] == native["finish_reason"]
+    assert body["usage"] == {"prompt_tokens": native["usage"]["prompt_tokens"], "completion_tokens": 20,
+                             "total_tokens": native["usage"]["prompt_tokens"] + 20}
+
+    events = run(_stream(server.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 20, "temperature": 0,
+                                                          "stream": True}))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == native["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 20
+
+
+def test_chat_completions_use_the_chat_template(server):
+    status, body = run(_post(server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 24,
+                                                                   "temperature": 0}))
+    assert status == 200, body
+    assert body["object"] == "chat.completion"
+    message = body["choices"][0]["message"]
+    assert message["role"] == "assistant" and "Paris" in message["content"]
+
+    events = run(_stream(server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 24, "temperature": 0,
+                                                               "stream": True}))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == message["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
+
+
+@pytest.mark.parametrize("path, payload, status, param", [
+    ("/v1/chat/completions", {"max_tokens": 5}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+])
+def test_openai_errors_name_the_parameter(server, path, payload, status, param):
+    got, body = run(_post(server.url, path, payload))
+    assert got == status, body
+    assert body["error"]["param"] == param
+
+
+def test_models_lists_the_served_model(server):
+    async def get():
+        async with aiohttp.ClientSession() as session:
+            async with session.get(server.url + "/v1/models") as response:
+                return await response.json()
+
+    body = run(get())
+    assert [m["id"] for m in body["data"]] == ["SmolLM2-135M-Instruct"]
+    assert body["data"][0]["max_model_len"] == 512
