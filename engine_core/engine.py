@@ -12,6 +12,7 @@ import queue
 import msgspec
 import torch
 
+from engine_core.loader import torch_dtype
 from engine_core.model_runner import ModelRunner
 from engine_core.sampler import Sampler
 from engine_core.scheduler import ScheduledChunk, Scheduler
@@ -27,8 +28,8 @@ class Engine:
         self.plan = plan
         self.eos_token_ids = eos_token_ids
         self.scheduler = Scheduler(plan.max_batch, plan.max_context, plan.prefill_chunk)
-        self.runner = ModelRunner(model, plan.max_batch, plan.max_context, device,
-                                  kv_dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()))
+        kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
+        self.runner = ModelRunner(model, plan.max_batch, plan.max_context, device, kv_dtype)
         self.sampler = Sampler(device)
         self.stats = io.stats
         self.running = True

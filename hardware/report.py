@@ -12,7 +12,7 @@ import msgspec
 from hardware.plan import PlanOverrides, ServingPlan
 from hardware.profile import HardwareProfile, format_bytes as fb
 
-ROWS = ("device", "dtype", "quantization", "offload", "max_batch", "max_context", "kv_cache_tokens",
+ROWS = ("device", "dtype", "kv_dtype", "quantization", "offload", "max_batch", "max_context", "kv_cache_tokens",
         "weights_bytes", "compile", "prefill_chunk")
 
 
@@ -22,18 +22,27 @@ def _value(plan: ServingPlan, key: str) -> str:
     if key == "offload":
         if not plan.offload or not plan.device_map:
             return "no"
-        on_cpu = sum(1 for k, v in plan.device_map.items() if k.startswith("model.layers.") and v == "cpu")
-        return f"yes, {on_cpu} layers in RAM"
+        where = {"cpu": "in RAM", "disk": "on disk"}
+        counts: dict[str, int] = {}
+        for name, device in plan.device_map.items():
+            if name.startswith("model.layers."):
+                label = where.get(str(device), f"on GPU {device}")
+                counts[label] = counts.get(label, 0) + 1
+        return "yes: " + ", ".join(f"{n} layers {label}" for label, n in counts.items())
     if key == "weights_bytes":
         return fb(plan.weights_bytes)
     if key == "kv_cache_tokens":
         return f"{plan.kv_cache_tokens} ({fb(plan.kv_cache_bytes)})" if plan.kv_cache_bytes else str(plan.kv_cache_tokens)
+    if key == "kv_dtype":
+        return plan.kv_dtype or plan.dtype
     if key == "compile":
         return "yes" if plan.compile else "no"
     return str(getattr(plan, key))
 
 
 def _reason(plan: ServingPlan, key: str) -> str:
+    if key == "kv_dtype" and not plan.kv_dtype:
+        return "the weight dtype"
     if key == "weights_bytes":
         params = f"{plan.total_params / 1e9:.2f}B params" if plan.total_params else "weights"
         return f"{params} at {'NF4 + ' + plan.dtype if plan.quantization else plan.dtype}; from the config's parameter counts"

@@ -82,7 +82,8 @@ def derive(model: str, machine: str) -> str | None:
         budget = int(ram.removesuffix("GiB")) * GiB
         base = max(2 * GiB, 0.2 * budget)
         reserves = (base, base + 1 * GiB)
-        steps = [("fp32", s.total_params * 4, 4, 4), ("bf16", s.total_params * 2, 4, 2), ("nf4", nf4_bytes(s), 1, 2)]
+        # K/V stay fp32 on CPU whatever the weights are (torch's CPU attention is slow in bf16)
+        steps = [("fp32", s.total_params * 4, 4, 4), ("bf16", s.total_params * 2, 4, 4), ("nf4", nf4_bytes(s), 1, 4)]
         last = "refuse"
     for label, weights, seqs, kvb in steps:
         need = weights + seqs * min_ctx * kv_per_token(cfg, kvb)
@@ -111,7 +112,11 @@ def test_plan_table(model, machine):
         with pytest.raises(PlanError):
             make_plan(s, p)
         return
-    plan = make_plan(s, p)
+    try:
+        plan = make_plan(s, p)
+    except PlanError:
+        assert expected is None, "only a case too close to call may be refused"
+        return
     if expected is not None:
         assert mode(plan) == expected, plan.reasons["quantization"]
     check_invariants(model, plan, p)
@@ -123,8 +128,9 @@ def check_invariants(model: str, plan: ServingPlan, p) -> None:
     assert plan.device == ("cuda:0" if on_gpu else "cpu")
     if on_gpu:  # dtype rule
         assert plan.dtype == ("bfloat16" if p.gpus[0].compute_capability >= (8, 0) else "float16")
-    kvb = 4 if plan.dtype == "float32" else 2
+    kvb = 4 if plan.dtype == "float32" or not on_gpu else 2
     assert plan.kv_bytes_per_token == kv_per_token(cfg, kvb)
+    assert (plan.kv_dtype or plan.dtype) == ("float32" if kvb == 4 else plan.dtype)
     # batch and context rule
     top = min(8192, cfg["max_position_embeddings"])
     assert 1 <= plan.max_batch <= 16
@@ -134,10 +140,11 @@ def check_invariants(model: str, plan: ServingPlan, p) -> None:
     if plan.max_context < top:
         assert plan.max_batch <= 4  # context grows first while batch stays at 4
     # weights
+    wb = 4 if plan.dtype == "float32" else 2
     if plan.quantization is None and not plan.offload:
-        assert plan.weights_bytes == s.total_params * kvb
+        assert plan.weights_bytes == s.total_params * wb
     elif not plan.offload:
-        assert plan.weights_bytes == pytest.approx(nf4_bytes(s, kvb), abs=1)
+        assert plan.weights_bytes == pytest.approx(nf4_bytes(s, wb), abs=1)
     assert plan.double_quant == (plan.quantization == "nf4")
     # everything on the device fits its budget
     on_device = plan.weights_bytes - plan.offload_bytes
