@@ -35,11 +35,12 @@ class Engine:
         self.running = True
 
     def warmup(self) -> None:
-        """One full-batch step at the planned maximum so the first user does not pay for allocation."""
+        """A full prefill chunk, then every slot at once: the planned peaks, before any user arrives
+        (an out-of-memory surfaces here, at start, not mid-stream) and with allocations warmed."""
         params = SamplingParams(max_new_tokens=1, temperature=0.0)
-        prompt = [0] * min(self.plan.prefill_chunk // max(1, self.plan.max_batch), 8) or [0]
+        long_prompt = [0] * max(1, min(self.plan.prefill_chunk, self.plan.max_context - 2))
         for i in range(self.plan.max_batch):
-            self.scheduler.add(Request(f"warmup-{i}", prompt, params))
+            self.scheduler.add(Request(f"warmup-{i}", long_prompt if i == 0 else [0] * 4, params))
         while len(self.scheduler):
             chunks = self.scheduler.schedule()
             self.runner.forward(chunks)
