@@ -69,10 +69,25 @@ class ModelRunner:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.scaling = attn.scaling
-        self.max_context = max_context
+        # Mistral/Starcoder2-style sliding window: a token attends to the last `window` positions only
+        use_window = getattr(config, "use_sliding_window", True)
+        self.window = getattr(config, "sliding_window", None) if use_window else None
         self.cache = KVCache(len(self.layers), max_batch, self.num_kv_heads, max_context, self.head_dim,
                              kv_dtype, device)
         self.positions_range = torch.arange(max_context, device=device)
+
+    def _prefill_mask(self, start: int, length: int) -> torch.Tensor | None:
+        """None for a plain causal chunk (SDPA's fast path); else the chunk's queries over the cached
+        prefix plus itself, causal, within the sliding window if the model has one."""
+        end = start + length
+        if start == 0 and not (self.window and end > self.window):
+            return None
+        key_pos = self.positions_range[:end][None, :]
+        query_pos = self.positions_range[start:end][:, None]
+        mask = key_pos <= query_pos
+        if self.window:
+            mask &= key_pos > query_pos - self.window
+        return mask[None, None]
 
     @torch.inference_mode()
     def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -106,8 +121,12 @@ class ModelRunner:
             d_slots = slot_t[rows]
             lengths = pos_t[rows] + 1
             span = int(lengths.max())
-            mask = (self.positions_range[:span][None, :] < lengths[:, None])[:, None, None, :]
-            decode = (rows, d_slots, span, mask)
+            key_pos = self.positions_range[:span][None, :]
+            mask = key_pos < lengths[:, None]
+            if self.window:
+                mask &= key_pos >= lengths[:, None] - self.window
+            decode = (rows, d_slots, span, mask[:, None, None, :])
+        prefill_masks = [self._prefill_mask(start, length) for _, length, _, start in prefills]
 
         hidden = self.inner.embed_tokens(ids_t[None])  # [1, n, hidden]
         cos, sin = self.inner.rotary_emb(hidden, pos_t[None])
@@ -141,19 +160,13 @@ class ModelRunner:
                 o = F.scaled_dot_product_attention(q[rows][:, :, None, :].to(keys.dtype), keys, values,
                                                    attn_mask=mask, scale=self.scaling, enable_gqa=True)
                 out[rows] = o[:, :, 0, :].to(out.dtype)
-            for flat, length, slot, start in prefills:
+            for (flat, length, slot, start), prefill_mask in zip(prefills, prefill_masks):
                 keys = cache_k[slot, :, : start + length][None]
                 values = cache_v[slot, :, : start + length][None]
                 qp = q[flat : flat + length].transpose(0, 1)[None].to(keys.dtype)
-                if start == 0:
-                    o = F.scaled_dot_product_attention(qp, keys, values, is_causal=True, scale=self.scaling,
-                                                       enable_gqa=True)
-                else:  # a later chunk sees the whole cached prefix plus its own causal part
-                    key_pos = self.positions_range[: start + length]
-                    query_pos = self.positions_range[start : start + length]
-                    causal = (key_pos[None, :] <= query_pos[:, None])[None, None]
-                    o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=causal, scale=self.scaling,
-                                                       enable_gqa=True)
+                o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=prefill_mask,
+                                                   is_causal=prefill_mask is None, scale=self.scaling,
+                                                   enable_gqa=True)
                 out[flat : flat + length] = o[0].transpose(0, 1).to(out.dtype)
             hidden = residual + attn.o_proj(out.reshape(1, n, self.num_heads * self.head_dim))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

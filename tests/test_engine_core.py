@@ -100,3 +100,33 @@ def test_chunked_prefill_and_batching_match_one_full_forward(model):
                 chunk.seq.output_ids.append(int(out[row].argmax()))
                 row += 1
     torch.testing.assert_close(logits["b"], expected, atol=2e-4, rtol=1e-4)
+
+
+def test_sliding_window_matches_transformers():
+    """A random-weight Mistral with a tiny window: chunked prefill and decode see only the window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from engine_core.model_runner import ModelRunner
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                           max_position_embeddings=64, attn_implementation="sdpa")
+    model = MistralForCausalLM(config).eval()
+    prompt = [int(t) for t in torch.randint(0, 128, (21,), generator=torch.Generator().manual_seed(5))]
+    runner = ModelRunner(model, max_batch=1, max_context=64, device=torch.device("cpu"), kv_dtype=torch.float32)
+    sched = Scheduler(max_batch=1, max_context=64, prefill_chunk=16)
+    sched.add(Request("w", prompt, SamplingParams(max_new_tokens=4, temperature=0.0)))
+    produced = []
+    while len(produced) < 4:
+        chunks = sched.schedule()
+        out = runner.forward(chunks)
+        (chunk,) = chunks
+        chunk.seq.num_computed = chunk.start + chunk.length
+        if chunk.sample:
+            produced.append(out[0])
+            chunk.seq.output_ids.append(int(out[0].argmax()))
+    ids = torch.tensor([prompt + chunk.seq.output_ids[:-1]])
+    with torch.inference_mode():
+        expected = model(ids).logits[0, len(prompt) - 1:]
+    torch.testing.assert_close(torch.stack(produced), expected, atol=1e-4, rtol=1e-4)
