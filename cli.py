@@ -133,7 +133,12 @@ def engine(gpu, cpu, frontend, model, secret, engine_id, **plan_flags) -> None:
     if cpu == (gpu is not None):
         raise click.UsageError("choose one device: --gpu N or --cpu")
     if gpu is not None:
-        engine_devices(str(gpu), None)  # a clear error when this machine has no such GPU
+        from hardware.profile import detect_gpus
+
+        visible = [g.index for g in detect_gpus()[0]]
+        if gpu not in visible:
+            raise click.BadParameter(f"no GPU {gpu} on this machine (visible: {visible or 'none'})",
+                                     param_hint="--gpu")
     try:
         input_address, output_address, local = find_frontend(frontend)
     except FrontendNotFound as exc:
