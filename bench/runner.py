@@ -31,8 +31,6 @@ from bench.server_proc import ServerFailed, free_port, naive_command, ours_comma
 from bench.stats import figures, ratios
 from bench.workload import DEFAULT_SET, load_prompts
 
-DEFAULTS = dict(users=10, requests=2, duration=None, stream=True, max_new_tokens=64, temperature=0.0,
-                ignore_eos=True, baseline=None, seed=0)
 BASELINES = ("naive",)
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 

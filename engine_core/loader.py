@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from hardware.plan import ServingPlan
+from hardware.plan import ServingPlan, accelerate_max_memory
 
 log = logging.getLogger("kiln.engine")
 
@@ -33,9 +33,8 @@ def load_model(path: str, plan: ServingPlan) -> torch.nn.Module:
         )
     if plan.device_map:
         kwargs["device_map"] = plan.device_map
-        max_memory = getattr(plan, "max_memory", None)
-        if max_memory:
-            kwargs["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
+        if max_memory := accelerate_max_memory(plan):
+            kwargs["max_memory"] = max_memory
         if "disk" in plan.device_map.values():
             kwargs["offload_folder"] = str(offload_folder(path))
     elif plan.device != "cpu" or plan.quantization == "nf4":

@@ -30,10 +30,6 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-    def token_at(self, index: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
-
 
 @dataclass(eq=False)
 class ScheduledChunk:

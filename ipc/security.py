@@ -43,6 +43,3 @@ class CurveKeys:
             log.warning("refused an engine connection: its key does not match this server's secret")
         return allowed
 
-
-def is_loopback_or_ipc(address: str) -> bool:
-    return address.startswith(("ipc://", "inproc://", "tcp://127.", "tcp://localhost", "tcp://[::1]"))

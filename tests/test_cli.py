@@ -37,3 +37,19 @@ def test_engine_without_a_server_says_so():
     result = cli("engine", "--cpu", "--frontend", "1")
     assert result.returncode != 0
     assert "no running `cli.py serve`" in result.stderr
+
+
+def test_plan_command_loads_no_torch_and_prints_json():
+    import json
+
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "cli.py"), "plan",
+                             "--gpu", "T4:16GiB:7.5", "--json"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
+    assert "torch" not in imported and "transformers" not in imported
+    plan = json.loads(result.stdout)
+    assert plan["device"] == "cuda:0" and plan["dtype"] == "float16"
+    for key in ("quantization", "double_quant", "offload", "device_map", "max_batch", "max_context",
+                "kv_cache_tokens", "weights_bytes", "reasons"):
+        assert key in plan
