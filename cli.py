@@ -59,12 +59,15 @@ def cli() -> None:
 @click.option("--engine-port", type=int, default=None,
               help="also accept engines from other machines on tcp PORT and PORT+1 (needs --secret)")
 @click.option("--secret", envvar="KILN_SECRET", default=None, help="shared secret for engines (env KILN_SECRET)")
+@click.option("--api-key", envvar="KILN_API_KEY", default=None,
+              help="clients must send `Authorization: Bearer KEY` (env KILN_API_KEY); /health and /metrics stay open")
 @plan_options
-def serve(model, host, port, gpus, engines, engine_port, secret, **plan_flags) -> None:
+def serve(model, host, port, gpus, engines, engine_port, secret, api_key, **plan_flags) -> None:
     from frontend.server import ServeConfig, serve as run_server
 
     config = ServeConfig(model=model, host=host, port=port, overrides=plan_overrides(**plan_flags),
-                         devices=engine_devices(gpus, engines), engine_port=engine_port, secret=secret)
+                         devices=engine_devices(gpus, engines), engine_port=engine_port, secret=secret,
+                         api_key=api_key)
     sys.exit(run_server(config))
 
 

@@ -8,6 +8,7 @@ connection error, error event, stream cut before the final event) is recorded, n
 from __future__ import annotations
 
 import asyncio
+import os
 import contextlib
 import json
 import sys
@@ -164,6 +165,12 @@ async def _poll_info(session: aiohttp.ClientSession, url: str, peak: dict[str, i
         await asyncio.sleep(INFO_POLL_S)
 
 
+def auth_headers() -> dict[str, str]:
+    """`Authorization` for a server started with --api-key: the same KILN_API_KEY env var `serve` reads."""
+    key = os.environ.get("KILN_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress: bool = True,
                    desc: str = "bench") -> RunResult:
     """Run the workload against `url` (e.g. http://127.0.0.1:8000) and return every request's record."""
@@ -174,7 +181,7 @@ async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress
     peak: dict[str, int | None] = {"value": None}
     total = None if cfg.duration is not None else cfg.users * cfg.requests
     bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=not progress, leave=False)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=auth_headers()) as session:
         t_run = time.perf_counter()
         deadline = None if cfg.duration is None else t_run + cfg.duration
 
@@ -206,6 +213,7 @@ async def warm_up(url: str, timeout_s: float = 300.0) -> None:
     compilation) do not land in the first user's TTFT; failures here show up in the run itself."""
     body = {"prompt": "Hello", "max_new_tokens": 4, "temperature": 0.0}
     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                         headers=auth_headers()) as session:
             async with session.post(url.rstrip("/") + "/generate", json=body) as resp:
                 await resp.read()

@@ -24,7 +24,7 @@ import urllib.request
 
 import msgspec
 
-from bench.loadgen import run_load, warm_up
+from bench.loadgen import auth_headers, run_load, warm_up
 from bench.records import LoadConfig, RunResult
 from bench.report import table, write_json, write_plot
 from bench.server_proc import ServerFailed, free_port, naive_command, ours_command, running_server
@@ -38,7 +38,7 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp3
 def fetch_info(url: str) -> dict | None:
     """GET /info, or None when the server has none (the naive baseline)."""
     try:
-        with urllib.request.urlopen(url + "/info", timeout=10) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url + "/info", headers=auth_headers()), timeout=10) as resp:
             info = json.loads(resp.read())
             return info if isinstance(info, dict) else None
     except (urllib.error.URLError, OSError, ValueError):

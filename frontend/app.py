@@ -7,6 +7,7 @@ aborts the request in the engine, which frees its KV slot within a step.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 
@@ -112,9 +113,29 @@ async def info(request: web.Request) -> web.Response:
     })
 
 
+OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers do not carry the key
+
+
+def require_api_key(api_key: str):
+    """Bearer-token check on every route but the probes, compared in constant time (like vLLM's --api-key)."""
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if request.path not in OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                               "Authorization", kind="unauthorized")
+        return await handler(request)
+
+    return check
+
+
 def build_app(client: EngineClient, tokenizer: Tokenizer, model_name: str,
-              chat_template: ChatTemplate | None = None) -> web.Application:
-    app = web.Application(middlewares=[api_errors], client_max_size=8 * 1024 * 1024)
+              chat_template: ChatTemplate | None = None, api_key: str | None = None) -> web.Application:
+    middlewares = [api_errors] + ([require_api_key(api_key)] if api_key else [])
+    app = web.Application(middlewares=middlewares, client_max_size=8 * 1024 * 1024)
     app[CLIENT] = client
     app[TOKENIZER] = tokenizer
     app[MODEL_NAME] = model_name

@@ -45,6 +45,7 @@ class ServeConfig:
     engine_port: int | None = None  # also accept engines over tcp on this port and the next
     engine_host: str = "0.0.0.0"
     secret: str | None = None
+    api_key: str | None = None  # clients must send `Authorization: Bearer <key>`
 
 
 def load_tokenizer(source: ModelSource) -> Tokenizer:
@@ -107,7 +108,7 @@ class Server:
         for index, gpu in enumerate(self.config.devices):
             self.start_engine(f"engine-{index}", gpu)
         template = None if self.source.is_hub else ChatTemplate.from_folder(self.source.path)
-        app = build_app(self.client, load_tokenizer(self.source), self.source.name, template)
+        app = build_app(self.client, load_tokenizer(self.source), self.source.name, template, self.config.api_key)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port)

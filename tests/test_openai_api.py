@@ -82,3 +82,24 @@ def test_models_lists_the_served_model(server):
     body = run(get())
     assert [m["id"] for m in body["data"]] == ["SmolLM2-135M-Instruct"]
     assert body["data"][0]["max_model_len"] == 512
+
+
+def test_api_key_guards_everything_but_probes(default_model_path):
+    from tests.conftest import ServerProcess, get_json
+
+    proc = ServerProcess("--max-context", "256", "--max-batch", "2", env={"KILN_API_KEY": "sesame"})
+    try:
+        proc.wait_ready()  # /health stays open for probes
+        status, body = run(_post(proc.url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2}))
+        assert status == 401 and body["error"]["type"] == "unauthorized"
+
+        async def with_key():
+            async with aiohttp.ClientSession(headers={"Authorization": "Bearer sesame"}) as session:
+                return await post_json(session, proc.url + "/generate", {"prompt": "Hi", "max_new_tokens": 2})
+
+        status, body = run(with_key())
+        assert status == 200 and body["usage"]["completion_tokens"] == 2
+        with pytest.raises(Exception, match="401"):
+            get_json(proc.url + "/info")
+    finally:
+        proc.stop()
