@@ -29,6 +29,11 @@ def convert(gguf: Path, out: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+        # another process finished the same conversion first: its copy is as good as ours
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -27,7 +27,7 @@ class Engine:
         self.io = io
         self.plan = plan
         self.eos_token_ids = eos_token_ids
-        self.scheduler = Scheduler(plan.max_batch, plan.max_context, plan.prefill_chunk)
+        self.scheduler = Scheduler(plan.max_batch, plan.prefill_chunk)
         kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
         self.runner = ModelRunner(model, plan.max_batch, plan.max_context, device, kv_dtype)
         self.sampler = Sampler(device)

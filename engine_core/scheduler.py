@@ -49,9 +49,8 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_context: int, prefill_chunk: int):
+    def __init__(self, max_batch: int, prefill_chunk: int):
         self.max_batch = max_batch
-        self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

@@ -59,11 +59,10 @@ def converted_folder(gguf: Path) -> Path:
     return cache_dir() / "converted" / f"{gguf.stem}-{key}"
 
 
-def resolve_model(spec: str | None = None, *, convert: bool = True) -> ModelSource:
-    """Turn `--model` / `BASE_MODEL` / nothing into a loadable source.
+def resolve_model(spec: str | None = None) -> ModelSource:
+    """Turn `--model` / `BASE_MODEL` / nothing into a loadable source, converting a GGUF once.
 
-    With `convert=False` a GGUF that has no converted copy yet raises instead of converting
-    (the planner reads GGUF metadata directly and never needs the conversion).
+    (The planner never calls this: it reads GGUF metadata directly and needs no conversion.)
     """
     spec = spec or os.environ.get("BASE_MODEL") or None
     if spec is None:
@@ -84,8 +83,6 @@ def resolve_model(spec: str | None = None, *, convert: bool = True) -> ModelSour
         return ModelSource(name=spec, path=spec, is_hub=True)
     folder = converted_folder(gguf)
     if not (folder / "config.json").is_file():
-        if not convert:
-            raise ModelNotFound(f"{gguf} has not been converted yet (it is, on the first `serve`)")
         convert_gguf(gguf, folder)
     return ModelSource(name=name, path=str(folder))
 

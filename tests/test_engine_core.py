@@ -12,7 +12,7 @@ GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 
 
 def test_scheduler_reserves_slots_and_queues_the_rest():
-    sched = Scheduler(max_batch=2, max_context=64, prefill_chunk=100)
+    sched = Scheduler(max_batch=2, prefill_chunk=100)
     for i in range(3):
         sched.add(Request(f"r{i}", [1, 2, 3], GREEDY))
     chunks = sched.schedule()
@@ -28,7 +28,7 @@ def test_scheduler_reserves_slots_and_queues_the_rest():
 
 
 def test_scheduler_chunks_long_prompts_within_the_budget():
-    sched = Scheduler(max_batch=4, max_context=512, prefill_chunk=16)
+    sched = Scheduler(max_batch=4, prefill_chunk=16)
     sched.add(Request("long", list(range(40)), GREEDY))
     spans = []
     while True:
@@ -85,7 +85,7 @@ def test_chunked_prefill_and_batching_match_one_full_forward(model):
     with torch.inference_mode():
         expected = model(torch.tensor([prompt])).logits[0, -1]
     runner = ModelRunner(model, max_batch=3, max_context=64, device=torch.device("cpu"), kv_dtype=torch.float32)
-    sched = Scheduler(max_batch=3, max_context=64, prefill_chunk=16)
+    sched = Scheduler(max_batch=3, prefill_chunk=16)
     sched.add(Request("a", other, GREEDY))
     sched.add(Request("b", prompt, GREEDY))
     logits = {}
@@ -115,7 +115,7 @@ def test_sliding_window_matches_transformers():
     model = MistralForCausalLM(config).eval()
     prompt = [int(t) for t in torch.randint(0, 128, (21,), generator=torch.Generator().manual_seed(5))]
     runner = ModelRunner(model, max_batch=1, max_context=64, device=torch.device("cpu"), kv_dtype=torch.float32)
-    sched = Scheduler(max_batch=1, max_context=64, prefill_chunk=16)
+    sched = Scheduler(max_batch=1, prefill_chunk=16)
     sched.add(Request("w", prompt, SamplingParams(max_new_tokens=4, temperature=0.0)))
     produced = []
     while len(produced) < 4:
