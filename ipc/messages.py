@@ -29,6 +29,9 @@ class EngineStats(msgspec.Struct, array_like=True, gc=False):
     max_running_seen: int = 0
     served: int = 0
     steps: int = 0
+    # GPU engines: torch.cuda.max_memory_allocated / memory_allocated on the engine's device (0 on CPU)
+    gpu_peak_bytes: int = 0
+    gpu_allocated_bytes: int = 0
 
 
 # ---- frontend → engine ----------------------------------------------------------------------
