@@ -73,6 +73,8 @@ class EngineHandle:
             "max_running_seen": self.stats.max_running_seen,
             "served": self.stats.served,
             "steps": self.stats.steps,
+            "gpu_peak_bytes": self.stats.gpu_peak_bytes,
+            "gpu_allocated_bytes": self.stats.gpu_allocated_bytes,
             "outstanding_requests": len(self.requests),
             "max_batch": self.hello.plan.max_batch,
             "max_context": self.hello.plan.max_context,
