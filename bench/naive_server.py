@@ -76,7 +76,10 @@ class NaiveModel:
 
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        # On the GPU when there is one, as kiln's engine is: a CPU baseline beside a GPU server compares nothing.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                          device_map={"": self.device}).eval()
         self.eos = self.model.generation_config.eos_token_id
         self.pad = self.model.generation_config.pad_token_id
         if self.pad is None:
@@ -98,7 +101,7 @@ class NaiveModel:
             if body.stop:
                 kwargs.update(stop_strings=list(body.stop), tokenizer=self.tok)
             with torch.inference_mode():
-                x = torch.tensor([ids])
+                x = torch.tensor([ids], device=self.device)
                 self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
         finally:
             streamer.end()
