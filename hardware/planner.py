@@ -19,10 +19,21 @@ Memory model (all sizes in bytes; GiB = 2^30):
   of one layer is the peak of the model.
 - KV bytes per token = 2 × layers × kv_heads × head_dim × (2, or 4 for float32).
 - NF4 weights = b × (embeddings + untied lm_head + norms/biases) + 0.516 × decoder linear params.
+- GPU offload (the weights do not fit with a KV cache): the GPU holds the reserve, KV for at least one
+  minimum-context sequence, the embeddings, lm_head and final norm, the first N decoder layers, and one
+  offloaded layer while it runs (16-bit: b × layer params, NF4 too, since bitsandbytes does not quantize
+  CPU layers and the loader casts them from fp32 to the compute dtype). RAM holds the other layers at
+  b × layer params. If that leaves no room for one decoder layer on the GPU, the embedding table moves
+  to RAM (a row lookup on CPU; only hidden rows cross PCIe), then the lm_head (a CPU matmul per step);
+  tied embeddings and lm_head are one tensor and move together. Their b × params then count in RAM
+  (offload_bytes) instead of on the GPU (max_memory); their CPU activations (chunk × hidden, batch ×
+  vocab) fall within the RAM reserve. The plan says so with device_map "cpu" for `model.embed_tokens` /
+  `lm_head`. Refused when even then no decoder layer fits.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from hardware.model_config import ACCELERATE_LAYOUT, ModelShape
 from hardware.overrides import describe
@@ -513,49 +524,108 @@ def _plan_gpu(shape: ModelShape, profile: HardwareProfile, gpu: GpuInfo, overrid
                          chunk, chunk_why, reasons, overridden)
 
 
+class _Placement(NamedTuple):
+    """Where the embedding table and lm_head live in an offload plan, and what is left on the GPU."""
+
+    embed_on_cpu: bool
+    lm_head_on_cpu: bool
+    cpu_bytes: int  # their weight bytes moved to RAM
+    fixed_gpu: int  # embeddings + lm_head + final norm (whichever stay) on the GPU
+    on_gpu: int  # decoder layers on the GPU
+    stream: int  # one offloaded layer materialized on the GPU while it runs (0 when none is offloaded)
+
+
+def _head_options(shape: ModelShape) -> list[tuple[bool, bool]]:
+    """(embeddings on CPU, lm_head on CPU), fastest first. Tied weights are one tensor, so one device."""
+    if shape.lm_head_params == 0:
+        return [(False, False), (True, True)]
+    return [(False, False), (True, False), (True, True)]
+
+
+def _place(shape: ModelShape, embed_on_cpu: bool, lm_head_on_cpu: bool, b: int, gpu_layer: int, cpu_layer: int,
+           free_for_weights: int, must_offload: bool) -> _Placement:
+    """How many decoder layers fit in `free_for_weights` (GPU budget - reserve - minimum KV) for one placement."""
+    layers_other = shape.num_layers * _layer_split(shape)[1]
+    heads = shape.embedding_params + shape.lm_head_params
+    cpu_params = (shape.embedding_params if embed_on_cpu else 0) + (shape.lm_head_params if lm_head_on_cpu else 0)
+    fixed_gpu = (heads - cpu_params + max(0, shape.other_params - layers_other)) * b
+    room = free_for_weights - fixed_gpu
+    L = shape.num_layers
+    if not must_offload and room >= L * gpu_layer:
+        return _Placement(embed_on_cpu, lm_head_on_cpu, cpu_params * b, fixed_gpu, L, 0)
+    on_gpu = max(-1, min(L - 1 if must_offload else L, (room - cpu_layer) // gpu_layer))
+    return _Placement(embed_on_cpu, lm_head_on_cpu, cpu_params * b, fixed_gpu, on_gpu, cpu_layer)
+
+
+def _describe_heads(shape: ModelShape, placement: _Placement, gi: int) -> str:
+    """Where the embeddings and lm_head live, and why, in words (the `embed_lm_head` reason)."""
+    size = fb(placement.cpu_bytes)
+    if not placement.embed_on_cpu:
+        return f"on cuda:{gi}: with them there, the GPU still holds {placement.on_gpu} decoder layer(s)"
+    if shape.lm_head_params == 0:
+        return (f"embeddings and the tied lm_head in RAM ({size}), to leave GPU room for decoder layers: the lookup "
+                "is cheap on CPU, but the output projection is a CPU matmul per step (slow, but it runs)")
+    if placement.lm_head_on_cpu:
+        return (f"embeddings and lm_head in RAM ({size}), to leave GPU room for decoder layers: the lookup is cheap "
+                "on CPU, the lm_head is a CPU matmul per step (slow, but it runs)")
+    return (f"embeddings in RAM ({size}), to leave GPU room for decoder layers: the lookup of a few rows is cheap "
+            "on CPU, only the hidden rows cross PCIe")
+
+
 def _plan_offload(
     shape: ModelShape, profile: HardwareProfile, gpu: GpuInfo, overrides: PlanOverrides, dtype: str, quantized: bool,
     budget: int, budget_why: str, reserve: int, chunk: int, chunk_why: str, reasons: dict, overridden: list,
 ) -> ServingPlan:
+    """First decoder layers on the GPU, the rest in RAM, streamed to the GPU on each forward.
+
+    The embeddings (then the lm_head) move to RAM only when keeping them on the GPU leaves no room for
+    the decoder layers asked for (one, or `gpu_layers`): a GPU layer saves a PCIe copy per step.
+    """
     gi, b, L = gpu.index, dtype_bytes(dtype), shape.num_layers
     lo, _ = context_limits(shape)
     kv_per_token = kv_bytes_per_token(shape, dtype)
-    layers_other = shape.num_layers * _layer_split(shape)[1]
-    fixed_gpu = (shape.embedding_params + shape.lm_head_params + max(0, shape.other_params - layers_other)) * b
     gpu_layer = _layer_bytes(shape, dtype, quantized)
-    cpu_layer = shape.layer_params * (4 if quantized else b)  # bnb keeps offloaded layers in fp32
-    stream = cpu_layer  # one offloaded layer materialized on the GPU while it runs
+    cpu_layer = shape.layer_params * b  # the loader casts offloaded layers to the compute dtype, NF4 or not
     kv_min = kv_per_token * lo
-    room = budget - reserve - fixed_gpu - stream - kv_min
+    free_for_weights = budget - reserve - kv_min
     ram_budget = profile.ram_available_bytes - max(CPU_RESERVE_MIN, int(CPU_RESERVE_FRACTION * profile.ram_available_bytes))
-    if room < 0:
-        raise PlanError(
-            f"{shape.name} cannot run on cuda:{gi} even with CPU offload: embeddings, lm_head, one streamed layer, "
-            f"reserve and KV for one {lo}-token sequence need {fb(budget - room)} of GPU memory, {budget_why} available "
-            "(try --cpu-only)"
-        )
-    on_gpu = min(L, room // gpu_layer)
     if overrides.gpu_layers is not None:
         overridden.append("gpu_layers")
-        if overrides.gpu_layers > on_gpu:
+    wanted = overrides.gpu_layers if overrides.gpu_layers is not None else 1
+    must_offload = bool(overrides.cpu_offload) and overrides.gpu_layers is None
+    placements = [_place(shape, e, h, b, gpu_layer, cpu_layer, free_for_weights, must_offload)
+                  for e, h in _head_options(shape)]
+    chosen = next((p for p in placements if p.on_gpu >= wanted), None)
+    if chosen is None:
+        last = placements[-1]
+        if overrides.gpu_layers is None or last.on_gpu < 1:
             raise PlanError(
-                f"{overrides.gpu_layers} layers on cuda:{gi} ({describe(overrides, 'gpu_layers')}) need "
-                f"{fb(budget - room + overrides.gpu_layers * gpu_layer)} of GPU memory, {budget_why} available; "
-                f"at most {on_gpu} fit"
+                f"{shape.name} cannot run on cuda:{gi} even with CPU offload and embeddings and lm_head in RAM: "
+                f"one decoder layer, one streamed layer, reserve and KV for one {lo}-token sequence need "
+                f"{fb(budget - free_for_weights + last.fixed_gpu + last.stream + gpu_layer)} of GPU memory, "
+                f"{budget_why} available (try --cpu-only)"
             )
-        on_gpu = overrides.gpu_layers
-    elif overrides.cpu_offload and on_gpu == L:
-        on_gpu = L - 1  # forced offload always offloads something
+        raise PlanError(
+            f"{overrides.gpu_layers} layers on cuda:{gi} ({describe(overrides, 'gpu_layers')}) need "
+            f"{fb(budget - free_for_weights + last.fixed_gpu + last.stream + overrides.gpu_layers * gpu_layer)} "
+            f"of GPU memory, {budget_why} available; at most {last.on_gpu} fit"
+            + (" with embeddings and lm_head in RAM" if last.embed_on_cpu else "")
+        )
+    on_gpu = overrides.gpu_layers if overrides.gpu_layers is not None else chosen.on_gpu
+    on_gpu = min(on_gpu, L)
+    stream = chosen.stream if on_gpu < L else 0
     on_cpu = L - on_gpu
-    offload_bytes = on_cpu * cpu_layer
+    offload_bytes = on_cpu * cpu_layer + chosen.cpu_bytes
     if offload_bytes > ram_budget:
         raise PlanError(
             f"{shape.name} ({shape.total_params / 1e9:.2f}B params) does not fit in GPU + RAM: it needs "
-            f"{fb(budget - room + on_gpu * gpu_layer)} on cuda:{gi} ({budget_why}) plus {fb(offload_bytes)} of RAM "
-            f"for {on_cpu} offloaded layers, but only {fb(max(0, ram_budget))} of RAM is usable "
+            f"{fb(budget - free_for_weights + chosen.fixed_gpu + stream + on_gpu * gpu_layer)} on cuda:{gi} "
+            f"({budget_why}) plus {fb(offload_bytes)} of RAM for {on_cpu} offloaded layers"
+            + (" and the embeddings/lm_head" if chosen.cpu_bytes else "")
+            + f", but only {fb(max(0, ram_budget))} of RAM is usable "
             f"({fb(profile.ram_available_bytes)} available minus the OS/frontend reserve)"
         )
-    gpu_weights = fixed_gpu + on_gpu * gpu_layer
+    gpu_weights = chosen.fixed_gpu + on_gpu * gpu_layer
     kv_room = budget - reserve - gpu_weights - stream
 
     if overrides.quantization is not None:
@@ -575,10 +645,15 @@ def _plan_offload(
         why = "the weights do not fit on the GPU"
     if overrides.cpu_offload is not None:
         overridden.append("cpu_offload")
+    reasons["embed_lm_head"] = _describe_heads(shape, chosen, gi)
+    layers_why = (f"{on_gpu} of {L} layers on cuda:{gi}, {on_cpu} in RAM ({fb(on_cpu * cpu_layer)}), {why}"
+                  + (f"; {reasons['embed_lm_head']}" if chosen.embed_on_cpu else ""))
+    streamed = ("; offloaded layers are copied to the GPU on every forward, so decode is bound by PCIe" if on_cpu
+                else "")
     reasons["offload"] = (
-        f"{on_gpu} of {L} layers on cuda:{gi}, {on_cpu} in RAM ({fb(offload_bytes)}), {why}; offloaded layers are "
-        "copied to the GPU on every forward, so decode is bound by PCIe"
-        + ("; load with BitsAndBytesConfig(llm_int8_enable_fp32_cpu_offload=True), CPU layers stay fp32" if quantized else "")
+        layers_why + streamed
+        + (f"; load with BitsAndBytesConfig(llm_int8_enable_fp32_cpu_offload=True), the loader casts CPU layers "
+           f"to {dtype}" if quantized else "")
     )
     batch, ctx, kv_tokens = _finish(shape, overrides, reasons, overridden, kv_room, kv_per_token)
     compile_ = _common(reasons, overridden, overrides, chunk, chunk_why)
@@ -586,13 +661,13 @@ def _plan_offload(
         f"; {budget_why}, reserve {fb(reserve)} = 1 GiB CUDA context/workspaces + activation peak, "
         f"plus {fb(stream)} for the streamed layer"
     )
-    device_map: dict[str, str | int] = {"model.embed_tokens": gi}
+    device_map: dict[str, str | int] = {"model.embed_tokens": "cpu" if chosen.embed_on_cpu else gi}
     if shape.architecture in ACCELERATE_LAYOUT or shape.source.endswith(".gguf"):
         device_map["model.rotary_emb"] = gi
     for i in range(L):
         device_map[f"model.layers.{i}"] = gi if i < on_gpu else "cpu"
     device_map["model.norm"] = gi
-    device_map["lm_head"] = gi
+    device_map["lm_head"] = "cpu" if chosen.lm_head_on_cpu else gi
     return ServingPlan(
         device=f"cuda:{gi}", dtype=dtype, quantization="nf4" if quantized else None, double_quant=quantized,
         offload=True, device_map=device_map, max_batch=batch, max_context=ctx, kv_cache_tokens=kv_tokens,

@@ -12,8 +12,23 @@ import msgspec
 from hardware.plan import PlanOverrides, ServingPlan
 from hardware.profile import HardwareProfile, format_bytes as fb
 
-ROWS = ("device", "dtype", "kv_dtype", "quantization", "offload", "max_batch", "max_context", "kv_cache_tokens",
-        "weights_bytes", "compile", "prefill_chunk")
+ROWS = ("device", "dtype", "kv_dtype", "quantization", "offload", "embed_lm_head", "max_batch", "max_context",
+        "kv_cache_tokens", "weights_bytes", "compile", "prefill_chunk")
+GPU_ONLY_ROWS = {"embed_lm_head"}  # on a CPU-only machine every weight is in RAM (or on disk)
+
+
+def _where(device: str | int | None) -> str:
+    return {"cpu": "RAM", "disk": "disk"}.get(str(device), f"GPU {device}")
+
+
+def _embed_lm_head(plan: ServingPlan) -> str:
+    """Where the embedding table and lm_head live, from the device map (other code reads the same keys)."""
+    dm = plan.device_map or {}
+    embed = _where(dm.get("model.embed_tokens", dm.get("")))
+    lm_head = _where(dm.get("lm_head", dm.get("")))
+    if embed == lm_head:
+        return f"both {'in' if embed == 'RAM' else 'on'} {embed}"
+    return f"embed {embed}, lm_head {lm_head}"
 
 
 def _value(plan: ServingPlan, key: str) -> str:
@@ -31,6 +46,8 @@ def _value(plan: ServingPlan, key: str) -> str:
         return "yes: " + ", ".join(f"{n} layers {label}" for label, n in counts.items())
     if key == "weights_bytes":
         return fb(plan.weights_bytes)
+    if key == "embed_lm_head":
+        return _embed_lm_head(plan)
     if key == "kv_cache_tokens":
         return f"{plan.kv_cache_tokens} ({fb(plan.kv_cache_bytes)})" if plan.kv_cache_bytes else str(plan.kv_cache_tokens)
     if key == "kv_dtype":
@@ -43,6 +60,8 @@ def _value(plan: ServingPlan, key: str) -> str:
 def _reason(plan: ServingPlan, key: str) -> str:
     if key == "kv_dtype" and not plan.kv_dtype:
         return "the weight dtype"
+    if key == "embed_lm_head" and key not in plan.reasons:
+        return "on the GPU with every other weight"
     if key == "weights_bytes":
         params = f"{plan.total_params / 1e9:.2f}B params" if plan.total_params else "weights"
         return f"{params} at {'NF4 + ' + plan.dtype if plan.quantization else plan.dtype}; from the config's parameter counts"
@@ -54,6 +73,8 @@ def format_plan_table(plan: ServingPlan, width: int | None = None) -> str:
     width = width or shutil.get_terminal_size((120, 24)).columns
     rows = []
     for key in ROWS:
+        if key in GPU_ONLY_ROWS and plan.device == "cpu":
+            continue
         forced = key in plan.overridden or (
             key == "offload" and ("cpu_offload" in plan.overridden or "gpu_layers" in plan.overridden))
         rows.append((key + (" *" if forced else ""), _value(plan, key), _reason(plan, key)))

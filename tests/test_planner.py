@@ -224,11 +224,97 @@ def test_small_gpu_offloads_layers_to_cpu():
     on_gpu = layers.count(0)
     assert layers == [0] * on_gpu + ["cpu"] * (len(layers) - on_gpu)  # first layers on the GPU
     assert dm["model.embed_tokens"] == dm["lm_head"] == dm["model.norm"] == 0
-    # CPU copies of bitsandbytes layers are fp32
-    assert plan.offload_bytes == (len(layers) - on_gpu) * s.layer_params * 4
+    # bitsandbytes leaves CPU layers unquantized; the loader casts them to the 16-bit compute dtype
+    assert plan.offload_bytes == (len(layers) - on_gpu) * s.layer_params * 2
     assert accelerate_max_memory(plan)[0] == plan.max_memory["0"]
     assert "cpu" in accelerate_max_memory(plan)
     assert "llm_int8_enable_fp32_cpu_offload" in plan.reasons["offload"]
+
+
+# Small GPUs: embeddings, then lm_head, in RAM (as llama.cpp and Ollama place them).
+# llama-3.1-8b on a 512-token chunk (GPUs under 20 GiB) at 8192 context: the fp32 attention scores of one
+# layer are 32 heads × 512 × 8192 × 4 B = 0.5 GiB; the rest of the activation peak (chunk activations,
+# one dequantized NF4 weight, logits) is under 0.25 GiB.
+ACTIVATIONS_8B_SMALL_GPU = (0.5 * GiB, 0.75 * GiB)
+
+
+def small_gpu_needs(s, cfg, *, embed: bool, lm_head: bool) -> tuple[float, float]:
+    """(lower, upper) GPU bytes to run one NF4 decoder layer with the given heads on the GPU."""
+    layer_nf4 = 2 * (s.layer_params - s.decoder_linear_params // s.num_layers) + NF4 * s.decoder_linear_params / s.num_layers
+    streamed = 2 * s.layer_params  # one offloaded layer, 16-bit, on the GPU while it runs
+    heads = 2 * (s.embedding_params * embed + s.lm_head_params * lm_head)
+    base = heads + layer_nf4 + streamed + GPU_OVERHEAD + 2048 * kv_per_token(cfg, 2)
+    return base + ACTIVATIONS_8B_SMALL_GPU[0], base + ACTIVATIONS_8B_SMALL_GPU[1]
+
+
+def assert_gpu_side_consistent(plan: ServingPlan, p, cpu_head_bytes: int, s) -> None:
+    on_cpu_layers = sum(v == "cpu" for k, v in plan.device_map.items() if k.startswith("model.layers."))
+    assert plan.offload_bytes == on_cpu_layers * s.layer_params * 2 + cpu_head_bytes
+    assert plan.max_memory["0"] == plan.weights_bytes - plan.offload_bytes  # weights left on the GPU
+    assert plan.max_memory["0"] + plan.kv_cache_bytes + plan.reserve_bytes <= plan.budget_bytes
+    assert plan.offload_bytes <= plan.max_memory["cpu"] <= p.ram_available_bytes
+
+
+def test_gtx1650_4gib_keeps_embeddings_in_ram():
+    cfg, s = config("llama-3.1-8b"), shape("llama-3.1-8b")
+    p = simulated_profile(["GTX1650:4GiB:7.5"], "32GiB")
+    budget = GPU_SHARE * 4 * GiB
+    assert small_gpu_needs(s, cfg, embed=True, lm_head=True)[0] > budget  # everything on the GPU: no layer fits
+    assert small_gpu_needs(s, cfg, embed=False, lm_head=True)[1] < budget  # embeddings in RAM: one does
+    plan = make_plan(s, p)
+    assert plan.offload and plan.quantization == "nf4" and plan.device == "cuda:0"
+    assert plan.device_map["model.embed_tokens"] == "cpu"
+    assert plan.device_map["lm_head"] == plan.device_map["model.norm"] == plan.device_map["model.layers.0"] == 0
+    assert "embeddings in RAM" in plan.reasons["offload"] and "lm_head" not in plan.reasons["offload"]
+    assert_gpu_side_consistent(plan, p, s.embedding_params * 2, s)
+    check_invariants("llama-3.1-8b", plan, p)
+
+
+def test_smaller_gpu_keeps_lm_head_in_ram_too():
+    cfg, s = config("llama-3.1-8b"), shape("llama-3.1-8b")
+    p = simulated_profile(["GTX:3584MiB:7.5"], "32GiB")
+    budget = GPU_SHARE * 3584 * MiB
+    assert small_gpu_needs(s, cfg, embed=False, lm_head=True)[0] > budget
+    assert small_gpu_needs(s, cfg, embed=False, lm_head=False)[1] < budget
+    plan = make_plan(s, p)
+    assert plan.device_map["model.embed_tokens"] == plan.device_map["lm_head"] == "cpu"
+    assert plan.device_map["model.layers.0"] == 0
+    assert "embeddings and lm_head in RAM" in plan.reasons["offload"] and "CPU matmul" in plan.reasons["offload"]
+    assert_gpu_side_consistent(plan, p, (s.embedding_params + s.lm_head_params) * 2, s)
+    check_invariants("llama-3.1-8b", plan, p)
+
+
+def test_tied_embeddings_and_lm_head_move_together():
+    cfg = {**config("llama-3.1-8b"), "tie_word_embeddings": True}
+    s = shape_from_config(cfg, name="llama-8b-tied")
+    assert s.lm_head_params == 0
+    p = simulated_profile(["GTX:3584MiB:7.5"], "32GiB")
+    assert small_gpu_needs(s, cfg, embed=True, lm_head=False)[0] > GPU_SHARE * 3584 * MiB
+    plan = make_plan(s, p)
+    assert plan.device_map["model.embed_tokens"] == plan.device_map["lm_head"] == "cpu"
+    assert "tied lm_head in RAM" in plan.reasons["offload"]
+    assert_gpu_side_consistent(plan, p, s.embedding_params * 2, s)  # one tensor, counted once
+
+
+def test_gpu_too_small_for_one_layer_is_refused_in_one_line():
+    cfg, s = config("llama-3.1-8b"), shape("llama-3.1-8b")
+    assert small_gpu_needs(s, cfg, embed=False, lm_head=False)[0] > GPU_SHARE * 2 * GiB
+    with pytest.raises(PlanError) as info:
+        make_plan(s, simulated_profile(["GT1030:2GiB:6.1"], "32GiB"))
+    msg = str(info.value)
+    assert "\n" not in msg and "cannot run on cuda:0" in msg and "one decoder layer" in msg
+    assert "embeddings and lm_head in RAM" in msg and "try --cpu-only" in msg
+    needed = float(re.search(r"need ([\d.]+) GiB", msg).group(1))
+    assert needed * GiB >= small_gpu_needs(s, cfg, embed=False, lm_head=False)[0] * 0.99
+
+
+def test_plan_table_says_where_embeddings_and_lm_head_live():
+    s = shape("llama-3.1-8b")
+    small = format_plan_table(make_plan(s, simulated_profile(["GTX1650:4GiB:7.5"], "32GiB")), width=120)
+    assert re.search(r"embed_lm_head\s+embed RAM, lm_head GPU 0\s+embeddings in RAM", small)
+    big = format_plan_table(make_plan(s, profile("A100")), width=120)
+    assert re.search(r"embed_lm_head\s+both on GPU 0", big)
+    assert "embed_lm_head" not in format_plan_table(make_plan(shape("starcoder2-3b"), profile("CPU16")), width=120)
 
 
 def test_forced_offload_always_offloads_and_keeps_16bit():
