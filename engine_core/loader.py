@@ -41,9 +41,104 @@ def load_model(path: str, plan: ServingPlan) -> torch.nn.Module:
         kwargs["device_map"] = {"": plan.device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
+    if plan.quantization == "nf4" and plan.offload:
+        cast_offloaded_weights(model, dtype)
+    if names := cpu_resident_modules(plan):
+        keep_resident_on_cpu(model, names)
     if plan.device_map and plan.offload:
         log.info("offload: %s", describe_offload(model))
     return model
+
+
+CPU_PLACEABLE = ("model.embed_tokens", "lm_head")  # what a GPU plan may keep in RAM and run on CPU
+
+
+def cpu_resident_modules(plan: ServingPlan) -> list[str]:
+    """The modules a GPU plan puts on "cpu" to run there (not accelerate's copy-to-GPU-per-forward offload)."""
+    if plan.device == "cpu" or not plan.device_map:
+        return []
+    return [name for name in CPU_PLACEABLE if plan.device_map.get(name) == "cpu"]
+
+
+def _hooks(module: torch.nn.Module) -> list:
+    """accelerate hooks on `module` itself (a SequentialHook holds several)."""
+    hook = getattr(module, "_hf_hook", None)
+    return [] if hook is None else list(getattr(hook, "hooks", None) or [hook])
+
+
+def _offloaded_weight(hook, name: str) -> torch.Tensor | None:
+    """The real tensor behind a meta parameter `name`, from an offload hook's weights_map."""
+    weights = getattr(hook, "weights_map", None)
+    if not getattr(hook, "offload", False) or weights is None:
+        return None
+    try:
+        return weights[name]
+    except KeyError:
+        return None
+
+
+def keep_resident_on_cpu(model: torch.nn.Module, names: list[str]) -> None:
+    """Make `names` (embed_tokens / lm_head) live in RAM and run on CPU, called from GPU code unchanged.
+
+    accelerate reads "cpu" in a GPU device_map as offload: weights on meta, copied to the GPU on every
+    forward (a 1 GB embedding table per step, and GPU memory the plan did not budget). Here each such
+    module loses that hook, gets its real weights back on CPU, and runs under a hook that moves its
+    inputs to CPU and its outputs back to the caller's device. Tied weights stay one tensor.
+    """
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    for name in names:
+        module = model.get_submodule(name)
+        hooks = _hooks(module)
+        for pname, param in list(module.named_parameters(recurse=False)):
+            source = param
+            if param.device.type == "meta":
+                source = next((t for h in hooks if (t := _offloaded_weight(h, pname)) is not None), None)
+                if source is None:
+                    raise RuntimeError(f"{name}.{pname} is on meta and no offload hook holds its weights")
+            module._parameters[pname] = torch.nn.Parameter(source.detach().to("cpu", param.dtype),
+                                                           requires_grad=False)
+        remove_hook_from_module(module, recurse=True)
+        add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    if set(CPU_PLACEABLE) <= set(names) and getattr(model.config, "tie_word_embeddings", False):
+        # accelerate's meta/offload round trip leaves two parameters; tied weights are one tensor
+        model.get_submodule("lm_head")._parameters["weight"] = model.get_submodule("model.embed_tokens").weight
+    log.info("kept on CPU, run there: %s", ", ".join(names))
+
+
+def cast_offloaded_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Offloaded floating weights in `dtype` (the compute dtype); returns how many were cast.
+
+    bitsandbytes' llm_int8_enable_fp32_cpu_offload may leave offloaded layers fp32: a bf16 hidden
+    state would then meet an fp32 weight, and each per-forward copy would move twice the bytes the
+    plan counts. accelerate casts a weight to its meta parameter's dtype when it loads it, so both the
+    meta parameter and the RAM copy in the hook's weights_map are cast.
+    """
+    cast = 0
+    for module in model.modules():
+        for hook in _hooks(module):
+            for pname, param in list(module.named_parameters(recurse=False)):
+                if param.device.type != "meta" or not param.is_floating_point() or param.dtype == dtype:
+                    continue
+                if _offloaded_weight(hook, pname) is None:
+                    continue
+                module._parameters[pname] = torch.nn.Parameter(param.to(dtype), requires_grad=False)
+                _cast_in_weights_map(hook.weights_map, pname, dtype)
+                cast += 1
+    if cast:
+        log.info("cast %d offloaded weights to %s (compute dtype)", cast, dtype)
+    return cast
+
+
+def _cast_in_weights_map(weights, name: str, dtype: torch.dtype) -> None:
+    """Replace the RAM copy of `name` (a PrefixedDataset over accelerate's OffloadedWeightsLoader) by a cast one.
+
+    Weights read from disk are not rewritten: accelerate casts them to the meta parameter's dtype on load.
+    """
+    loader, key = getattr(weights, "dataset", None), getattr(weights, "prefix", "") + name
+    state = getattr(loader, "state_dict", None)
+    if isinstance(state, dict) and key in state and state[key].is_floating_point():
+        state[key] = state[key].to(dtype)
 
 
 def offload_folder(path: str):
