@@ -22,6 +22,12 @@ from ipc.messages import Abort, Request, RequestOutput, SamplingParams, Shutdown
 log = logging.getLogger("kiln.engine")
 
 
+def uses_cuda_graphs(plan) -> bool:
+    """Decode from CUDA graphs wherever the whole model sits on one GPU; offloaded layers move
+    weights with host-side hooks on every forward, which a graph cannot replay."""
+    return plan.device.startswith("cuda") and not plan.offload
+
+
 class Engine:
     def __init__(self, io: EngineIO, model, plan, eos_token_ids: set[int], device: torch.device):
         self.io = io
@@ -29,8 +35,10 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.scheduler = Scheduler(plan.max_batch, plan.prefill_chunk)
         kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
-        self.runner = ModelRunner(model, plan.max_batch, plan.max_context, device, kv_dtype)
+        self.runner = ModelRunner(model, plan.max_batch, plan.max_context, device, kv_dtype,
+                                  cuda_graphs=uses_cuda_graphs(plan))
         self.sampler = Sampler(device)
+        self.device = device
         self.stats = io.stats
         self.running = True
 
@@ -49,6 +57,9 @@ class Engine:
                     self.scheduler.finish(chunk.seq.request_id)
                 else:
                     chunk.seq.num_computed += chunk.length
+        if self.runner.graphs is not None:
+            log.info(self.runner.graphs.capture_all())
+        self._update_stats()
 
     def run(self) -> None:
         while self.running:
@@ -134,6 +145,9 @@ class Engine:
         self.stats.running = len(self.scheduler.running)
         self.stats.waiting = len(self.scheduler.waiting)
         self.stats.kv_slots_used = self.scheduler.slots_used
+        if self.device.type == "cuda":
+            self.stats.gpu_peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.stats.gpu_allocated_bytes = torch.cuda.memory_allocated(self.device)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         self._update_stats()

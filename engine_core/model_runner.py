@@ -1,30 +1,30 @@
-"""One forward pass over a mixed batch of prompt chunks and decode tokens.
+"""One forward pass over a mixed batch of prompt chunks and decode tokens, through the model itself.
 
-The HF model supplies the weights and the per-token modules (embeddings, norms, projections,
-MLP, rotary tables), however they were loaded (16-bit, bitsandbytes NF4, accelerate offload).
-Attention is ours: K/V live in a preallocated slot cache, all tokens of the step are flattened
-into one sequence so every linear layer runs once per step, and only attention is split:
-all decode tokens in one padded SDPA call, each prompt chunk in one causal call.
+The HF model runs its own modules however they were loaded (16-bit, bitsandbytes NF4, accelerate
+offload, whose hooks fire by themselves); attention is kiln's (engine_core/attention.py), over a
+slot cache allocated once. On a GPU, decode-only steps replay CUDA graphs captured per
+(batch bucket, key-span bucket): one launch instead of hundreds of kernels, no host sync inside.
 """
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from engine_core import attention
+from engine_core.attention import DecodeLayout, PrefillChunk, StepContext
 from engine_core.scheduler import ScheduledChunk
+
+log = logging.getLogger("kiln.engine")
+
+MIN_SPAN = 128  # smallest key span a decode graph attends over; spans double up to the context
 
 
 class UnsupportedModel(Exception):
     pass
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class KVCache:
@@ -48,56 +48,44 @@ class KVCache:
         self.bytes = pool.numel() * pool.element_size()
 
 
-class ModelRunner:
-    def __init__(self, model: nn.Module, max_batch: int, max_context: int, device: torch.device, kv_dtype):
-        inner = getattr(model, "model", None)
-        layers = getattr(inner, "layers", None)
-        needed = ("embed_tokens", "norm", "rotary_emb")
-        if layers is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
-            raise UnsupportedModel(f"{type(model).__name__}: the batched runner needs a decoder-only model "
-                                   "with model.embed_tokens/layers/norm/rotary_emb and lm_head (Llama-like)")
-        for name in ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn"):
-            if not hasattr(layers[0], name):
-                raise UnsupportedModel(f"{type(model).__name__}: decoder layers lack `{name}`")
-        config = model.config
-        self.model = model
-        self.inner = inner
-        self.layers = list(layers)
-        self.device = device
-        attn = self.layers[0].self_attn
-        self.head_dim = attn.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.scaling = attn.scaling
-        # Mistral/Starcoder2-style sliding window: a token attends to the last `window` positions only
-        use_window = getattr(config, "use_sliding_window", True)
-        self.window = getattr(config, "sliding_window", None) if use_window else None
-        self.cache = KVCache(len(self.layers), max_batch, self.num_kv_heads, max_context, self.head_dim,
-                             kv_dtype, device)
-        self.positions_range = torch.arange(max_context, device=device)
+def _text_config(config):
+    return getattr(config, "text_config", None) or config
 
-    def _prefill_mask(self, start: int, length: int) -> torch.Tensor | None:
-        """None for a plain causal chunk (SDPA's fast path); else the chunk's queries over the cached
-        prefix plus itself, causal, within the sliding window if the model has one."""
-        end = start + length
-        if start == 0 and not (self.window and end > self.window):
-            return None
-        key_pos = self.positions_range[:end][None, :]
-        query_pos = self.positions_range[start:end][:, None]
-        mask = key_pos <= query_pos
-        if self.window:
-            mask &= key_pos > query_pos - self.window
-        return mask[None, None]
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, max_batch: int, max_context: int, device: torch.device, kv_dtype,
+                 cuda_graphs: bool = False):
+        config = _text_config(model.config)
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None:
+            raise UnsupportedModel(f"{type(model).__name__}: no decoder layers at model.model.layers")
+        attention.register()
+        model.config._attn_implementation = attention.ATTENTION_NAME
+        config._attn_implementation = attention.ATTENTION_NAME
+        self.model = model
+        self.device = device
+        self.max_batch = max_batch
+        self.max_context = max_context
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        self.cache = KVCache(len(layers), max_batch, kv_heads, max_context, head_dim, kv_dtype, device)
+        self.positions_range = torch.arange(max_context, device=device)
+        self.graphs = DecodeGraphs(self) if cuda_graphs and device.type == "cuda" else None
+
+    # ------------------------------------------------------------------ the step
 
     @torch.inference_mode()
     def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run the step; returns float32 logits, one row per chunk with `sample` set, in order."""
-        dev = self.device
+        if self.graphs is not None and self.graphs.covers(chunks):
+            return self.graphs.run(chunks)
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         decode_rows: list[int] = []
-        prefills: list[tuple[int, int, int, int]] = []  # (flat start, length, slot, seq start)
+        decode_lengths: list[int] = []
+        prefills: list[PrefillChunk] = []
         logit_rows: list[int] = []
         for chunk in chunks:
             flat = len(token_ids)
@@ -106,71 +94,118 @@ class ModelRunner:
             slots += [chunk.seq.slot] * chunk.length
             if chunk.start >= len(chunk.seq.prompt_ids):
                 decode_rows.append(flat)
+                decode_lengths.append(chunk.start + 1)
             else:
-                prefills.append((flat, chunk.length, chunk.seq.slot, chunk.start))
+                prefills.append(PrefillChunk(flat, chunk.length, chunk.seq.slot, chunk.start))
             if chunk.sample:
                 logit_rows.append(flat + chunk.length - 1)
         n = len(token_ids)
-        ids_t = torch.tensor(token_ids, device=dev)
-        pos_t = torch.tensor(positions, device=dev)
-        slot_t = torch.tensor(slots, device=dev)
-
+        packed = torch.tensor(token_ids + positions + slots + logit_rows + decode_rows + decode_lengths)
+        packed = packed.to(self.device, non_blocking=True)
+        ids, pos, slot_t, rows_t = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], packed[3 * n :]
+        logit_index, rest = rows_t[: len(logit_rows)], rows_t[len(logit_rows) :]
         decode = None
         if decode_rows:
-            rows = torch.tensor(decode_rows, device=dev)
-            d_slots = slot_t[rows]
-            lengths = pos_t[rows] + 1
-            span = int(lengths.max())
-            key_pos = self.positions_range[:span][None, :]
-            mask = key_pos < lengths[:, None]
-            if self.window:
-                mask &= key_pos >= lengths[:, None] - self.window
-            decode = (rows, d_slots, span, mask[:, None, None, :])
-        prefill_masks = [self._prefill_mask(start, length) for _, length, _, start in prefills]
+            b = len(decode_rows)
+            d_rows, d_lengths = rest[:b], rest[b:]
+            all_decode = b == n
+            decode = DecodeLayout(None if all_decode else d_rows, slot_t if all_decode else slot_t[d_rows],
+                                  d_lengths, max(decode_lengths))
+        ctx = self._context(slot_t, pos, decode, prefills)
+        return self._logits(ids, pos, logit_index, ctx)
 
-        hidden = self.inner.embed_tokens(ids_t[None])  # [1, n, hidden]
-        cos, sin = self.inner.rotary_emb(hidden, pos_t[None])
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [n, 1, head_dim]
-        for index, layer in enumerate(self.layers):
-            # accelerate offload: we call the layer's submodules, not `layer(...)`, so drive its hook the way
-            # accelerate's wrapped forward would. Offloaded weights sit on each leaf module (q_proj, norms...)
-            # whose own hooks fire when called; this layer-level hook (an AlignDevicesHook or SequentialHook)
-            # moves inputs and, with place_submodules / preload classes, loads and drops the whole layer.
-            hook = getattr(layer, "_hf_hook", None)
-            if hook is not None:
-                (hidden,), _ = hook.pre_forward(layer, hidden)
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            attn = layer.self_attn
-            q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)
-            k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-            if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            cache_k, cache_v = self.cache.k[index], self.cache.v[index]
-            cache_k[slot_t, :, pos_t] = k.to(cache_k.dtype)
-            cache_v[slot_t, :, pos_t] = v.to(cache_v.dtype)
-            out = torch.empty_like(q)
-            if decode is not None:
-                rows, d_slots, span, mask = decode
-                keys = cache_k[d_slots, :, :span]
-                values = cache_v[d_slots, :, :span]
-                o = F.scaled_dot_product_attention(q[rows][:, :, None, :].to(keys.dtype), keys, values,
-                                                   attn_mask=mask, scale=self.scaling, enable_gqa=True)
-                out[rows] = o[:, :, 0, :].to(out.dtype)
-            for (flat, length, slot, start), prefill_mask in zip(prefills, prefill_masks):
-                keys = cache_k[slot, :, : start + length][None]
-                values = cache_v[slot, :, : start + length][None]
-                qp = q[flat : flat + length].transpose(0, 1)[None].to(keys.dtype)
-                o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=prefill_mask,
-                                                   is_causal=prefill_mask is None, scale=self.scaling,
-                                                   enable_gqa=True)
-                out[flat : flat + length] = o[0].transpose(0, 1).to(out.dtype)
-            hidden = residual + attn.o_proj(out.reshape(1, n, self.num_heads * self.head_dim))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            if hook is not None:
-                hidden = hook.post_forward(layer, hidden)
-        last = hidden[0, logit_rows]
-        return self.model.lm_head(self.inner.norm(last)).float()
+    def _context(self, slots, positions, decode, prefills) -> StepContext:
+        return StepContext(self.cache.k, self.cache.v, slots, positions, decode, prefills, self.positions_range)
+
+    def _logits(self, ids, positions, logit_index, ctx) -> torch.Tensor:
+        out = self.model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=logit_index,
+                         use_cache=False, kiln_step=ctx)
+        return out.logits[0].float()
+
+
+class DecodeGraphs:
+    """CUDA graphs of the decode-only step, one per (batch bucket, key-span bucket).
+
+    Each graph reads its inputs from static tensors (token, position, slot, length per row) that
+    are refilled before replay. A batch smaller than its bucket is padded by repeating its last row.
+    Spans double from MIN_SPAN to the context: attention reads at most twice the keys it needs.
+    All graphs share one memory pool, captured largest first, so they cost one step's activations.
+    """
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.batch_buckets = sorted({min(b, runner.max_batch) for b in (1, 2, 4, 8, 12, 16, 24, 32)
+                                     if b <= runner.max_batch} | {runner.max_batch})
+        spans, span = [], min(MIN_SPAN, runner.max_context)
+        while span < runner.max_context:
+            spans.append(span)
+            span *= 2
+        self.span_buckets = spans + [runner.max_context]
+        dev = runner.device
+        top = self.batch_buckets[-1]
+        self.ids = torch.zeros(top, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(top, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(top, dtype=torch.long, device=dev)
+        self.lengths = torch.ones(top, dtype=torch.long, device=dev)
+        self.host = torch.zeros(4, top, dtype=torch.long).pin_memory()
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.failed: str | None = None
+
+    def covers(self, chunks: list[ScheduledChunk]) -> bool:
+        if self.failed or not chunks or len(chunks) > self.batch_buckets[-1]:
+            return False
+        return all(c.start >= len(c.seq.prompt_ids) and c.sample for c in chunks)
+
+    def capture_all(self) -> str:
+        """Capture every bucket now (warmup), so memory is known before users arrive; on any failure
+        (a kernel that cannot be captured, e.g. some quantized paths) fall back to eager for good."""
+        try:
+            for batch in reversed(self.batch_buckets):
+                for span in reversed(self.span_buckets):
+                    self._capture(batch, span)
+        except Exception as exc:  # eager still works; say why
+            self.failed = f"CUDA graph capture failed ({type(exc).__name__}: {exc!s:.160}); decode runs eager"
+            self.graphs.clear()
+            torch.cuda.synchronize()
+            return self.failed
+        return (f"CUDA graphs for decode: {len(self.graphs)} captured, batch buckets {self.batch_buckets}, "
+                f"key spans {self.span_buckets[0]}..{self.span_buckets[-1]}")
+
+    @torch.inference_mode()
+    def _capture(self, batch: int, span: int) -> None:
+        runner = self.runner
+        ctx = runner._context(self.slots[:batch], self.positions[:batch],
+                              DecodeLayout(None, self.slots[:batch], self.lengths[:batch], span), [])
+        rows = runner.positions_range[:batch]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm the kernels (cuBLAS handles, autotuning) outside capture
+            runner._logits(self.ids[:batch], self.positions[:batch], rows, ctx)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        ctx._masks.clear()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = runner._logits(self.ids[:batch], self.positions[:batch], rows, ctx)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[(batch, span)] = (graph, logits)
+
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        n = len(chunks)
+        batch = next(b for b in self.batch_buckets if b >= n)
+        longest = max(c.start + 1 for c in chunks)
+        span = next(s for s in self.span_buckets if s >= longest)
+        # rows past n repeat the last sequence: they write the same K/V to the same place, and their
+        # logits are dropped, so padding needs no memory of its own and never touches another slot
+        padded = chunks + [chunks[-1]] * (batch - n)
+        host = self.host[:, :batch]
+        host[0] = torch.tensor([c.token_ids[0] for c in padded])
+        host[1] = torch.tensor([c.start for c in padded])
+        host[2] = torch.tensor([c.seq.slot for c in padded])
+        host[3] = host[1] + 1
+        for target, row in zip((self.ids, self.positions, self.slots, self.lengths), host):
+            target[:batch].copy_(row, non_blocking=True)
+        graph, logits = self.graphs[(batch, span)]
+        graph.replay()
+        return logits[:n].float()

@@ -1,0 +1,139 @@
+"""Decode step time of the engine's own runner, beside the memory-bandwidth roofline.
+
+`python -m bench.step_time --model DIR [--dtype bfloat16] [--quantization nf4] --batches 1,4,10,16`
+
+The model is planned and loaded exactly as `serve` would (planner + loader), then the engine's
+`ModelRunner` (with CUDA graphs where the engine would use them) runs decode steps for B
+sequences of `--prompt` cached tokens each, sampling greedily on the device as the engine does.
+The roofline is the time to read every weight byte once per step at the copy bandwidth measured
+on this device just before: a decode step cannot be faster than that. This benchmark imports the
+engine's internals on purpose: it measures the step, not the server (`cli.py bench` does that).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes moved per second (read + written) by a large device-to-device copy; 0 on CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return 0.0
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    repeats = 10
+    for _ in range(repeats):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    del src, dst
+    return 2 * (1 << 30) / seconds
+
+
+def load(model: str, overrides, max_batch: int, context: int):
+    import torch
+
+    from engine_core.loader import load_model, torch_dtype
+    from engine_core.engine import uses_cuda_graphs
+    from engine_core.main import build_plan
+    from engine_core.model_runner import ModelRunner
+
+    gpu = 0 if torch.cuda.is_available() else None
+    plan = build_plan(model, gpu, overrides)
+    device = torch.device(plan.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    loaded = load_model(model, plan)
+    weights = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else sum(
+        p.numel() * p.element_size() for p in loaded.parameters())
+    kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
+    runner = ModelRunner(loaded, max_batch, context, device, kv_dtype, cuda_graphs=uses_cuda_graphs(plan))
+    return plan, runner, weights
+
+
+def time_decode(runner, batch: int, prompt: int, steps: int) -> list[float]:
+    """Milliseconds per decode step for `batch` sequences with `prompt` cached tokens."""
+    import torch
+
+    from engine_core.scheduler import Scheduler
+    from ipc.messages import Request, SamplingParams
+
+    sched = Scheduler(runner.max_batch, prefill_chunk=max(prompt, 1) * batch)
+    params = SamplingParams(max_new_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        sched.add(Request(f"b{i}", [(7 * i + j) % 1000 + 1 for j in range(prompt)], params))
+    times: list[float] = []
+    for step in range(steps + 3):  # the first step is the prefill, two more warm up
+        chunks = sched.schedule()
+        start = time.perf_counter()
+        logits = runner.forward(chunks)
+        tokens = torch.argmax(logits, dim=-1).tolist()  # the engine's one device-to-host copy
+        elapsed = time.perf_counter() - start
+        if step >= 3:
+            times.append(elapsed * 1000)
+        for chunk, token in zip((c for c in chunks if c.sample), tokens):
+            chunk.seq.output_ids.append(token)
+        for chunk in chunks:
+            chunk.seq.num_computed = chunk.start + chunk.length
+    for seq in list(sched.by_id.values()):
+        sched.finish(seq.request_id)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.step_time", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--quantization", default=None, choices=["nf4", "none"])
+    p.add_argument("--batches", default="1,4,10,16")
+    p.add_argument("--prompt", type=int, default=128, help="cached tokens per sequence")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--json", default=None, metavar="PATH")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from hardware.plan import PlanOverrides
+
+    batches = [int(b) for b in args.batches.split(",")]
+    forced = {"dtype": args.dtype, "quantization": args.quantization}
+    overrides = PlanOverrides(**{k: v for k, v in forced.items() if v is not None},
+                              max_batch=max(batches), max_context=args.context)
+    plan, runner, weights = load(args.model, overrides, max(batches), args.context)
+    graphs = runner.graphs.capture_all() if runner.graphs is not None else "eager (no CUDA graphs on this plan)"
+    bandwidth = copy_bandwidth(runner.device)
+    roofline_ms = weights / bandwidth * 1000 if bandwidth else None
+    result = {"model": args.model, "device": plan.device, "dtype": plan.dtype, "quantization": plan.quantization,
+              "weights_bytes_measured": weights, "weights_bytes_planned": plan.weights_bytes,
+              "copy_bandwidth_bytes_per_s": bandwidth, "roofline_ms": roofline_ms, "graphs": graphs,
+              "prompt_tokens": args.prompt, "steps": {}}
+    if runner.device.type == "cuda":
+        result["device_name"] = torch.cuda.get_device_name(runner.device)
+    for batch in batches:
+        times = time_decode(runner, batch, args.prompt, args.steps)
+        median = statistics.median(times)
+        result["steps"][str(batch)] = {"ms_p50": median, "ms_min": min(times), "tokens_per_s": batch * 1000 / median,
+                                       "roofline_fraction": roofline_ms / median if roofline_ms else None}
+        print(f"batch {batch:>2}: {median:7.2f} ms/step (min {min(times):.2f})"
+              + (f", {roofline_ms / median:.0%} of the roofline {roofline_ms:.2f} ms" if roofline_ms else ""),
+              flush=True)
+    print(f"{graphs}; weights {weights / 2**30:.2f} GiB measured, {plan.weights_bytes / 2**30:.2f} GiB planned")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""kiln's attention, plugged into transformers' own decoder layers through its AttentionInterface.
+
+The model runs its own modules (norms, multipliers, rotary rules, MLPs), so every architecture
+computes exactly what transformers computes; only the attention call is ours. It reads the step's
+batch layout from a `StepContext` passed down as the `kiln_step` keyword argument, writes the new
+K/V into kiln's slot cache and attends over it: all decode tokens in one batched call, each
+prompt chunk in one causal call over its cached prefix.
+
+All tokens of a step are flattened into one sequence ([1, n, ...]), so every linear layer runs
+once per step. Everything here is device work with no host synchronisation, so a decode step can
+be captured in a CUDA graph and replayed with new contents in the same tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "kiln"
+
+
+@dataclass(eq=False)
+class DecodeLayout:
+    """The step's decode rows: one new token per sequence, attending over its first `lengths` cached
+    positions; `span` (a host int, ≥ every length) bounds the keys read, so shapes stay static."""
+
+    rows: torch.Tensor | None  # flat indices of the decode tokens; None = every token of the step
+    slots: torch.Tensor
+    lengths: torch.Tensor
+    span: int
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    flat: int  # first index of the chunk in the flattened step
+    length: int
+    slot: int
+    start: int  # position of the chunk's first token in its sequence
+
+
+@dataclass(eq=False)
+class StepContext:
+    """What the attention of one step needs to know beyond q, k, v; built once per step."""
+
+    cache_k: list[torch.Tensor]  # per layer: [slots, kv_heads, context, head_dim]
+    cache_v: list[torch.Tensor]
+    slots: torch.Tensor  # per flat token
+    positions: torch.Tensor  # per flat token
+    decode: DecodeLayout | None
+    prefills: list[PrefillChunk]
+    positions_range: torch.Tensor  # arange(context) on the device
+    _masks: dict = field(default_factory=dict)  # built on first use, shared by the layers of the step
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        key = ("decode", window)
+        if key not in self._masks:
+            d = self.decode
+            key_pos = self.positions_range[: d.span][None, :]
+            mask = key_pos < d.lengths[:, None]
+            if window:
+                mask &= key_pos >= d.lengths[:, None] - window
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+    def prefill_mask(self, chunk: PrefillChunk, window: int | None) -> torch.Tensor | None:
+        """None for a plain causal chunk from position 0 (SDPA's fast path); else the chunk's queries
+        over the cached prefix plus itself, causal, within the sliding window if the layer has one."""
+        end = chunk.start + chunk.length
+        if chunk.start == 0 and not (window and end > window):
+            return None
+        key = ("prefill", chunk.start, chunk.length, window)
+        if key not in self._masks:
+            key_pos = self.positions_range[:end][None, :]
+            query_pos = self.positions_range[chunk.start : end][:, None]
+            mask = key_pos <= query_pos
+            if window:
+                mask &= key_pos > query_pos - window
+            self._masks[key] = mask[None, None]
+        return self._masks[key]
+
+
+def _attend(q, k, v, mask, scale, softcap, causal=False):
+    """SDPA, or the explicit form when the model caps its attention logits (Gemma 2)."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              scale=scale, enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None and causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+
+def kiln_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                   softcap=None, kiln_step: StepContext | None = None, **kwargs):
+    """transformers' attention signature: q [1, heads, n, d], k/v [1, kv_heads, n, d] (rotated) in,
+    [1, n, heads, d] out. The model's own mask is ignored: the layout in `kiln_step` defines it."""
+    ctx = kiln_step
+    if ctx is None:  # no mask was built either (see register): refuse rather than attend wrongly
+        raise RuntimeError("a model set to kiln attention runs inside kiln's ModelRunner only (no kiln_step given)")
+    layer = module.layer_idx
+    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    cache_k, cache_v = ctx.cache_k[layer], ctx.cache_v[layer]
+    q = query[0].transpose(0, 1)  # [n, heads, d]
+    cache_k[ctx.slots, :, ctx.positions] = key[0].transpose(0, 1).to(cache_k.dtype)
+    cache_v[ctx.slots, :, ctx.positions] = value[0].transpose(0, 1).to(cache_v.dtype)
+    d = ctx.decode
+    if d is not None and d.rows is None:  # decode only (the CUDA-graph case): no scatter
+        keys, values = cache_k[d.slots, :, : d.span], cache_v[d.slots, :, : d.span]
+        o = _attend(q[:, :, None, :].to(keys.dtype), keys, values, ctx.decode_mask(window), scaling, softcap)
+        return o[:, :, 0, :].to(query.dtype)[None], None
+    out = torch.empty_like(q)
+    if d is not None:
+        keys, values = cache_k[d.slots, :, : d.span], cache_v[d.slots, :, : d.span]
+        o = _attend(q[d.rows][:, :, None, :].to(keys.dtype), keys, values, ctx.decode_mask(window), scaling, softcap)
+        out[d.rows] = o[:, :, 0, :].to(out.dtype)
+    for chunk in ctx.prefills:
+        end = chunk.start + chunk.length
+        keys, values = cache_k[chunk.slot, :, :end][None], cache_v[chunk.slot, :, :end][None]
+        qp = q[chunk.flat : chunk.flat + chunk.length].transpose(0, 1)[None].to(keys.dtype)
+        o = _attend(qp, keys, values, ctx.prefill_mask(chunk, window), scaling, softcap, causal=True)
+        out[chunk.flat : chunk.flat + chunk.length] = o[0].transpose(0, 1).to(out.dtype)
+    return out[None], None
+
+
+def register() -> None:
+    """Make "kiln" a valid `attn_implementation`. Masks: none is built for an implementation the mask
+    interface does not know, which is what we want (the layout in the step context is the mask)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, kiln_attention)
