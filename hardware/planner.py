@@ -21,8 +21,8 @@ Memory model (all sizes in bytes; GiB = 2^30):
 - NF4 weights = b × (embeddings + untied lm_head + norms/biases) + 0.516 × decoder linear params.
 - GPU offload (the weights do not fit with a KV cache): the GPU holds the reserve, KV for at least one
   minimum-context sequence, the embeddings, lm_head and final norm, the first N decoder layers, and one
-  offloaded layer while it runs (16-bit: b × layer params, NF4 too, since bitsandbytes does not quantize
-  CPU layers and the loader casts them from fp32 to the compute dtype). RAM holds the other layers at
+  offloaded layer while it runs (b × layer params, NF4 too: bitsandbytes does not quantize CPU layers;
+  transformers 5 loads them in the compute dtype, and the loader casts any left in fp32). RAM holds the other layers at
   b × layer params. If that leaves no room for one decoder layer on the GPU, the embedding table moves
   to RAM (a row lookup on CPU; only hidden rows cross PCIe), then the lm_head (a CPU matmul per step);
   tied embeddings and lm_head are one tensor and move together. Their b × params then count in RAM
@@ -652,8 +652,8 @@ def _plan_offload(
                 else "")
     reasons["offload"] = (
         layers_why + streamed
-        + (f"; load with BitsAndBytesConfig(llm_int8_enable_fp32_cpu_offload=True), the loader casts CPU layers "
-           f"to {dtype}" if quantized else "")
+        + (f"; load with BitsAndBytesConfig(llm_int8_enable_fp32_cpu_offload=True): CPU layers stay unquantized, "
+           f"in {dtype}" if quantized else "")
     )
     batch, ctx, kv_tokens = _finish(shape, overrides, reasons, overridden, kv_room, kv_per_token)
     compile_ = _common(reasons, overridden, overrides, chunk, chunk_why)
