@@ -57,17 +57,22 @@ def cli() -> None:
 @click.option("--engines", type=click.IntRange(1, 64), default=None,
               help="start this many CPU engines (machines without GPUs, tests)")
 @click.option("--engine-port", type=int, default=None,
-              help="also accept engines from other machines on tcp PORT and PORT+1 (needs --secret)")
+              help="also accept engines from other machines on tcp PORT and PORT+1 of --host (needs --secret)")
 @click.option("--secret", envvar="KILN_SECRET", default=None, help="shared secret for engines (env KILN_SECRET)")
 @click.option("--api-key", envvar="KILN_API_KEY", default=None,
               help="clients must send `Authorization: Bearer KEY` (env KILN_API_KEY); /health and /metrics stay open")
+@click.option("--max-restarts", type=click.IntRange(0), default=5, show_default=True,
+              help="restarts of a lost engine in a row (with backoff) before the server exits non-zero")
+@click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="on SIGTERM, seconds open streams may run on (new requests get 503 at once)")
 @plan_options
-def serve(model, host, port, gpus, engines, engine_port, secret, api_key, **plan_flags) -> None:
+def serve(model, host, port, gpus, engines, engine_port, secret, api_key, max_restarts, drain_timeout,
+          **plan_flags) -> None:
     from frontend.server import ServeConfig, serve as run_server
 
     config = ServeConfig(model=model, host=host, port=port, overrides=plan_overrides(**plan_flags),
                          devices=engine_devices(gpus, engines), engine_port=engine_port, secret=secret,
-                         api_key=api_key)
+                         api_key=api_key, max_restarts=max_restarts, drain_timeout=drain_timeout)
     sys.exit(run_server(config))
 
 

@@ -5,33 +5,63 @@ frontend's ROUTER knows the route back before it answers, then decodes every fra
 The output thread owns a PUSH socket: it encodes and sends what the busy loop puts in `outbox`,
 and a heartbeat whenever it has been quiet for a second. Both are daemon threads; a crash in
 either kills the process, because an engine that cannot talk must be noticed at once.
+
+A third thread watches the frontend's process when it runs on this machine, whatever the busy
+loop is doing (a long step, a send blocked on a full queue): once the frontend is gone, nobody
+will read what this engine produces, so it removes the frontend's runtime folder (the frontend
+had no chance to) and exits at once.
 """
 from __future__ import annotations
 
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
+from pathlib import Path
 
+import msgspec
 import zmq
 
 from ipc.messages import EngineHello, EngineStats, Heartbeat, Welcome, engine_input_codec, engine_output_codec
+from ipc.discovery import RUNTIME_PREFIX, FrontendInfo
 from ipc.security import CurveKeys
 
 log = logging.getLogger("kiln.engine")
 
 HEARTBEAT_SECONDS = 1.0
+FRONTEND_CHECK_SECONDS = 0.25
+FRONTEND_GONE_EXIT_CODE = 1
 
 
 def pid_alive(pid: int) -> bool:
+    """True while the process runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): the kill check is all there is
+        return True
+
+
+def runtime_dir_of(address: str, frontend_pid: int) -> Path | None:
+    """The local frontend's private socket folder, if `address` is one of its ipc:// sockets."""
+    if not address.startswith("ipc://"):
+        return None
+    folder = Path(address[len("ipc://"):]).parent
+    if not folder.name.startswith(RUNTIME_PREFIX):
+        return None
+    try:
+        info = msgspec.json.decode((folder / "frontend.json").read_bytes(), type=FrontendInfo)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return folder if info.pid == frontend_pid else None
 
 
 class EngineIO:
@@ -51,10 +81,13 @@ class EngineIO:
         self.welcome: Welcome | None = None
 
     def start(self, hello: EngineHello | None) -> None:
-        """Start the output thread; with a hello, also the input thread, which sends it first."""
+        """Start the output thread; with a hello, also the input thread, which sends it first; and
+        the frontend watchdog when the frontend runs here."""
         self._thread(self._output_loop, "engine-output")
         if hello is not None:
             self._thread(lambda: self._input_loop(hello), "engine-input")
+        if self.watch_pid is not None:
+            self._thread(self._watch_frontend, "engine-watchdog")
 
     def wait_welcome(self, timeout: float) -> Welcome | None:
         return self.welcome if self.welcomed.wait(timeout) else None
@@ -98,15 +131,22 @@ class EngineIO:
             except queue.Empty:
                 message = None
             if message is None:
-                if self.watch_pid is not None and not pid_alive(self.watch_pid):
-                    log.error("frontend process %d is gone; engine exits", self.watch_pid)
-                    os._exit(1)
                 if time.monotonic() - last_sent < HEARTBEAT_SECONDS:
                     continue
                 message = Heartbeat(self.engine_id, self.stats)
             sock.send(encoder.encode(message), copy=False)
             last_sent = time.monotonic()
         sock.close()
+
+    def _watch_frontend(self) -> None:
+        runtime_dir = runtime_dir_of(self.input_address, self.watch_pid)
+        is_parent = os.getppid() == self.watch_pid  # then a changed parent means it died, reaped or not
+        while not self.stopped.wait(FRONTEND_CHECK_SECONDS):
+            if (is_parent and os.getppid() != self.watch_pid) or not pid_alive(self.watch_pid):
+                log.error("frontend process %d is gone; engine exits", self.watch_pid)
+                if runtime_dir is not None:
+                    shutil.rmtree(runtime_dir, ignore_errors=True)
+                os._exit(FRONTEND_GONE_EXIT_CODE)
 
     def _input_loop(self, hello: EngineHello) -> None:
         encoder, _ = engine_output_codec()

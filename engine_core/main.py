@@ -94,6 +94,7 @@ def load_engine(io, model_path: str, plan: ServingPlan):
     import torch
 
     from engine_core.engine import Engine
+    from engine_core.fault_injection import inject_faults
     from engine_core.loader import compile_model, load_model
 
     model = load_model(model_path, plan)
@@ -104,6 +105,7 @@ def load_engine(io, model_path: str, plan: ServingPlan):
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     engine = Engine(io, model, plan, eos_ids, torch.device(plan.device))
     engine.warmup()
+    inject_faults(engine)  # tests only: KILN_FAULT_INJECTION
     return engine
 
 

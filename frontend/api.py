@@ -15,16 +15,27 @@ from ipc.messages import SamplingParams
 
 MAX_STOP_STRINGS = 16
 MIN_TEMPERATURE = 1e-5  # below this, logits / temperature overflow: treat as greedy
+# Upper bounds on every integer a client sends: beyond them a value means nothing (no context window
+# or vocabulary is that large) and, unbounded, it would not even fit the msgpack frame to the engine.
+MAX_TOKENS_LIMIT = 2**31 - 1
+MAX_TOP_K = 2**31 - 1  # values at or above the vocabulary size mean "off", as 0 does
+MAX_SEED = 2**63 - 1
+
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
+TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+TopK = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_K)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False):
     prompt: str
-    max_new_tokens: Annotated[int, msgspec.Meta(ge=1)] = 256
-    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 1.0
-    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_new_tokens: MaxTokens = 256
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
     stop: Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)] = []
-    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    seed: Seed | None = None
     ignore_eos: bool = False
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
@@ -106,3 +117,8 @@ def decode_body(body: bytes, kind: type):
         raise ApiError(400, message, match.group(1) if match else "body") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"malformed JSON: {exc}", "body") from None
+    except UnicodeDecodeError as exc:  # msgspec decodes strings strictly and lets this one through
+        raise ApiError(400, f"malformed JSON: a string is not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                       "body") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply", "body") from None

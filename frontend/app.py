@@ -19,37 +19,38 @@ from frontend.api import ApiError, GenerateResponse, StreamPiece, parse_generate
 from frontend.generation import (
     CLIENT,
     JSON,
+    MAX_BODY_BYTES,
     METRICS,
     MODEL_NAME,
+    PROMPT_ENCODER,
     REQUEST_IDS,
     TOKENIZER,
     EngineError,
     Generation,
     api_errors,
     json_response,
-    tokenize,
 )
 from frontend.chat_template import ChatTemplate
 from frontend.metrics import Metrics
 from frontend.openai_api import add_openai_routes
+from frontend.prompt_encoder import PromptEncoder
+from frontend.supervisor import EngineSupervisor
 from ipc.engine_client import EngineClient
 
 log = logging.getLogger("kiln.frontend")
 
+SUPERVISOR = web.AppKey("supervisor", EngineSupervisor)
+DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: refuse new work, let open streams end
+
 
 async def read_generation(request: web.Request) -> Generation:
-    body = parse_generate_request(await request.read())
-    generation = Generation(request.app, body, await tokenize(request.app[TOKENIZER], body.prompt))
-    await generation.start()
-    return generation
-
-
-
+    return Generation(request.app, parse_generate_request(await request.read()))
 
 
 async def generate(request: web.Request) -> web.Response:
     generation = await read_generation(request)
     try:
+        await generation.start()
         async for _ in generation.pieces():
             pass
     except EngineError as exc:
@@ -67,8 +68,9 @@ async def generate(request: web.Request) -> web.Response:
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
-    generation = await read_generation(request)  # errors before the stream starts are plain 4xx JSON
+    generation = await read_generation(request)
     try:
+        await generation.start()  # errors before the stream starts are plain 4xx JSON
         async with sse_response(request, allow_all_methods=True) as sse:
             try:
                 async for text, token_ids in generation.pieces():
@@ -95,9 +97,18 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 while it can serve; 503 with the reason otherwise: draining, restarting, loading, failed."""
     client = request.app[CLIENT]
+    supervisor = request.app.get(SUPERVISOR)
+    restarting = supervisor.restarting() if supervisor is not None else {}
+    if request.app[DRAINING].is_set():
+        return json_response({"status": "draining", "requests_in_flight": len(client.streams)}, 503)
     if client.ready_engines():
-        return json_response({"status": "ok", "engines": len(client.ready_engines())})
+        return json_response({"status": "ok", "engines": len(client.ready_engines()),
+                              **({"restarting": restarting} if restarting else {})})
+    if restarting:
+        return json_response({"status": "restarting", "restarting": restarting,
+                              "reason": "; ".join(f"{e}: {r['reason']}" for e, r in restarting.items())}, 503)
     return json_response({"status": "loading" if not client.failures else "failed",
                           "failures": list(client.failures)}, 503)
 
@@ -114,6 +125,13 @@ async def info(request: web.Request) -> web.Response:
 
 
 OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers do not carry the key
+
+
+@web.middleware
+async def refuse_while_draining(request: web.Request, handler):
+    if request.method == "POST" and request.app[DRAINING].is_set():
+        raise ApiError(503, "the server is shutting down; retry on another instance", kind="shutting_down")
+    return await handler(request)
 
 
 def require_api_key(api_key: str):
@@ -133,11 +151,16 @@ def require_api_key(api_key: str):
 
 
 def build_app(client: EngineClient, tokenizer: Tokenizer, model_name: str,
-              chat_template: ChatTemplate | None = None, api_key: str | None = None) -> web.Application:
-    middlewares = [api_errors] + ([require_api_key(api_key)] if api_key else [])
-    app = web.Application(middlewares=middlewares, client_max_size=8 * 1024 * 1024)
+              chat_template: ChatTemplate | None = None, api_key: str | None = None,
+              supervisor: EngineSupervisor | None = None) -> web.Application:
+    middlewares = [api_errors] + ([require_api_key(api_key)] if api_key else []) + [refuse_while_draining]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CLIENT] = client
+    app[DRAINING] = asyncio.Event()
+    if supervisor is not None:
+        app[SUPERVISOR] = supervisor
     app[TOKENIZER] = tokenizer
+    app[PROMPT_ENCODER] = PromptEncoder(tokenizer)
     app[MODEL_NAME] = model_name
     app[REQUEST_IDS] = itertools.count()
     app[METRICS] = Metrics(client)

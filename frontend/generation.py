@@ -1,10 +1,11 @@
 """One request's life inside the frontend, shared by the native and the OpenAI-style routes:
-tokenize, admit (context and overload checks), stream token ids from an engine, detokenize,
-count the outcome, and abort in the engine whichever way the handler leaves.
+admit (cheap refusals first, then tokenize off the loop, then the context check), stream token
+ids from an engine, detokenize, count the outcome, and abort in the engine whichever way the
+handler leaves. Handlers wrap everything from `start` on in try/finally `close`, so any failure
+at any stage leaves nothing registered.
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import time
@@ -16,15 +17,19 @@ from tokenizers import Tokenizer
 from frontend.api import ApiError, GenerateRequest, Timings, Usage
 from frontend.detokenizer import IncrementalDetokenizer
 from frontend.metrics import Metrics
+from frontend.prompt_encoder import PromptEncoder
 from ipc.engine_client import EngineClient, NoEngineAvailable
 
 CLIENT = web.AppKey("client", EngineClient)
 TOKENIZER = web.AppKey("tokenizer", Tokenizer)
+PROMPT_ENCODER = web.AppKey("prompt_encoder", PromptEncoder)
 MODEL_NAME = web.AppKey("model_name", str)
 METRICS = web.AppKey("metrics", Metrics)
 REQUEST_IDS = web.AppKey("request_ids", itertools.count)
 JSON = msgspec.json.Encoder()
-LONG_PROMPT_CHARS = 4096
+# Bounds the work and memory one request can cost before validation; any prompt that fits a context
+# window of 8192 tokens (and far more, for most text) fits, and prompt length is checked after.
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def json_response(payload, status: int = 200) -> web.Response:
@@ -33,42 +38,50 @@ def json_response(payload, status: int = 200) -> web.Response:
 
 @web.middleware
 async def api_errors(request: web.Request, handler):
+    """ApiError → its JSON; an oversized body → a JSON 413 naming the limit. Every refusal is counted."""
     try:
         return await handler(request)
     except ApiError as exc:
-        return json_response(exc.body(), exc.status)
+        error = exc
+    except web.HTTPRequestEntityTooLarge:
+        error = ApiError(413, f"request body is larger than the {MAX_BODY_BYTES // 1024} KiB limit; a prompt "
+                              "must fit the context window anyway", "body", kind="request_too_large")
+    request.app[METRICS].refused.labels(error.kind).inc()
+    return json_response(error.body(), error.status)
 
 
 class Generation:
     """One request's life: admission, the engine stream, detokenization, timings."""
 
-    def __init__(self, app: web.Application, body: GenerateRequest, prompt_ids: list[int]):
+    def __init__(self, app: web.Application, body: GenerateRequest):
+        self.app = app
         self.client = app[CLIENT]
         self.metrics = app[METRICS]
         self.body = body
         self.request_id = f"{os.getpid()}-{next(app[REQUEST_IDS])}"
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
-        self.prompt_ids = prompt_ids
-        self.detok = IncrementalDetokenizer(app[TOKENIZER], self.prompt_ids, body.stop)
+        self.prompt_ids: list[int] = []
+        self.detok: IncrementalDetokenizer | None = None
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.stream = None
         self.closed = False
 
-    async def start(self) -> None:
+    async def start(self, add_special_tokens: bool = True, field: str = "prompt") -> None:
+        """Refuse early and cheaply, then tokenize, then hand the request to an engine. `field`: what
+        the client sent the prompt as (OpenAI chat: `messages`), for error messages."""
+        engine = self._pick_engine()
+        self.app[PROMPT_ENCODER].check_length(self.body.prompt, engine.hello.plan.max_context, field)
+        self.prompt_ids = await self.app[PROMPT_ENCODER].encode(self.body.prompt, add_special_tokens)
         if not self.prompt_ids:
-            raise ApiError(400, "`prompt` encodes to no tokens", "prompt")
-        try:
-            engine = self.client.pick_engine()
-        except NoEngineAvailable:
-            raise ApiError(503, "no engine is ready yet; retry shortly", kind="unavailable") from None
-        if self.client.overloaded():
-            raise ApiError(429, "server overloaded: too many requests waiting; retry later", kind="overloaded")
+            raise ApiError(400, f"`{field}` encodes to no tokens", field)
+        self.detok = IncrementalDetokenizer(self.app[TOKENIZER], self.prompt_ids, self.body.stop)
+        engine = self._pick_engine()  # again: engines may have come or gone while tokenizing
         context = engine.hello.plan.max_context
         if len(self.prompt_ids) >= context:
-            raise ApiError(400, f"prompt is {len(self.prompt_ids)} tokens; the context window is {context} "
-                                f"tokens (prompt + generated), so the prompt must be shorter", "prompt")
+            raise ApiError(400, f"{field} is {len(self.prompt_ids)} tokens; the context window is {context} "
+                                f"tokens (prompt + generated), so the prompt must be shorter", field)
         # generation stops at the context window: finish_reason "length", as if max_new_tokens were smaller
         budget = min(self.body.max_new_tokens, context - len(self.prompt_ids))
         try:
@@ -76,6 +89,15 @@ class Generation:
                                                    self.body.sampling_params(budget), engine)
         except NoEngineAvailable as exc:
             raise ApiError(503, str(exc), kind="unavailable") from None
+
+    def _pick_engine(self):
+        try:
+            engine = self.client.pick_engine()
+        except NoEngineAvailable:
+            raise ApiError(503, "no engine is ready yet; retry shortly", kind="unavailable") from None
+        if self.client.overloaded():
+            raise ApiError(429, "server overloaded: too many requests waiting; retry later", kind="overloaded")
+        return engine
 
     async def pieces(self):
         """Yield (text, token_ids) as tokens arrive; sets finish_reason at the end."""
@@ -103,10 +125,10 @@ class Generation:
         if self.stream is None or self.closed:
             return
         self.closed = True
-        await self.client.abort(self.request_id)
         timings = self.timings()
         self.metrics.observe(self.finish_reason or "abort", len(self.prompt_ids), len(self.token_ids),
                              timings.ttft_s, timings.total_s)
+        await self.client.abort(self.request_id)
 
     @property
     def engine_id(self) -> str:
@@ -123,11 +145,3 @@ class Generation:
 
 class EngineError(Exception):
     pass
-
-
-async def tokenize(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
-    """Short prompts inline; long ones in a thread (the Rust tokenizer releases the GIL) so one
-    big prompt never stalls the event loop that streams everybody else's tokens."""
-    if len(text) < LONG_PROMPT_CHARS:
-        return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-    return (await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)).ids

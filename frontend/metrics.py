@@ -46,6 +46,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("kiln_requests", "finished requests by outcome", ["outcome"], registry=r)
+        self.refused = Counter("kiln_refused_requests", "requests refused before generation, by reason "
+                               "(invalid_request, overloaded, unavailable, unauthorized, ...)", ["reason"],
+                               registry=r)
         self.prompt_tokens = Counter("kiln_prompt_tokens", "prompt tokens processed", registry=r)
         self.generated_tokens = Counter("kiln_generation_tokens", "tokens generated", registry=r)
         self.ttft = Histogram("kiln_time_to_first_token_seconds", "time to first token", registry=r,

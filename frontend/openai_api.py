@@ -13,25 +13,22 @@ import msgspec
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from frontend.api import MAX_STOP_STRINGS, ApiError, GenerateRequest, decode_body
+from frontend.api import MAX_STOP_STRINGS, ApiError, GenerateRequest, MaxTokens, Seed, Temperature, TopK, TopP, decode_body
 from frontend.chat_template import ChatTemplate, ChatTemplateError
-from frontend.generation import CLIENT, JSON, MODEL_NAME, TOKENIZER, EngineError, Generation, json_response, tokenize
+from frontend.generation import CLIENT, JSON, MODEL_NAME, EngineError, Generation, json_response
 
 CHAT_TEMPLATE = web.AppKey("chat_template", ChatTemplate)
 UNLIMITED = 1 << 30  # no max_tokens: generate until end of sequence or the context window
 
-Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
-TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
-Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None
 
 
 class _Sampling(msgspec.Struct, kw_only=True):
     model: str | None = None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_tokens: MaxTokens | None = None
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0  # an extension, as in vLLM
+    top_k: TopK = 0  # an extension, as in vLLM
     stop: Stop = None
     seed: Seed | None = None
     stream: bool = False
@@ -47,7 +44,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = 16  # OpenAI's default for completions
+    max_tokens: MaxTokens | None = 16  # OpenAI's default for completions
 
 
 class ChatMessage(msgspec.Struct):
@@ -57,7 +54,7 @@ class ChatMessage(msgspec.Struct):
 
 class ChatRequest(_Sampling, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
-    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_completion_tokens: MaxTokens | None = None
 
 
 def _usage(generation: Generation) -> dict:
@@ -73,20 +70,16 @@ def _check_model(request: web.Request, body: _Sampling) -> None:
                        kind="model_not_found")
 
 
-async def _start(request: web.Request, native: GenerateRequest, add_special_tokens: bool) -> Generation:
-    prompt_ids = await tokenize(request.app[TOKENIZER], native.prompt, add_special_tokens)
-    generation = Generation(request.app, native, prompt_ids)
-    await generation.start()
-    return generation
-
-
-async def _respond(request: web.Request, generation: Generation, stream: bool, object_name: str,
-                   choice, first_chunk: dict | None = None) -> web.StreamResponse:
-    """Run the generation; `choice(text, finish_reason, final)` shapes one choice of a response or chunk."""
-    request_id = f"{'chatcmpl' if 'chat' in object_name else 'cmpl'}-{generation.request_id}"
-    created = int(time.time())
-    envelope = {"id": request_id, "object": object_name, "created": created, "model": request.app[MODEL_NAME]}
+async def _respond(request: web.Request, native: GenerateRequest, prompt_field: str, stream: bool,
+                   object_name: str, choice, first_chunk: dict | None = None) -> web.StreamResponse:
+    """Run the generation; `choice(text, finish_reason, final)` shapes one choice of a response or chunk.
+    A chat prompt (`messages`) is rendered by the template, special tokens included: no BOS is added."""
+    generation = Generation(request.app, native)
     try:
+        await generation.start(add_special_tokens=prompt_field != "messages", field=prompt_field)
+        request_id = f"{'chatcmpl' if 'chat' in object_name else 'cmpl'}-{generation.request_id}"
+        envelope = {"id": request_id, "object": object_name, "created": int(time.time()),
+                    "model": request.app[MODEL_NAME]}
         if not stream:
             try:
                 async for _ in generation.pieces():
@@ -117,12 +110,12 @@ async def _respond(request: web.Request, generation: Generation, stream: bool, o
 async def completions(request: web.Request) -> web.StreamResponse:
     body = decode_body(await request.read(), CompletionRequest)
     _check_model(request, body)
-    generation = await _start(request, body.native(body.prompt, body.max_tokens), add_special_tokens=True)
+    native = body.native(body.prompt, body.max_tokens)
 
     def choice(text: str, finish_reason: str | None, final: bool) -> dict:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
-    return await _respond(request, generation, body.stream, "text_completion", choice)
+    return await _respond(request, native, "prompt", body.stream, "text_completion", choice)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -136,8 +129,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except ChatTemplateError as exc:
         raise ApiError(400, f"the chat template rejected the messages: {exc}", "messages") from None
     native = body.native(prompt, body.max_completion_tokens or body.max_tokens)
-    # the template already wrote the special tokens; adding BOS again would change the prompt
-    generation = await _start(request, native, add_special_tokens=False)
 
     def choice(text: str, finish_reason: str | None, final: bool) -> dict:
         if final:
@@ -145,7 +136,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return {"index": 0, "delta": {"content": text}, "finish_reason": finish_reason}
 
     first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-    return await _respond(request, generation, body.stream, "chat.completion", choice, first)
+    return await _respond(request, native, "messages", body.stream, "chat.completion", choice, first)
 
 
 async def models(request: web.Request) -> web.Response:

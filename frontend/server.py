@@ -1,9 +1,13 @@
 """`cli.py serve`: start the engines, run the HTTP frontend on uvloop, stop everything cleanly.
 
-The frontend runs in this process; each engine is a child process started with the same Python.
-The IPC sockets live in a private temporary folder removed at exit, next to `frontend.json`,
-which lets `cli.py engine` find this server without the user copying socket paths. Engines also
-watch this process and exit if it disappears, so even a `kill -9` of the server leaves no orphans.
+The frontend runs in this process; each engine is a child process started with the same Python,
+kept alive by the supervisor (restarted with backoff when lost). The IPC sockets live in a private
+temporary folder removed at exit, next to `frontend.json`, which lets `cli.py engine` find this
+server without the user copying socket paths. Engines also watch this process and exit within a
+second if it disappears (removing that folder), so even a `kill -9` of the server leaves nothing.
+
+SIGTERM drains: new requests get a 503 at once, open streams may finish until the drain deadline,
+then end with an error event, and the process exits.
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ import msgspec
 from aiohttp import web
 from tokenizers import Tokenizer
 
-from frontend.app import build_app
+from frontend.app import DRAINING, build_app
 from frontend.chat_template import ChatTemplate
+from frontend.supervisor import EngineSupervisor
 from hardware.model_source import ModelSource, resolve_model
 from hardware.plan import PlanOverrides
 from ipc.discovery import RUNTIME_PREFIX, FrontendInfo
@@ -33,6 +38,7 @@ log = logging.getLogger("kiln.frontend")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINE_STOP_TIMEOUT_S = 10.0
+CONNECTION_CLOSE_TIMEOUT_S = 5.0  # after the drain, for handlers to send their last event
 
 
 @dataclass
@@ -42,10 +48,11 @@ class ServeConfig:
     port: int = 8000
     devices: list[int | None] = field(default_factory=lambda: [None])  # one engine each; None = CPU
     overrides: PlanOverrides = field(default_factory=PlanOverrides)
-    engine_port: int | None = None  # also accept engines over tcp on this port and the next
-    engine_host: str = "0.0.0.0"
+    engine_port: int | None = None  # also accept engines over tcp on this port and the next, on `host`
     secret: str | None = None
     api_key: str | None = None  # clients must send `Authorization: Bearer <key>`
+    max_restarts: int = 5  # restarts of one engine in a row before the frontend gives up (exits non-zero)
+    drain_timeout: float = 30.0  # seconds open streams may run on after SIGTERM
 
 
 def load_tokenizer(source: ModelSource) -> Tokenizer:
@@ -59,21 +66,21 @@ class Server:
         self.config = config
         self.source = source
         self.runtime_dir = Path(tempfile.mkdtemp(prefix=RUNTIME_PREFIX))
-        self.processes: dict[str, subprocess.Popen] = {}
         self.stopping = asyncio.Event()
-        self.ever_ready = False
         self.info = FrontendInfo(
             input=f"ipc://{self.runtime_dir}/input", output=f"ipc://{self.runtime_dir}/output",
             model=source.name, model_path=source.path, pid=os.getpid(), url=f"http://{config.host}:{config.port}")
         inputs, outputs = [self.info.input], [self.info.output]
         if config.engine_port is not None:
-            self.info.tcp_input = f"tcp://{config.engine_host}:{config.engine_port}"
-            self.info.tcp_output = f"tcp://{config.engine_host}:{config.engine_port + 1}"
+            self.info.tcp_input = f"tcp://{config.host}:{config.engine_port}"
+            self.info.tcp_output = f"tcp://{config.host}:{config.engine_port + 1}"
             inputs.append(self.info.tcp_input)
             outputs.append(self.info.tcp_output)
         self.client = EngineClient(inputs, outputs, source.name, config.secret)
+        self.supervisor = EngineSupervisor(self.client, self.launch_engine, config.max_restarts)
+        self.client.on_engine_lost = self.supervisor.on_engine_lost
 
-    def start_engine(self, engine_id: str, gpu: int | None) -> None:
+    def launch_engine(self, engine_id: str, gpu: int | None) -> subprocess.Popen:
         cmd = [
             sys.executable, "-m", "engine_core.main",
             "--input", self.info.input, "--output", self.info.output,
@@ -86,70 +93,72 @@ class Server:
         env = dict(os.environ)
         if self.config.secret:
             env["KILN_SECRET"] = self.config.secret  # env, not argv: other users can read argv in ps
-        self.processes[engine_id] = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True)
-
-    async def watch_engines(self) -> None:
-        """Turn a child engine's exit into `engine_lost` at once (attached engines are caught by
-        their missing heartbeats); give up if no engine ever became ready."""
-        while not self.stopping.is_set():
-            for engine_id, process in list(self.processes.items()):
-                code = process.poll()
-                if code is not None:
-                    del self.processes[engine_id]
-                    self.client.engine_lost(engine_id, f"process {process.pid} exited with code {code}")
-            if not self.processes and not self.ever_ready and not self.client.engine_ready.is_set():
-                log.error("no engine could start: %s", "; ".join(self.client.failures) or "all engines exited")
-                self.stopping.set()
-            await asyncio.sleep(0.2)
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True)
 
     async def run(self) -> int:
         await self.client.start()
         (self.runtime_dir / "frontend.json").write_bytes(msgspec.json.encode(self.info))
         for index, gpu in enumerate(self.config.devices):
-            self.start_engine(f"engine-{index}", gpu)
+            self.supervisor.start(f"engine-{index}", gpu)
         template = None if self.source.is_hub else ChatTemplate.from_folder(self.source.path)
-        app = build_app(self.client, load_tokenizer(self.source), self.source.name, template, self.config.api_key)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        app = build_app(self.client, load_tokenizer(self.source), self.source.name, template, self.config.api_key,
+                        self.supervisor)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                               shutdown_timeout=CONNECTION_CLOSE_TIMEOUT_S)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port)
         await site.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
-        watcher = asyncio.create_task(self.watch_engines())
-        ready = asyncio.create_task(self.client.engine_ready.wait())
-        stop = asyncio.create_task(self.stopping.wait())
-        await asyncio.wait([ready, stop], return_when=asyncio.FIRST_COMPLETED)
-        code = 0
-        if ready.done():
-            self.ever_ready = True
-            print(f"kiln: serving {self.source.name} on http://{self.config.host}:{self.config.port}", flush=True)
-            await stop
-        else:
-            code = 1
-            print("kiln: could not start: " + ("; ".join(self.client.failures) or "engine exited"),
-                  file=sys.stderr, flush=True)
-        ready.cancel()
+        watcher = asyncio.create_task(self.supervisor.watch())
+        code = await self.serve_until_stopped()
+        if code == 0:
+            await self.drain(app)
         watcher.cancel()
         await runner.cleanup()
         await self.client.close()
-        self.stop_engines()
+        self.supervisor.stop_all(ENGINE_STOP_TIMEOUT_S)
         return code
 
-    def stop_engines(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(ENGINE_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.processes.clear()
+    async def serve_until_stopped(self) -> int:
+        """0 after a stop signal; 1 when no engine could start, or the supervisor gave up."""
+        ready = asyncio.create_task(self.client.engine_ready.wait())
+        stop = asyncio.create_task(self.stopping.wait())
+        trouble = asyncio.create_task(self.supervisor.changed.wait())
+        try:
+            await asyncio.wait([ready, stop, trouble], return_when=asyncio.FIRST_COMPLETED)
+            if ready.done():
+                print(f"kiln: serving {self.source.name} on http://{self.config.host}:{self.config.port}",
+                      flush=True)
+                await asyncio.wait([stop, trouble], return_when=asyncio.FIRST_COMPLETED)
+            if stop.done():
+                return 0
+            if self.supervisor.gave_up:
+                print(f"kiln: giving up: {self.supervisor.gave_up}", file=sys.stderr, flush=True)
+            else:
+                print("kiln: could not start: " + ("; ".join(self.client.failures) or "engine exited"),
+                      file=sys.stderr, flush=True)
+            return 1
+        finally:
+            for task in (ready, stop, trouble):
+                task.cancel()
+
+    async def drain(self, app: web.Application) -> None:
+        """Refuse new requests at once; let open streams finish until the deadline, then end them."""
+        app[DRAINING].set()
+        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
+        if self.client.streams:
+            log.info("draining %d open requests (at most %.0f s)", len(self.client.streams), self.config.drain_timeout)
+        while self.client.streams and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.client.streams:
+            log.warning("drain deadline: ending %d open requests", len(self.client.streams))
+            await self.client.end_all(f"the server is shutting down (drain timeout {self.config.drain_timeout:.0f} s)")
+            await asyncio.sleep(0.2)  # let the handlers send their error events
 
     def cleanup(self) -> None:
-        self.stop_engines()
+        self.supervisor.stop_all(ENGINE_STOP_TIMEOUT_S)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 

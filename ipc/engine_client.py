@@ -3,22 +3,24 @@
 One ROUTER socket talks with each engine's DEALER (hello and welcome, then requests and aborts,
 addressed by engine id); one PULL socket receives step outputs and heartbeats. Both live on the
 frontend's event loop through zmq.asyncio, so the loop never blocks. Each request gets an
-asyncio.Queue of `RequestOutput`s. An engine that exits, falls silent or stops making progress is
-dropped: its requests that have no token yet go to another engine, the others end with an
-explicit error, never a hang.
+asyncio.Queue of `RequestOutput`s. An engine that exits, falls silent, stops making progress or
+fails step after step is dropped: its requests that have no token yet go to another engine, the
+others end with an explicit error, never a hang. Silence is measured on a clock that leaves out
+the time the event loop itself was stalled, so a busy frontend never drops a healthy engine.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 
 from ipc.security import CurveKeys
+from ipc.stall_clock import StallFreeClock
 from ipc.messages import (
     Abort,
     Welcome,
@@ -42,6 +44,8 @@ HEARTBEAT_TIMEOUT_S = 5.0
 LOADING_HEARTBEAT_TIMEOUT_S = 60.0  # a big checkpoint load can hold the GIL for a while
 PROGRESS_TIMEOUT_S = 60.0  # an engine holding requests must finish a step within this (hung-engine check)
 QUEUE_PER_SLOT = 8  # waiting requests allowed per KV slot before new ones get a 429
+MAX_FAILED_STEPS = 5  # an engine whose steps fail this many times in a row is dropped (and restarted if ours)
+LIVENESS_TICK_S = 0.5
 
 
 class NoEngineAvailable(Exception):
@@ -51,11 +55,12 @@ class NoEngineAvailable(Exception):
 @dataclass(eq=False)
 class EngineHandle:
     hello: EngineHello
+    last_seen: float  # on the client's stall-free clock, as is last_progress
     ready: bool = False
     stats: EngineStats = field(default_factory=EngineStats)
-    last_seen: float = field(default_factory=time.monotonic)
     requests: set[str] = field(default_factory=set)
-    last_progress: float = field(default_factory=time.monotonic)  # last time `steps` advanced
+    last_progress: float = 0.0  # last time `steps` advanced
+    failed_steps: int = 0  # step outputs in a row that were all errors, with no step completed
 
     @property
     def engine_id(self) -> str:
@@ -76,6 +81,7 @@ class EngineHandle:
             "gpu_peak_bytes": self.stats.gpu_peak_bytes,
             "gpu_allocated_bytes": self.stats.gpu_allocated_bytes,
             "outstanding_requests": len(self.requests),
+            "failed_steps": self.failed_steps,
             "max_batch": self.hello.plan.max_batch,
             "max_context": self.hello.plan.max_context,
         }
@@ -102,7 +108,7 @@ class RequestStream:
 
 class EngineClient:
     def __init__(self, input_addresses: list[str], output_addresses: list[str], model_name: str,
-                 secret: str | None = None):
+                 secret: str | None = None, on_engine_lost: Callable[[str, str], None] | None = None):
         self.input_addresses = input_addresses  # e.g. ipc:// for local engines, tcp:// for other machines
         self.output_addresses = output_addresses
         self.model_name = model_name
@@ -113,8 +119,11 @@ class EngineClient:
         self._context = zmq.asyncio.Context()
         self._encoder, _ = engine_input_codec()
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()  # fire-and-forget sends, referenced until done
         self._dropped: set[str] = set()  # engines dropped for silence; if they speak again, they are sent away
         self.engine_ready = asyncio.Event()
+        self.on_engine_lost = on_engine_lost  # (engine id, why): the supervisor restarts engines it started
+        self.clock = StallFreeClock(LIVENESS_TICK_S)
 
     async def start(self) -> None:
         if self.keys is not None:
@@ -133,6 +142,7 @@ class EngineClient:
         sock.setsockopt(zmq.LINGER, 0)
         if kind == zmq.ROUTER:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished engine raises, never vanishes
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted engine takes its name back from the old route
         if self.keys is not None:
             self.keys.as_server(sock)
         for address in addresses:
@@ -142,9 +152,10 @@ class EngineClient:
     async def close(self) -> None:
         for engine_id in list(self.engines):
             await self._send(engine_id, Shutdown())
-        for task in self._tasks:
+        tasks = self._tasks + list(self._background)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._router.close()
         self._pull.close()
         if self.keys is not None:
@@ -176,12 +187,32 @@ class EngineClient:
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                      engine: EngineHandle | None = None) -> RequestStream:
+        """Register a stream and send its request. Whatever goes wrong in here (no engine, a message
+        that cannot be encoded, the caller cancelled mid-send), nothing stays registered."""
         stream = RequestStream(Request(request_id, prompt_ids, params), "")
         self.streams[request_id] = stream
-        if not await self._dispatch(stream, engine or self.pick_engine()):
+        try:
+            reached = await self._dispatch(stream, engine or self.pick_engine())
+        except BaseException:
+            self._finish(stream)
+            if stream.engine_id:  # it may have left before the failure: make sure the engine drops it
+                self._spawn(self._send(stream.engine_id, Abort([request_id])))
+            raise
+        if not reached:
             self._finish(stream)
             raise NoEngineAvailable("no engine is reachable")
         return stream
+
+    async def end_all(self, why: str) -> None:
+        """End every open stream with an explicit error and abort it in its engine (shutdown)."""
+        for stream in list(self.streams.values()):
+            self._fail(stream, why)
+            await self._send(stream.engine_id, Abort([stream.request_id]))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _dispatch(self, stream: RequestStream, engine: EngineHandle) -> bool:
         stream.engine_id = engine.engine_id
@@ -236,7 +267,9 @@ class EngineClient:
                 self.failures.append(reason)
             else:
                 log.info("engine %s (pid %d) on %s says hello; loading", hello.engine_id, hello.pid, hello.device)
-                self.engines[hello.engine_id] = EngineHandle(hello)
+                now = self.clock.now()
+                self.engines[hello.engine_id] = EngineHandle(hello, last_seen=now, last_progress=now)
+                self._dropped.discard(hello.engine_id)
             await self._send(hello.engine_id, Welcome(accepted=not reason, reason=reason))
 
     def _refusal(self, hello: EngineHello) -> str:
@@ -264,6 +297,8 @@ class EngineClient:
 
     def _handle(self, message) -> None:
         if isinstance(message, StepOutputs):
+            if self._count_failed_step(message):
+                return
             self._note_stats(message.engine_id, message.stats)
             for output in message.outputs:
                 stream = self.streams.get(output.request_id)
@@ -278,23 +313,42 @@ class EngineClient:
         elif isinstance(message, EngineReady):
             engine = self.engines.get(message.engine_id)
             if engine is not None:
-                engine.ready, engine.last_seen = True, time.monotonic()
+                engine.ready, engine.last_seen = True, self.clock.now()
                 log.info("engine %s ready (loaded in %.1f s)", message.engine_id, message.load_seconds)
                 self.engine_ready.set()
         elif isinstance(message, EngineFailed):
             self.failures.append(message.message)
             self.engine_lost(message.engine_id, message.message)
 
+    def _count_failed_step(self, message: StepOutputs) -> bool:
+        """An engine whose steps all fail (a broken device, a corrupted model) must stop being picked:
+        after MAX_FAILED_STEPS failed outputs in a row with no completed step, it is dropped and told
+        to stop. True when that happened (its outputs were already turned into errors)."""
+        engine = self.engines.get(message.engine_id)
+        if engine is None:
+            return False
+        if message.stats.steps != engine.stats.steps:
+            engine.failed_steps = 0
+        elif message.outputs and all(o.finish_reason == "error" for o in message.outputs):
+            engine.failed_steps += 1
+            if engine.failed_steps >= MAX_FAILED_STEPS:
+                why = f"{engine.failed_steps} steps in a row failed (last: {message.outputs[-1].error})"
+                self.failures.append(f"engine {engine.engine_id}: {why}")
+                self.engine_lost(engine.engine_id, why)
+                self._spawn(self._send(engine.engine_id, Shutdown()))
+                return True
+        return False
+
     def _note_stats(self, engine_id: str, stats: EngineStats) -> None:
         engine = self.engines.get(engine_id)
         if engine is None:
             if engine_id in self._dropped:  # it was dropped but lives on: tell it to go, not to linger
                 self._dropped.discard(engine_id)
-                asyncio.ensure_future(self._send(engine_id, Welcome(
+                self._spawn(self._send(engine_id, Welcome(
                     accepted=False, reason="the frontend dropped this engine after missed heartbeats; "
                                            "restart it to attach again")))
             return
-        now = time.monotonic()
+        now = self.clock.now()
         if stats.steps != engine.stats.steps or not engine.requests:
             engine.last_progress = now
         engine.stats, engine.last_seen = stats, now
@@ -313,9 +367,11 @@ class EngineClient:
             if stream is None:
                 continue
             if stream.tokens_received == 0 and self.ready_engines():
-                asyncio.ensure_future(self._redispatch(stream, f"engine {engine_id} lost: {why}"))
+                self._spawn(self._redispatch(stream, f"engine {engine_id} lost: {why}"))
             else:
                 self._fail(stream, f"engine {engine_id} lost: {why}")
+        if self.on_engine_lost is not None:
+            self.on_engine_lost(engine_id, why)
 
     async def _redispatch(self, stream: RequestStream, why: str) -> None:
         for engine in sorted(self.ready_engines(), key=self.outstanding_tokens):
@@ -330,8 +386,12 @@ class EngineClient:
 
     async def _liveness_loop(self) -> None:
         while True:
-            await asyncio.sleep(0.5)
-            now = time.monotonic()
+            await asyncio.sleep(LIVENESS_TICK_S)
+            stalled = self.clock.tick()
+            if stalled:
+                log.warning("the event loop was stalled for %.1f s; not counted against engines' heartbeats",
+                            stalled)
+            now = self.clock.now()
             for engine in list(self.engines.values()):
                 timeout = HEARTBEAT_TIMEOUT_S if engine.ready else LOADING_HEARTBEAT_TIMEOUT_S
                 if now - engine.last_seen > timeout:
