@@ -23,9 +23,9 @@ log = logging.getLogger("kiln.engine")
 
 
 def uses_cuda_graphs(plan) -> bool:
-    """Decode from CUDA graphs wherever the whole model sits on one GPU; offloaded layers move
-    weights with host-side hooks on every forward, which a graph cannot replay."""
-    return plan.device.startswith("cuda") and not plan.offload
+    """The planner decides (whole model on one GPU); offloaded layers move weights with host-side
+    hooks on every forward, which a graph cannot replay, so those never use them."""
+    return plan.cuda_graphs and plan.device.startswith("cuda") and not plan.offload
 
 
 class Engine:

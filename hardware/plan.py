@@ -37,6 +37,7 @@ class ServingPlan(msgspec.Struct, kw_only=True):
     kv_cache_tokens: int
     weights_bytes: int
     compile: bool = False
+    cuda_graphs: bool = False  # decode steps replayed from CUDA graphs (whole model on one GPU)
     kv_dtype: str = ""  # dtype of the KV cache; "" = the weight dtype (GPU plans)
     prefill_chunk: int = 256  # tokens of prompt computed per engine step, bounds inter-token latency
     reasons: dict[str, str] = msgspec.field(default_factory=dict)

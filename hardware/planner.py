@@ -499,11 +499,13 @@ def _plan_gpu(shape: ModelShape, profile: HardwareProfile, gpu: GpuInfo, overrid
             reasons["offload"] += f"; all {shape.num_layers} layers on the GPU ({describe(overrides, 'gpu_layers')})"
         batch, ctx, kv_tokens = _finish(shape, overrides, reasons, overridden, chosen.kv_room, chosen.kv_per_token)
         compile_ = _common(reasons, overridden, overrides, chunk, chunk_why)
+        reasons["cuda_graphs"] = ("yes: decode steps replay CUDA graphs captured at warmup per batch and key-span bucket "
+                                  "(one launch per step instead of hundreds of kernels); prompt chunks run eager")
         reasons["device"] += f"; {budget_why}, reserve {fb(reserve)} = 1 GiB CUDA context/workspaces + activation peak"
         return ServingPlan(
             device=f"cuda:{gi}", dtype=dtype, quantization="nf4" if chosen.quantized else None,
             double_quant=chosen.quantized, offload=False, device_map={"": gi}, max_batch=batch, max_context=ctx,
-            kv_cache_tokens=kv_tokens, weights_bytes=chosen.weights, compile=compile_, prefill_chunk=chunk,
+            kv_cache_tokens=kv_tokens, weights_bytes=chosen.weights, compile=compile_, cuda_graphs=True, prefill_chunk=chunk,
             reasons=reasons, overridden=overridden, max_memory={str(gi): budget - reserve - kv_tokens * chosen.kv_per_token},
             kv_bytes_per_token=chosen.kv_per_token, kv_cache_bytes=kv_tokens * chosen.kv_per_token,
             reserve_bytes=reserve, budget_bytes=budget, offload_bytes=0, total_params=shape.total_params, model=shape.name,
@@ -657,6 +659,7 @@ def _plan_offload(
     )
     batch, ctx, kv_tokens = _finish(shape, overrides, reasons, overridden, kv_room, kv_per_token)
     compile_ = _common(reasons, overridden, overrides, chunk, chunk_why)
+    reasons["cuda_graphs"] = "no: offloaded weights are moved by host-side hooks on every forward, which a graph cannot replay"
     reasons["device"] += (
         f"; {budget_why}, reserve {fb(reserve)} = 1 GiB CUDA context/workspaces + activation peak, "
         f"plus {fb(stream)} for the streamed layer"

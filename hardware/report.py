@@ -13,8 +13,8 @@ from hardware.plan import PlanOverrides, ServingPlan
 from hardware.profile import HardwareProfile, format_bytes as fb
 
 ROWS = ("device", "dtype", "kv_dtype", "quantization", "offload", "embed_lm_head", "max_batch", "max_context",
-        "kv_cache_tokens", "weights_bytes", "compile", "prefill_chunk")
-GPU_ONLY_ROWS = {"embed_lm_head"}  # on a CPU-only machine every weight is in RAM (or on disk)
+        "kv_cache_tokens", "weights_bytes", "compile", "cuda_graphs", "prefill_chunk")
+GPU_ONLY_ROWS = {"embed_lm_head", "cuda_graphs"}  # on a CPU-only machine every weight is in RAM (or on disk)
 
 
 def _where(device: str | int | None) -> str:
@@ -52,8 +52,8 @@ def _value(plan: ServingPlan, key: str) -> str:
         return f"{plan.kv_cache_tokens} ({fb(plan.kv_cache_bytes)})" if plan.kv_cache_bytes else str(plan.kv_cache_tokens)
     if key == "kv_dtype":
         return plan.kv_dtype or plan.dtype
-    if key == "compile":
-        return "yes" if plan.compile else "no"
+    if key in ("compile", "cuda_graphs"):
+        return "yes" if getattr(plan, key) else "no"
     return str(getattr(plan, key))
 
 
