@@ -94,3 +94,17 @@ def test_gpu_report_renders_every_section(tmp_path):
     assert "NVIDIA H100" in text and "| 16 | 11 |" in text and "22.50x" in text and "peak 14.00 GiB" in text
     assert json.loads((tmp_path / "gpu_report.json").read_text())["scenarios"]["speed"]["status"] == "PASS"
     assert markdown(json.loads((tmp_path / "gpu_report.json").read_text())) == text
+
+
+def test_a_background_build_is_waited_for(tmp_path, default_model_path):
+    from bench.gpu import Session, build_model, start_background_build
+    from bench.random_model import tiny_config, write_config_dir
+
+    session = Session(outdir=tmp_path, workdir=tmp_path, tokenizer_dir=default_model_path, cpu=True,
+                      budget=Deadline.after(120))
+    config = write_config_dir(tiny_config("llama"), tmp_path / "config")
+    start_background_build(session, "tiny", config, dtype="float32")
+    res = Result("x")
+    out = build_model(session, res, "tiny", config, Deadline.after(100))
+    assert (out / "model.safetensors").is_file() and not session.background and "build_tiny_s" in res.numbers
+    assert build_model(session, res, "tiny", config, Deadline.after(100)) == out  # built once per run
