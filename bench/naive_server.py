@@ -78,8 +78,7 @@ class NaiveModel:
         self.tok = AutoTokenizer.from_pretrained(path)
         # On the GPU when there is one, as kiln's engine is: a CPU baseline beside a GPU server compares nothing.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                          device_map={"": self.device}).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.eos = self.model.generation_config.eos_token_id
         self.pad = self.model.generation_config.pad_token_id
         if self.pad is None:
