@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from bench.gpu import Deadline, OutOfTime, Result, gpu_side_plan_bytes, nf4_ratio, table_rows
+from bench.gpu import Deadline, OutOfTime, Result, gpu_side_plan_bytes
+from bench.gpu_report import nf4_ratio, table_rows
 from tests.conftest import REPO_ROOT
 
 
@@ -57,7 +58,8 @@ def test_a_spent_deadline_refuses_more_work():
 def test_gpu_report_renders_every_section(tmp_path):
     """The GPU-only paths (memory check against an offload plan, NF4 ratio, step-time and bench tables)
     on made-up numbers: a rendering slip must not surface first on the borrowed machine."""
-    from bench.gpu import Session, check_memory, markdown, write_report, acceptance
+    from bench.gpu import Session, check_memory
+    from bench.gpu_report import acceptance, markdown, write_report
 
     session = Session(outdir=tmp_path, workdir=tmp_path, tokenizer_dir=tmp_path, cpu=False,
                       budget=Deadline.after(100), device={"mode": "gpu", "gpus": [
