@@ -55,6 +55,10 @@ def _text_config(config):
 class ModelRunner:
     def __init__(self, model: nn.Module, max_batch: int, max_context: int, device: torch.device, kv_dtype,
                  cuda_graphs: bool = False):
+        from hardware.model_config import unsupported_architecture
+
+        if (reason := unsupported_architecture(getattr(model.config, "model_type", None))) is not None:
+            raise UnsupportedModel(reason)
         config = _text_config(model.config)
         layers = getattr(getattr(model, "model", None), "layers", None)
         if layers is None:

@@ -15,16 +15,50 @@ import msgspec
 
 from hardware.gguf_meta import GGUFMetadata, read_gguf_metadata
 
-# model_type values whose decoder is Llama-shaped: q/k/v/o + gated MLP (gate, up, down), RMSNorm.
-GATED = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite", "cohere"}
-TWO_MATRIX_MLP = {"starcoder2"}  # c_fc/c_proj MLP with biases, LayerNorm with bias
-# Architectures whose transformers modules are named model.embed_tokens / model.layers.N /
-# model.norm / model.rotary_emb / lm_head, so the planner's device_map fits them as is.
-ACCELERATE_LAYOUT = GATED | TWO_MATRIX_MLP
+# What kiln serves, by HF model_type: the one list that both the shape reader (so `plan`, and every
+# engine before it loads weights, refuses anything else) and the model runner check. Each entry has an
+# exactness test (tests/test_architectures.py): transformers' own modules run with kiln's attention
+# plugged in and must give `generate`'s greedy tokens; the note says what sets the architecture apart.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "llama": "the reference decoder",
+    "mistral": "sliding-window attention",
+    "qwen2": "q/k/v biases, sliding window on upper layers",
+    "qwen3": "per-head q/k RMSNorm",
+    "starcoder2": "LayerNorm, plain 2-matrix MLP with biases, sliding window",
+    "phi3": "fused qkv_proj and gate_up_proj",
+    "gemma2": "attention and final logit softcapping, alternating sliding layers",
+    "gemma3_text": "q/k norms, local/global layers with their own rotary bases",
+    "granite": "embedding, residual, attention multipliers and logits scaling",
+    "smollm3": "NoPE layers (no rotary embedding every few layers)",
+    "olmo2": "q/k RMSNorm over all heads, norms after attention and MLP",
+    "cohere": "parallel attention and MLP, LayerNorm, logit scale",
+}
+# llama.cpp's names for architectures transformers loads from GGUF under another model_type
+GGUF_MODEL_TYPES = {"command-r": "cohere", "gemma3": "gemma3_text"}
+
+# c_fc/c_proj MLP with biases, LayerNorm with bias; every other supported decoder is sized as
+# q/k/v/o (phi3: fused, same count) + gated MLP (gate, up, down) + RMSNorm-sized norms
+TWO_MATRIX_MLP = {"starcoder2"}
+# Every supported architecture names its modules model.embed_tokens / model.layers.N / model.norm /
+# model.rotary_emb / lm_head (checked on transformers 5.17 and 5.24), so the planner's device_map fits.
+ACCELERATE_LAYOUT = frozenset(SUPPORTED_ARCHITECTURES)
 
 
 class ModelConfigError(ValueError):
-    """The config cannot be read or lacks a field the planner needs."""
+    """The config cannot be read, lacks a field the planner needs, or names an unsupported architecture."""
+
+
+def unsupported_architecture(model_type: str | None) -> str | None:
+    """The one-line refusal for a model_type kiln does not serve; None when it is supported."""
+    if model_type in SUPPORTED_ARCHITECTURES:
+        return None
+    return (f"architecture {model_type!r} is not supported; kiln serves "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (each tested token for token against transformers)")
+
+
+def _check_supported(model_type: str) -> None:
+    if (reason := unsupported_architecture(model_type)) is not None:
+        raise ModelConfigError(reason)
 
 
 class ModelShape(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,10 +94,14 @@ def _get(cfg: dict, *keys: str, default=None):
 
 
 def shape_from_config(cfg: dict, *, name: str = "model", source: str = "") -> ModelShape:
-    """Parameter arithmetic for a HF config dict (text models; a `text_config` is used if present)."""
+    """Parameter arithmetic for a HF config dict (text models; a `text_config` is used if present).
+
+    The architecture is the outer model_type: a multimodal wrapper (e.g. "gemma3", "llava") is not its
+    text decoder as far as loading goes, so it is refused rather than planned as one."""
+    arch = str(cfg.get("model_type") or "unknown")
+    _check_supported(arch)
     if "text_config" in cfg and "hidden_size" not in cfg:
         cfg = {**cfg["text_config"], "torch_dtype": cfg.get("torch_dtype", cfg.get("dtype"))}
-    arch = str(cfg.get("model_type") or "unknown")
     notes: list[str] = []
     h = int(_get(cfg, "hidden_size", "n_embd", "d_model"))
     layers = int(_get(cfg, "num_hidden_layers", "n_layer", "num_layers"))
@@ -85,8 +123,6 @@ def shape_from_config(cfg: dict, *, name: str = "model", source: str = "") -> Mo
             layer_other += q_out + 2 * kv_out + h + inter + h  # q, k, v, o, c_fc, c_proj biases
         final_norm = 2 * h
     else:
-        if arch not in GATED:
-            notes.append(f"unknown architecture {arch!r}: assumed Llama-like (gated MLP, RMSNorm, no biases)")
         mlp_linear = 3 * h * inter
         layer_other = 2 * h  # input and post-attention RMSNorm
         if arch == "qwen2" or cfg.get("attention_bias"):
@@ -95,7 +131,7 @@ def shape_from_config(cfg: dict, *, name: str = "model", source: str = "") -> Mo
                 layer_other += h  # Llama's attention_bias also adds an o_proj bias
         if cfg.get("mlp_bias"):
             layer_other += 2 * inter + h
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3_text"):
             layer_other += 2 * hd  # q_norm, k_norm
         final_norm = h
 
@@ -121,7 +157,9 @@ def shape_from_gguf(meta: GGUFMetadata, *, name: str = "model", source: str = ""
     `output.weight` tensor means the lm_head is tied to `token_embd.weight`.
     """
     f = meta.fields
-    arch = str(f.get("general.architecture", "unknown"))
+    arch = str(f.get("general.architecture", "unknown"))  # the prefix of the file's keys
+    model_type = GGUF_MODEL_TYPES.get(arch, arch)
+    _check_supported(model_type)
 
     def key(suffix: str, default=None):
         value = f.get(f"{arch}.{suffix}", default)
@@ -154,13 +192,11 @@ def shape_from_gguf(meta: GGUFMetadata, *, name: str = "model", source: str = ""
             layer = t.name.split(".")[1]
             per_layer[layer] = per_layer.get(layer, 0) + t.numel
     notes = []
-    if arch not in ACCELERATE_LAYOUT:
-        notes.append(f"architecture {arch!r} not checked against transformers module names")
     file_type = f.get("general.file_type")
     if file_type is not None:
         notes.append(f"GGUF file_type {file_type}: sized as the dequantized model the engine loads")
     return ModelShape(
-        name=name, architecture=arch, num_layers=int(key("block_count")), hidden_size=h,
+        name=name, architecture=model_type, num_layers=int(key("block_count")), hidden_size=h,
         intermediate_size=inter, num_attention_heads=heads, num_kv_heads=kv, head_dim=hd,
         vocab_size=vocab, max_position_embeddings=int(key("context_length", 2048)),
         tie_word_embeddings=lm_head == 0, embedding_params=embedding, lm_head_params=lm_head,

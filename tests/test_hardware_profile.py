@@ -154,12 +154,12 @@ def test_folder_with_only_config_and_config_file(tmp_path):
     assert a.total_params == b.total_params
 
 
-def test_unknown_architecture_is_best_effort_with_a_note():
+def test_unknown_architecture_is_refused_in_one_line():
     cfg = {"model_type": "mystery", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
            "intermediate_size": 512, "vocab_size": 1000, "max_position_embeddings": 1024}
-    s = shape_from_config(cfg)
-    assert s.decoder_linear_params == 2 * (4 * 256 * 256 + 3 * 256 * 512)
-    assert any("mystery" in n for n in s.notes)
+    with pytest.raises(ModelConfigError, match="architecture 'mystery' is not supported") as refused:
+        shape_from_config(cfg)
+    assert "\n" not in str(refused.value)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
