@@ -99,13 +99,16 @@ def _attend(q, k, v, mask, scale, softcap, causal=False):
 def kiln_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                    softcap=None, kiln_step: StepContext | None = None, **kwargs):
     """transformers' attention signature: q [1, heads, n, d], k/v [1, kv_heads, n, d] (rotated) in,
-    [1, n, heads, d] out. The model's own mask is ignored: the layout in `kiln_step` defines it."""
+    [1, n, heads, d] out. The model's own mask is ignored: the layout in `kiln_step` defines it.
+
+    The layer's window is the `sliding_window` keyword only, the contract transformers' flash attention
+    relies on too (sdpa and eager get it through the mask instead): a module attribute can be set on
+    layers that attend globally (e.g. exaone4), so it is never read."""
     ctx = kiln_step
     if ctx is None:  # no mask was built either (see register): refuse rather than attend wrongly
         raise RuntimeError("a model set to kiln attention runs inside kiln's ModelRunner only (no kiln_step given)")
-    layer = module.layer_idx
-    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
-    cache_k, cache_v = ctx.cache_k[layer], ctx.cache_v[layer]
+    window = sliding_window
+    cache_k, cache_v = ctx.cache_k[module.layer_idx], ctx.cache_v[module.layer_idx]
     q = query[0].transpose(0, 1)  # [n, heads, d]
     cache_k[ctx.slots, :, ctx.positions] = key[0].transpose(0, 1).to(cache_k.dtype)
     cache_v[ctx.slots, :, ctx.positions] = value[0].transpose(0, 1).to(cache_v.dtype)
