@@ -44,6 +44,7 @@ HEARTBEAT_TIMEOUT_S = 5.0
 LOADING_HEARTBEAT_TIMEOUT_S = 60.0  # a big checkpoint load can hold the GIL for a while
 PROGRESS_TIMEOUT_S = 60.0  # an engine holding requests must finish a step within this (hung-engine check)
 QUEUE_PER_SLOT = 8  # waiting requests allowed per KV slot before new ones get a 429
+QUEUED_TOKENS_PER_KV_TOKEN = 2  # and tokens of work (prompts + budgets) queued beyond what the KV cache holds
 MAX_FAILED_STEPS = 5  # an engine whose steps fail this many times in a row is dropped (and restarted if ours)
 LIVENESS_TICK_S = 0.5
 
@@ -168,9 +169,14 @@ class EngineClient:
         return [e for e in self.engines.values() if e.ready]
 
     def overloaded(self) -> bool:
-        """Say no early (429) rather than queue without bound: TGI's `overloaded`, SGLang's queue-full."""
-        capacity = sum(e.hello.plan.max_batch for e in self.ready_engines())
-        return len(self.streams) >= capacity * (1 + QUEUE_PER_SLOT)
+        """Say no early (429) rather than queue without bound: TGI's `overloaded`, SGLang's queue-full.
+        Both requests and tokens count: a queue of long generations is as full as a longer one of short ones."""
+        ready = self.ready_engines()
+        slots = sum(e.hello.plan.max_batch for e in ready)
+        kv_tokens = sum(e.hello.plan.kv_cache_tokens for e in ready)
+        queued_tokens = sum(stream.remaining for stream in self.streams.values())
+        return (len(self.streams) >= slots * (1 + QUEUE_PER_SLOT)
+                or queued_tokens >= kv_tokens * (1 + QUEUED_TOKENS_PER_KV_TOKEN))
 
     def pick_engine(self) -> EngineHandle:
         """Least outstanding work; ties go to the engine that has served least, so sequential

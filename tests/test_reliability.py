@@ -174,6 +174,22 @@ def test_a_completed_step_resets_the_failure_count():
     assert run(with_client(scenario)) == ["scripted"]
 
 
+def test_admission_counts_queued_tokens_as_well_as_requests():
+    """PLAN: 2 slots of 64 tokens (128 KV tokens). 18 requests would pass the request count, but
+    requests of 62 tokens of work each fill 3 × 128 tokens after 7."""
+    async def scenario(client, engine):
+        admitted = 0
+        while not client.overloaded() and admitted < 20:
+            await client.submit(f"r{admitted}", [1, 2], SamplingParams(max_new_tokens=60))
+            admitted += 1
+        for i in range(admitted):
+            await client.abort(f"r{i}")
+        return admitted, client.overloaded()
+
+    admitted, still_overloaded = run(with_client(scenario))
+    assert admitted == 7 and not still_overloaded
+
+
 def test_a_stalled_event_loop_does_not_drop_a_live_engine():
     """The whole machine freezes (a suspended laptop, a paused VM) for longer than the heartbeat
     timeout; the engine's next heartbeat comes its usual second after it thaws. The frontend's
