@@ -93,6 +93,21 @@ def _get(cfg: dict, *keys: str, default=None):
     raise ModelConfigError(f"config has none of {keys}")
 
 
+def _longrope_limit(cfg: dict) -> int | None:
+    """The context a longrope model must stay within to be served exactly, or None for other rotary types.
+
+    Longrope switches every layer to its long factors once the largest position in a forward passes
+    original_max_position_embeddings; kiln's forward holds every running sequence, so one long sequence
+    would change the rotation of the short ones beside it, which `generate` never does. Phi3 reads the
+    top-level field first (as transformers does), then the one inside the rope parameters."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    per_layer_type = [r for r in rope.values() if isinstance(r, dict)]  # e.g. {"full_attention": {...}, ...}
+    if not any((r.get("rope_type") or r.get("type")) == "longrope" for r in [rope, *per_layer_type]):
+        return None
+    inner = [r.get("original_max_position_embeddings") for r in [rope, *per_layer_type]]
+    return next((int(v) for v in [cfg.get("original_max_position_embeddings"), *inner] if v), None)
+
+
 def shape_from_config(cfg: dict, *, name: str = "model", source: str = "") -> ModelShape:
     """Parameter arithmetic for a HF config dict (text models; a `text_config` is used if present).
 
@@ -112,6 +127,10 @@ def shape_from_config(cfg: dict, *, name: str = "model", source: str = "") -> Mo
     vocab = int(_get(cfg, "vocab_size"))
     max_pos = int(_get(cfg, "max_position_embeddings", "n_positions", "max_seq_len", default=2048))
     tied = bool(cfg.get("tie_word_embeddings", True))  # PretrainedConfig's default is True
+    if (limit := _longrope_limit(cfg)) is not None and limit < max_pos:
+        notes.append(f"context capped at {limit} (original_max_position_embeddings, not {max_pos}): beyond it "
+                     "longrope's long factors would apply to every sequence of a step, not only the long one")
+        max_pos = limit
     q_out, kv_out = heads * hd, kv * hd
 
     attn_linear = h * q_out + 2 * h * kv_out + q_out * h

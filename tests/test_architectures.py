@@ -38,7 +38,9 @@ CASES = {
     "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),  # biased q/k/v
     "qwen3": dict(head_dim=32, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),  # q/k norms
     "starcoder2": dict(sliding_window=WINDOW, hidden_act="gelu_pytorch_tanh"),  # plain MLP, LayerNorm, biases
-    "phi3": dict(sliding_window=WINDOW),  # fused qkv_proj and gate_up_proj
+    "phi3": dict(sliding_window=WINDOW, original_max_position_embeddings=MAX_CONTEXT,  # fused qkv, gate_up
+                 rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.2, 1.5, 2, 3, 4, 6, 8],
+                                      long_factor=[8.0] * 8)),  # within the planner's longrope cap (below)
     "gemma2": dict(head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24, tie_word_embeddings=False,
                    attn_logit_softcapping=2.0, final_logit_softcapping=5.0),  # caps small enough to bite
     "gemma3_text": dict(head_dim=32, sliding_window=WINDOW, sliding_window_pattern=2, query_pre_attn_scalar=24,
@@ -118,6 +120,24 @@ def test_greedy_tokens_equal_transformers_generate(model_type):
     prompt_ids = prompts()
     expected = transformers_greedy(reference, prompt_ids)
     assert kiln_greedy(model, prompt_ids) == expected
+
+
+def test_longrope_context_is_capped_where_its_factors_switch():
+    """Past original_max_position_embeddings longrope would switch a whole step to its long factors,
+    short sequences included, so the plan never lets a sequence get there."""
+    from hardware.model_config import shape_from_config
+    from hardware.planner import make_plan
+    from hardware.profile import simulated_profile
+
+    config = {"model_type": "phi3", "hidden_size": 3072, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "intermediate_size": 8192, "vocab_size": 32064, "max_position_embeddings": 131072,
+              "original_max_position_embeddings": 4096,
+              "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}}
+    shape = shape_from_config(config)
+    assert shape.max_position_embeddings == 4096 and "longrope" in shape.notes[0]
+    assert make_plan(shape, simulated_profile(["A100:80GiB:8.0"], None, False)).max_context == 4096
+    unscaled = shape_from_config({k: v for k, v in config.items() if k != "rope_scaling"})
+    assert unscaled.max_position_embeddings == 131072
 
 
 # ---------------------------------------------------------------- everything else is refused
