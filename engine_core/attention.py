@@ -107,7 +107,6 @@ def kiln_attention(module, query, key, value, attention_mask, scaling=None, drop
     ctx = kiln_step
     if ctx is None:  # no mask was built either (see register): refuse rather than attend wrongly
         raise RuntimeError("a model set to kiln attention runs inside kiln's ModelRunner only (no kiln_step given)")
-    window = sliding_window
     cache_k, cache_v = ctx.cache_k[module.layer_idx], ctx.cache_v[module.layer_idx]
     q = query[0].transpose(0, 1)  # [n, heads, d]
     cache_k[ctx.slots, :, ctx.positions] = key[0].transpose(0, 1).to(cache_k.dtype)
@@ -115,18 +114,19 @@ def kiln_attention(module, query, key, value, attention_mask, scaling=None, drop
     d = ctx.decode
     if d is not None and d.rows is None:  # decode only (the CUDA-graph case): no scatter
         keys, values = cache_k[d.slots, :, : d.span], cache_v[d.slots, :, : d.span]
-        o = _attend(q[:, :, None, :].to(keys.dtype), keys, values, ctx.decode_mask(window), scaling, softcap)
+        o = _attend(q[:, :, None, :].to(keys.dtype), keys, values, ctx.decode_mask(sliding_window), scaling, softcap)
         return o[:, :, 0, :].to(query.dtype)[None], None
     out = torch.empty_like(q)
     if d is not None:
         keys, values = cache_k[d.slots, :, : d.span], cache_v[d.slots, :, : d.span]
-        o = _attend(q[d.rows][:, :, None, :].to(keys.dtype), keys, values, ctx.decode_mask(window), scaling, softcap)
+        mask = ctx.decode_mask(sliding_window)
+        o = _attend(q[d.rows][:, :, None, :].to(keys.dtype), keys, values, mask, scaling, softcap)
         out[d.rows] = o[:, :, 0, :].to(out.dtype)
     for chunk in ctx.prefills:
         end = chunk.start + chunk.length
         keys, values = cache_k[chunk.slot, :, :end][None], cache_v[chunk.slot, :, :end][None]
         qp = q[chunk.flat : chunk.flat + chunk.length].transpose(0, 1)[None].to(keys.dtype)
-        o = _attend(qp, keys, values, ctx.prefill_mask(chunk, window), scaling, softcap, causal=True)
+        o = _attend(qp, keys, values, ctx.prefill_mask(chunk, sliding_window), scaling, softcap, causal=True)
         out[chunk.flat : chunk.flat + chunk.length] = o[0].transpose(0, 1).to(out.dtype)
     return out[None], None
 
