@@ -51,9 +51,13 @@ def load(model: str, overrides, max_batch: int, context: int):
     plan = build_plan(model, gpu, overrides)
     device = torch.device(plan.device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.zeros(1, device=device)  # the CUDA context first: peak statistics need it
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     loaded = load_model(model, plan)
+    if plan.compile:
+        from engine_core.loader import compile_model
+
+        print(compile_model(loaded), flush=True)
     weights = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else sum(
         p.numel() * p.element_size() for p in loaded.parameters())
     kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=128, help="cached tokens per sequence")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers, as --compile does")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args(argv)
 
@@ -108,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
     batches = [int(b) for b in args.batches.split(",")]
     forced = {"dtype": args.dtype, "quantization": args.quantization}
-    overrides = PlanOverrides(**{k: v for k, v in forced.items() if v is not None},
+    overrides = PlanOverrides(**{k: v for k, v in forced.items() if v is not None}, compile=args.compile or None,
                               max_batch=max(batches), max_context=args.context)
     plan, runner, weights = load(args.model, overrides, max(batches), args.context)
+    if plan.compile:  # compile every decode shape before timing (capture needs it done outside the graph)
+        for batch in batches:
+            time_decode(runner, batch, args.prompt, 1)
     graphs = runner.graphs.capture_all() if runner.graphs is not None else "eager (no CUDA graphs on this plan)"
     bandwidth = copy_bandwidth(runner.device)
     roofline_ms = weights / bandwidth * 1000 if bandwidth else None

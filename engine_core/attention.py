@@ -43,14 +43,21 @@ class PrefillChunk:
 class StepContext:
     """What the attention of one step needs to know beyond q, k, v; built once per step."""
 
-    cache_k: list[torch.Tensor]  # per layer: [slots, kv_heads, context, head_dim]
-    cache_v: list[torch.Tensor]
     slots: torch.Tensor  # per flat token
     positions: torch.Tensor  # per flat token
     decode: DecodeLayout | None
     prefills: list[PrefillChunk]
     positions_range: torch.Tensor  # arange(context) on the device
-    _masks: dict = field(default_factory=dict)  # built on first use, shared by the layers of the step
+    _masks: dict = field(default_factory=dict)  # shared by the layers of the step
+
+    def prepare_masks(self, windows: tuple) -> None:
+        """Build every mask the layers will ask for before the first layer runs, so a compiled layer
+        only ever reads them (building inside would make the first layer trace differently)."""
+        for window in windows:
+            if self.decode is not None:
+                self.decode_mask(window)
+            for chunk in self.prefills:
+                self.prefill_mask(chunk, window)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         key = ("decode", window)
@@ -96,6 +103,18 @@ def _attend(q, k, v, mask, scale, softcap, causal=False):
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
 
 
+def _attend_decode(q, keys, values, mask, scale, softcap):
+    """One new token per sequence: q [B, heads, d] over keys/values [B, kv_heads, span, d].
+
+    The query heads that share a KV head become that head's query rows ([B, kv_heads, group, d]),
+    so GQA needs no expanded copy of K/V and the call has a plain shape that SDPA's fused kernels
+    take with a mask (one kernel per layer on a GPU instead of the math path's half a dozen)."""
+    batch, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+    return _attend(grouped, keys, values, mask, scale, softcap).reshape(batch, heads, dim)
+
+
 def kiln_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                    softcap=None, kiln_step: StepContext | None = None, **kwargs):
     """transformers' attention signature: q [1, heads, n, d], k/v [1, kv_heads, n, d] (rotated) in,
@@ -107,21 +126,20 @@ def kiln_attention(module, query, key, value, attention_mask, scaling=None, drop
     ctx = kiln_step
     if ctx is None:  # no mask was built either (see register): refuse rather than attend wrongly
         raise RuntimeError("a model set to kiln attention runs inside kiln's ModelRunner only (no kiln_step given)")
-    cache_k, cache_v = ctx.cache_k[module.layer_idx], ctx.cache_v[module.layer_idx]
+    cache_k, cache_v = module.kiln_k, module.kiln_v
     q = query[0].transpose(0, 1)  # [n, heads, d]
     cache_k[ctx.slots, :, ctx.positions] = key[0].transpose(0, 1).to(cache_k.dtype)
     cache_v[ctx.slots, :, ctx.positions] = value[0].transpose(0, 1).to(cache_v.dtype)
     d = ctx.decode
     if d is not None and d.rows is None:  # decode only (the CUDA-graph case): no scatter
         keys, values = cache_k[d.slots, :, : d.span], cache_v[d.slots, :, : d.span]
-        o = _attend(q[:, :, None, :].to(keys.dtype), keys, values, ctx.decode_mask(sliding_window), scaling, softcap)
-        return o[:, :, 0, :].to(query.dtype)[None], None
+        o = _attend_decode(q.to(keys.dtype), keys, values, ctx.decode_mask(sliding_window), scaling, softcap)
+        return o.to(query.dtype)[None], None
     out = torch.empty_like(q)
     if d is not None:
         keys, values = cache_k[d.slots, :, : d.span], cache_v[d.slots, :, : d.span]
         mask = ctx.decode_mask(sliding_window)
-        o = _attend(q[d.rows][:, :, None, :].to(keys.dtype), keys, values, mask, scaling, softcap)
-        out[d.rows] = o[:, :, 0, :].to(out.dtype)
+        out[d.rows] = _attend_decode(q[d.rows].to(keys.dtype), keys, values, mask, scaling, softcap).to(out.dtype)
     for chunk in ctx.prefills:
         end = chunk.start + chunk.length
         keys, values = cache_k[chunk.slot, :, :end][None], cache_v[chunk.slot, :, :end][None]
@@ -129,6 +147,15 @@ def kiln_attention(module, query, key, value, attention_mask, scaling=None, drop
         o = _attend(qp, keys, values, ctx.prefill_mask(chunk, sliding_window), scaling, softcap, causal=True)
         out[chunk.flat : chunk.flat + chunk.length] = o[0].transpose(0, 1).to(out.dtype)
     return out[None], None
+
+
+def attach_cache(attention_module, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
+    """Give a layer's attention its slice of the slot cache ([slots, kv_heads, context, head_dim]).
+
+    Non-persistent buffers: never saved, not offloaded, and torch.compile sees them as inputs of the
+    layer rather than per-layer constants, so one compiled graph serves every layer."""
+    attention_module.register_buffer("kiln_k", cache_k, persistent=False)
+    attention_module.register_buffer("kiln_v", cache_v, persistent=False)
 
 
 def register() -> None:

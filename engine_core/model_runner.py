@@ -74,7 +74,11 @@ class ModelRunner:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.cache = KVCache(len(layers), max_batch, kv_heads, max_context, head_dim, kv_dtype, device)
+        for layer, k, v in zip(layers, self.cache.k, self.cache.v):
+            attention.attach_cache(layer.self_attn, k, v)
         self.positions_range = torch.arange(max_context, device=device)
+        # the windows layers pass as `sliding_window`: none (global layers) and the config's, if any
+        self.windows = (None,) + ((config.sliding_window,) if getattr(config, "sliding_window", None) else ())
         self.graphs = DecodeGraphs(self) if cuda_graphs and device.type == "cuda" else None
 
     # ------------------------------------------------------------------ the step
@@ -119,9 +123,10 @@ class ModelRunner:
         return self._logits(ids, pos, logit_index, ctx)
 
     def _context(self, slots, positions, decode, prefills) -> StepContext:
-        return StepContext(self.cache.k, self.cache.v, slots, positions, decode, prefills, self.positions_range)
+        return StepContext(slots, positions, decode, prefills, self.positions_range)
 
     def _logits(self, ids, positions, logit_index, ctx) -> torch.Tensor:
+        ctx.prepare_masks(self.windows)
         out = self.model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=logit_index,
                          use_cache=False, kiln_step=ctx)
         return out.logits[0].float()
@@ -157,7 +162,7 @@ class DecodeGraphs:
         self.failed: str | None = None
 
     def covers(self, chunks: list[ScheduledChunk]) -> bool:
-        if self.failed or not chunks or len(chunks) > self.batch_buckets[-1]:
+        if self.failed or not self.graphs or not chunks or len(chunks) > self.batch_buckets[-1]:
             return False
         return all(c.start >= len(c.seq.prompt_ids) and c.sample for c in chunks)
 
