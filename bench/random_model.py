@@ -109,6 +109,7 @@ def build_random_model(config_dir: str | Path, out_dir: str | Path, *, dtype: st
     with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     _fill_random(model, init_std if init_std is not None else getattr(config, "initializer_range", 0.02), seed)
+    model.tie_weights()  # a tied lm_head must be the embedding again after the fill, as in the real checkpoint
     model.config.dtype = dtype
     model.save_pretrained(out_dir)
     del model
