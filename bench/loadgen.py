@@ -17,21 +17,12 @@ import time
 import aiohttp
 from tqdm import tqdm
 
+from bench.dialects import DONE, NATIVE, Chunk, Dialect
 from bench.records import LoadConfig, RequestRecord, RunResult
 from bench.sse import StreamCut, iter_events
 from bench.workload import Prompt, pick, request_seed
 
 INFO_POLL_S = 0.25
-
-
-def _body(cfg: LoadConfig, prompt: Prompt, user: int, index: int) -> dict:
-    return {
-        "prompt": prompt.text,
-        "max_new_tokens": cfg.max_new_tokens,
-        "temperature": cfg.temperature,
-        "ignore_eos": cfg.ignore_eos,
-        "seed": request_seed(cfg.seed, user, index),
-    }
 
 
 def _error_text(payload: object, fallback: str) -> str:
@@ -49,19 +40,22 @@ async def _read_error(resp: aiohttp.ClientResponse) -> str:
         return f"HTTP {resp.status}: {text[:200]}"
 
 
-async def _stream_one(session: aiohttp.ClientSession, url: str, body: dict, rec: RequestRecord,
-                      t_run: float) -> None:
+async def _stream_one(session: aiohttp.ClientSession, url: str, dialect: Dialect, body: dict,
+                      rec: RequestRecord, t_run: float) -> None:
     t0 = time.perf_counter()
     last: float | None = None
     counted = 0
-    async with session.post(url + "/generate_stream", json=body) as resp:
+    async with session.post(url + dialect.stream_path, json=body) as resp:
         rec.status = resp.status
         if resp.status != 200:
             rec.error = await _read_error(resp)
             return
-        final: dict | None = None
+        final: Chunk | None = None
+        usage: dict | None = None
         async for event in iter_events(resp.content):
             now = time.perf_counter()
+            if event.data == DONE:
+                break
             try:
                 msg = json.loads(event.data)
             except ValueError:
@@ -72,8 +66,9 @@ async def _stream_one(session: aiohttp.ClientSession, url: str, body: dict, rec:
             if "error" in msg:
                 rec.error = "error event: " + _error_text(msg, str(msg["error"]))
                 return
-            ids = msg.get("token_ids")
-            k = len(ids) if isinstance(ids, list) else int(bool(msg.get("text")))
+            chunk = dialect.chunk(msg)
+            usage = chunk.usage or usage
+            k = chunk.tokens
             if k:
                 # A chunk of k tokens counts k tokens; its gap is spread evenly over them.
                 if last is None:
@@ -84,23 +79,23 @@ async def _stream_one(session: aiohttp.ClientSession, url: str, body: dict, rec:
                 rec.token_times_s.extend([now - t_run] * k)
                 counted += k
                 last = now
-            if "finish_reason" in msg and msg["finish_reason"] is not None:
-                final = msg
-                break
+            if final is None and chunk.finish_reason is not None:
+                final = chunk
+                rec.e2e_s = now - t0
+                if dialect.ends_at_finish():
+                    break
         if final is None:
             rec.error = "stream ended without a final event"
             return
-        rec.e2e_s = time.perf_counter() - t0
-        rec.finish_reason = final["finish_reason"]
-        usage = final.get("usage") or {}
-        rec.output_tokens = int(usage.get("completion_tokens", counted))
+        rec.finish_reason = final.finish_reason
+        rec.output_tokens = int((usage or {}).get("completion_tokens", counted))
         rec.ok = True
 
 
-async def _generate_one(session: aiohttp.ClientSession, url: str, body: dict, rec: RequestRecord,
-                        t_run: float) -> None:
+async def _generate_one(session: aiohttp.ClientSession, url: str, dialect: Dialect, body: dict,
+                        rec: RequestRecord, t_run: float) -> None:
     t0 = time.perf_counter()
-    async with session.post(url + "/generate", json=body) as resp:
+    async with session.post(url + dialect.plain_path, json=body) as resp:
         rec.status = resp.status
         if resp.status != 200:
             rec.error = await _read_error(resp)
@@ -108,20 +103,19 @@ async def _generate_one(session: aiohttp.ClientSession, url: str, body: dict, re
         msg = await resp.json(content_type=None)
     now = time.perf_counter()
     rec.e2e_s = now - t0
-    timings = msg.get("timings") or {}
+    rec.finish_reason, rec.output_tokens, server_ttft = dialect.plain(msg)
     # The server's own TTFT is the only one a non-streaming client can know; else the response time.
-    rec.ttft_s = float(timings["ttft_s"]) if timings.get("ttft_s") is not None else rec.e2e_s
-    rec.output_tokens = int((msg.get("usage") or {}).get("completion_tokens", 0))
-    rec.finish_reason = msg.get("finish_reason")
+    rec.ttft_s = server_ttft if server_ttft is not None else rec.e2e_s
     rec.token_times_s = [now - t_run] * rec.output_tokens
     rec.ok = True
 
 
-async def _one(session, url, cfg, prompt, user, index, t_run) -> RequestRecord:
+async def _one(session, url, dialect, cfg, prompt, user, index, t_run) -> RequestRecord:
     rec = RequestRecord(user=user, index=index, prompt_id=prompt.id, start_s=time.perf_counter() - t_run)
     send = _stream_one if cfg.stream else _generate_one
     try:
-        await send(session, url, _body(cfg, prompt, user, index), rec, t_run)
+        body = dialect.body(cfg, prompt.text, request_seed(cfg.seed, user, index))
+        await send(session, url, dialect, body, rec, t_run)
     except StreamCut as e:
         rec.error = str(e)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as e:
@@ -172,8 +166,9 @@ def auth_headers() -> dict[str, str]:
 
 
 async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress: bool = True,
-                   desc: str = "bench") -> RunResult:
-    """Run the workload against `url` (e.g. http://127.0.0.1:8000) and return every request's record."""
+                   desc: str = "bench", dialect: Dialect = NATIVE) -> RunResult:
+    """Run the workload against `url` (e.g. http://127.0.0.1:8000) and return every request's record;
+    `dialect` says whether the server speaks kiln's routes or OpenAI's /v1/completions."""
     url = url.rstrip("/")
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_connect=10)
     connector = aiohttp.TCPConnector(limit=0)
@@ -188,7 +183,7 @@ async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress
         async def user(u: int) -> None:
             index = 0
             while (index < cfg.requests) if deadline is None else (time.perf_counter() < deadline):
-                rec = await _one(session, url, cfg, pick(prompts, cfg.seed, u, index), u, index, t_run)
+                rec = await _one(session, url, dialect, cfg, pick(prompts, cfg.seed, u, index), u, index, t_run)
                 records.append(rec)
                 bar.update(1)
                 if not rec.ok:
@@ -208,12 +203,11 @@ async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress
     return RunResult(records=records, wall_s=wall, peak_running=peak["value"])
 
 
-async def warm_up(url: str, timeout_s: float = 300.0) -> None:
+async def warm_up(url: str, timeout_s: float = 300.0, dialect: Dialect = NATIVE) -> None:
     """One short request, not measured, so one-time costs (first-call allocation, lazy
     compilation) do not land in the first user's TTFT; failures here show up in the run itself."""
-    body = {"prompt": "Hello", "max_new_tokens": 4, "temperature": 0.0}
     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
                                          headers=auth_headers()) as session:
-            async with session.post(url.rstrip("/") + "/generate", json=body) as resp:
+            async with session.post(url.rstrip("/") + dialect.plain_path, json=dialect.warm_up_body()) as resp:
                 await resp.read()
