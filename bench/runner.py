@@ -1,5 +1,5 @@
-"""`cli.py bench`: start (or reach) our server, run the workload, optionally the naive baseline,
-print the table, write JSON / PNG.
+"""`cli.py bench`: start (or reach) our server, run the workload, optionally a baseline (the naive
+server, or llama.cpp's llama-server on the same weights), print the table, write JSON / PNG.
 
 The servers run one after the other, never together: on a 2-core machine two servers
 would steal cores from each other and both figures would be wrong.
@@ -13,6 +13,9 @@ Defaults (what `python cli.py bench --stream --users 10` does with nothing else)
 - temperature 0: deterministic text, so ours and the baseline do the same work.
 - ignore_eos: every request yields exactly max_new_tokens, so throughput compares
   equal work instead of whichever server happened to stop early.
+- One load generator for every server: kiln and the naive server are spoken to on their
+  native routes, llama-server on OpenAI's /v1/completions (bench/dialects.py); same prompts,
+  same budgets, same sampling.
 """
 from __future__ import annotations
 
@@ -24,14 +27,16 @@ import urllib.request
 
 import msgspec
 
+from bench import llama_cpp
+from bench.dialects import NATIVE, OPENAI, Dialect
 from bench.loadgen import auth_headers, run_load, warm_up
 from bench.records import LoadConfig, RunResult
-from bench.report import table, write_json, write_plot
+from bench.report import ratio_line, table, write_json, write_plot
 from bench.server_proc import ServerFailed, free_port, naive_command, ours_command, running_server
-from bench.stats import figures, ratios
+from bench.stats import figures
 from bench.workload import DEFAULT_SET, load_prompts
 
-BASELINES = ("naive",)
+BASELINES = ("naive", "llama.cpp")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
@@ -52,20 +57,44 @@ def plan_dtype(info: dict | None) -> str:
     return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
-def _measure(url: str, cfg: LoadConfig, name: str) -> RunResult:
+def _measure(url: str, cfg: LoadConfig, name: str, dialect: Dialect = NATIVE) -> RunResult:
     prompts = load_prompts(DEFAULT_SET)
-    asyncio.run(warm_up(url))
-    return asyncio.run(run_load(url, cfg, prompts, desc=name))
+    asyncio.run(warm_up(url, dialect=dialect))
+    return asyncio.run(run_load(url, cfg, prompts, desc=name, dialect=dialect))
+
+
+def llama_cpp_command(setup: llama_cpp.LlamaCppSetup, port: int, cfg: LoadConfig) -> list[str]:
+    """llama-server sized for this workload: a slot per user, each holding the longest prompt and the budget."""
+    context = llama_cpp.context_size(cfg.users, llama_cpp.prompt_token_bound(load_prompts(DEFAULT_SET)),
+                                     cfg.max_new_tokens)
+    return llama_cpp.server_command(setup, port, users=cfg.users, context=context,
+                                    threads=llama_cpp.physical_cores())
+
+
+def _run_baseline(cfg: LoadConfig, *, model: str | None, dtype: str,
+                  setup: llama_cpp.LlamaCppSetup | None) -> RunResult:
+    """Start the baseline alone (ours has stopped), measure it with the same load, stop it:
+    llama-server when `setup` is given, else the naive server in our plan's dtype."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    if setup is not None:
+        with running_server(llama_cpp_command(setup, port, cfg), url, name="llama.cpp"):
+            return _measure(url, cfg, "llama.cpp", OPENAI)
+    from hardware.model_source import resolve_model
+
+    with running_server(naive_command(port, resolve_model(model).path, dtype), url, name="naive"):
+        return _measure(url, cfg, "naive")
 
 
 def run_benchmark(*, url: str | None = None, model: str | None = None, users: int = 10, requests: int = 2,
                   duration: float | None = None, stream: bool = True, max_new_tokens: int = 64,
                   temperature: float = 0.0, ignore_eos: bool = True, baseline: str | None = None,
                   json_path: str | None = None, plot_path: str | None = None, seed: int = 0,
-                  port: int | None = None) -> int:
+                  port: int | None = None, llama_cpp_quant: str = llama_cpp.DEFAULT_QUANT) -> int:
     """Run the benchmark; return the exit code (0 ok, 1 a server failed or some request failed,
-    2 bad arguments, 130 interrupted). `url` benchmarks a running server instead of starting one;
-    `port` picks the port of the one we start (default: a free one)."""
+    2 bad arguments or a baseline that cannot run here, 130 interrupted). `url` benchmarks a running
+    server instead of starting one; `port` picks the port of the one we start (default: a free one);
+    `llama_cpp_quant` picks the GGUF llama-server runs for the embedded default model."""
     if users < 1 or requests < 1 or max_new_tokens < 1 or temperature < 0 or (duration is not None and duration <= 0):
         print("bench: users, requests, max_new_tokens and duration must be positive, temperature >= 0",
               file=sys.stderr)
@@ -73,6 +102,13 @@ def run_benchmark(*, url: str | None = None, model: str | None = None, users: in
     if baseline is not None and baseline not in BASELINES:
         print(f"bench: unknown baseline {baseline!r} (choose from {', '.join(BASELINES)})", file=sys.stderr)
         return 2
+    setup = None
+    if baseline == "llama.cpp":
+        try:
+            setup = llama_cpp.prepare(model, llama_cpp_quant)
+        except llama_cpp.LlamaCppUnavailable as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
     cfg = LoadConfig(users=users, requests=requests, duration=duration, stream=stream,
                      max_new_tokens=max_new_tokens, temperature=temperature, ignore_eos=ignore_eos, seed=seed)
     runs: dict[str, RunResult] = {}
@@ -87,15 +123,10 @@ def run_benchmark(*, url: str | None = None, model: str | None = None, users: in
                 info = fetch_info(own)
                 runs["ours"] = _measure(own, cfg, "ours")
         dtype = plan_dtype(info)
-        if baseline == "naive":
-            from hardware.model_source import resolve_model
-
+        if baseline is not None:
             if url is not None:
                 print("bench: note: the server at --url keeps running while the baseline runs", file=sys.stderr)
-            path = resolve_model(model).path
-            base_url = f"http://127.0.0.1:{free_port()}"
-            with running_server(naive_command(int(base_url.rsplit(":", 1)[1]), path, dtype), base_url, name="naive"):
-                runs["naive"] = _measure(base_url, cfg, "naive")
+            runs[baseline] = _run_baseline(cfg, model=model, dtype=dtype, setup=setup)
     except ServerFailed as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
@@ -104,17 +135,17 @@ def run_benchmark(*, url: str | None = None, model: str | None = None, users: in
         return 130
 
     ours = figures(runs["ours"])
-    base = figures(runs["naive"]) if "naive" in runs else None
+    base = figures(runs[baseline]) if baseline in runs else None
     config = {**msgspec.to_builtins(cfg), "model": (info or {}).get("model") or model, "url": url,
               "dtype": dtype, "baseline": baseline, "prompt_set": DEFAULT_SET}
+    if setup is not None:
+        config["llama_cpp"] = {"gguf": setup.gguf, "quant": setup.quant, "threads": llama_cpp.physical_cores()}
     print(f"\nkiln bench: {users} users x {'%gs' % duration if duration else f'{requests} requests'}, "
           f"{max_new_tokens} new tokens, {'stream' if stream else 'no stream'}, temperature {temperature}, "
-          f"dtype {dtype}")
-    print(table(ours, base, baseline_name="naive"))
-    if (r := ratios(ours, base)) is not None:
-        tp, tt = r["throughput"], r["ttft_p50"]
-        print(f"\nvs naive: throughput x{tp:.2f}" if tp else "\nvs naive: throughput n/a", end="")
-        print(f", TTFT p50 x{tt:.2f} faster" if tt else ", TTFT p50 n/a")
+          f"dtype {dtype}" + (f"; llama.cpp {setup.quant} {setup.gguf}" if setup is not None else ""))
+    print(table(ours, base, baseline_name=baseline or "baseline"))
+    if base is not None:
+        print("\n" + ratio_line(ours, base, baseline))
     for name, run in runs.items():
         for rec in [r for r in run.records if not r.ok][:5]:
             print(f"{name}: request user={rec.user} #{rec.index} failed: {rec.error}", file=sys.stderr)
