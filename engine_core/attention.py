@@ -103,6 +103,13 @@ def _attend(q, k, v, mask, scale, softcap, causal=False):
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
 
 
+def _gather(cache: torch.Tensor, d: DecodeLayout) -> torch.Tensor:
+    """The decode rows' keys (or values) over the first `span` positions: [rows, kv_heads, span, d].
+    index_select on the narrowed view copies only those rows and positions (advanced indexing is
+    1.5x slower on CPU for the same copy)."""
+    return cache.narrow(2, 0, d.span).index_select(0, d.slots)
+
+
 def _attend_decode(q, keys, values, mask, scale, softcap):
     """One new token per sequence: q [B, heads, d] over keys/values [B, kv_heads, span, d].
 
@@ -132,12 +139,12 @@ def kiln_attention(module, query, key, value, attention_mask, scaling=None, drop
     cache_v[ctx.slots, :, ctx.positions] = value[0].transpose(0, 1).to(cache_v.dtype)
     d = ctx.decode
     if d is not None and d.rows is None:  # decode only (the CUDA-graph case): no scatter
-        keys, values = cache_k[d.slots, :, : d.span], cache_v[d.slots, :, : d.span]
+        keys, values = _gather(cache_k, d), _gather(cache_v, d)
         o = _attend_decode(q.to(keys.dtype), keys, values, ctx.decode_mask(sliding_window), scaling, softcap)
         return o.to(query.dtype)[None], None
     out = torch.empty_like(q)
     if d is not None:
-        keys, values = cache_k[d.slots, :, : d.span], cache_v[d.slots, :, : d.span]
+        keys, values = _gather(cache_k, d), _gather(cache_v, d)
         mask = ctx.decode_mask(sliding_window)
         out[d.rows] = _attend_decode(q[d.rows].to(keys.dtype), keys, values, mask, scaling, softcap).to(out.dtype)
     for chunk in ctx.prefills:

@@ -6,6 +6,7 @@ raises fails the requests in it and the loop goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 
@@ -16,6 +17,7 @@ from engine_core.loader import torch_dtype
 from engine_core.model_runner import ModelRunner
 from engine_core.sampler import Sampler
 from engine_core.scheduler import ScheduledChunk, Scheduler
+from engine_core.thread_policy import ThreadTuner
 from engine_core.engine_io import HEARTBEAT_SECONDS, EngineIO
 from ipc.messages import Abort, Request, RequestOutput, SamplingParams, Shutdown, StepOutputs
 
@@ -39,6 +41,8 @@ class Engine:
                                   cuda_graphs=uses_cuda_graphs(plan))
         self.sampler = Sampler(device)
         self.device = device
+        # CPU: the thread count each step size runs with is measured, not guessed (thread_policy.py)
+        self.threads = ThreadTuner() if device.type == "cpu" else None
         self.stats = io.stats
         self.running = True
 
@@ -110,8 +114,9 @@ class Engine:
     def _step(self, chunks: list[ScheduledChunk]) -> list[RequestOutput]:
         sampled = [c.seq for c in chunks if c.sample]
         try:
-            logits = self.runner.forward(chunks)
-            tokens = self.sampler.sample(logits, sampled) if sampled else []
+            with self.threads.timed(sum(c.length for c in chunks)) if self.threads else contextlib.nullcontext():
+                logits = self.runner.forward(chunks)
+                tokens = self.sampler.sample(logits, sampled) if sampled else []
         except Exception as exc:  # fail this step's requests, keep serving the rest
             log.exception("step failed")
             failed = []

@@ -1,0 +1,92 @@
+"""How many CPU threads a step gets, chosen from the steps' own measured times.
+
+On a small CPU the right intra-op thread count depends on what else runs: with every core free,
+two threads make a 10-sequence step about 1.4x faster than one; with one core taken by another
+process (or by kiln's own frontend streaming tokens), OpenMP's threads spin at barriers waiting
+for a thread that is not scheduled and the same step gets 1.5-12x slower than with one thread.
+No CPU flag or load average predicts which is better at a given moment, so the engine measures:
+per step size (a power-of-two bucket of its token count) it keeps a moving average of the time per
+step for each candidate thread count, runs the faster one, and every `explore_every` steps of that
+size tries another candidate once, so a change in the machine's load is noticed within seconds.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+SMOOTHING = 0.3  # weight of the newest step in the running choice's moving average
+EXPLORE_SMOOTHING = 0.6  # an occasional sample of another count weighs more: it is all we know of it now
+
+
+def candidate_thread_counts() -> list[int]:
+    """1 and every usable core: the two ends are where the difference shows on small machines."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return sorted({1, max(1, usable)})
+
+
+class ThreadTuner:
+    def __init__(self, candidates: list[int] | None = None, explore_every: int = 32):
+        self.candidates = candidates or candidate_thread_counts()
+        self.explore_every = explore_every
+        self.average: dict[tuple[int, int], float] = {}  # (bucket, threads) -> seconds per step
+        self.steps: dict[int, int] = {}  # bucket -> steps seen
+        self.current = torch.get_num_threads()
+
+    @staticmethod
+    def bucket(tokens: int) -> int:
+        return max(1, tokens).bit_length()
+
+    def choose(self, tokens: int) -> int:
+        """The thread count for a step of `tokens` tokens (sets torch's count if it changes)."""
+        bucket = self.bucket(tokens)
+        seen = self.steps.get(bucket, 0)
+        untried = [n for n in self.candidates if (bucket, n) not in self.average]
+        best = min(self.candidates, key=lambda n: self.average.get((bucket, n), float("inf")))
+        if untried:
+            threads = untried[0]
+        elif seen % self.explore_every == self.explore_every - 1:
+            others = [n for n in self.candidates if n != best]
+            threads = others[(seen // self.explore_every) % len(others)] if others else best
+        else:
+            threads = best
+        if threads != self.current:
+            torch.set_num_threads(threads)
+            self.current = threads
+        return threads
+
+    def record(self, tokens: int, threads: int, seconds: float) -> None:
+        bucket = self.bucket(tokens)
+        self.steps[bucket] = self.steps.get(bucket, 0) + 1
+        key = (bucket, threads)
+        old = self.average.get(key)
+        best = min(self.candidates, key=lambda n: self.average.get((bucket, n), float("inf")))
+        weight = SMOOTHING if threads == best else EXPLORE_SMOOTHING
+        self.average[key] = seconds if old is None else (1 - weight) * old + weight * seconds
+
+    def timed(self, tokens: int):
+        """Context manager: run one step under the chosen thread count and record its time."""
+        return _TimedStep(self, tokens)
+
+    def describe(self) -> dict[str, dict[str, float]]:
+        """Measured ms per step by bucket and thread count, for the log and /info."""
+        table: dict[str, dict[str, float]] = {}
+        for (bucket, threads), seconds in sorted(self.average.items()):
+            table.setdefault(f"<={2 ** bucket - 1} tokens", {})[str(threads)] = round(seconds * 1000, 2)
+        return table
+
+
+class _TimedStep:
+    def __init__(self, tuner: ThreadTuner, tokens: int):
+        self.tuner, self.tokens = tuner, tokens
+
+    def __enter__(self):
+        self.threads = self.tuner.choose(self.tokens)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.tuner.record(self.tokens, self.threads, time.perf_counter() - self.start)
+        return False

@@ -1,0 +1,57 @@
+"""The engine's CPU thread choice follows measured step times (times injected; torch's count restored)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_core.thread_policy import ThreadTuner
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def run_steps(tuner: ThreadTuner, tokens: int, seconds_for: dict[int, float], steps: int) -> list[int]:
+    chosen = []
+    for _ in range(steps):
+        threads = tuner.choose(tokens)
+        tuner.record(tokens, threads, seconds_for[threads])
+        chosen.append(threads)
+    return chosen
+
+
+def test_tries_every_candidate_then_keeps_the_fastest():
+    tuner = ThreadTuner([1, 2], explore_every=8)
+    chosen = run_steps(tuner, 10, {1: 0.045, 2: 0.031}, 16)
+    assert chosen[:2] == [1, 2]  # each measured once
+    assert chosen.count(1) == 3  # the first try and one exploration every 8 steps
+    assert tuner.choose(10) == 2 and torch.get_num_threads() == 2
+
+
+def test_a_busy_core_moves_the_choice_to_one_thread():
+    tuner = ThreadTuner([1, 2], explore_every=4)
+    run_steps(tuner, 10, {1: 0.045, 2: 0.031}, 12)
+    # another process takes a core: two threads now wait on each other at every barrier
+    chosen = run_steps(tuner, 10, {1: 0.046, 2: 0.160}, 24)
+    assert chosen[-8:].count(1) == 6  # two threads only when exploring (every 4th step)
+    # and the core is free again: exploration notices
+    chosen = run_steps(tuner, 10, {1: 0.045, 2: 0.031}, 24)
+    assert chosen[-8:].count(2) == 6
+
+
+def test_step_sizes_are_tuned_separately():
+    tuner = ThreadTuner([1, 2], explore_every=8)
+    run_steps(tuner, 1, {1: 0.027, 2: 0.029}, 10)  # one decode token: one thread is as fast
+    run_steps(tuner, 256, {1: 0.300, 2: 0.170}, 10)  # a prompt chunk: two threads win
+    assert tuner.choose(1) == 1 and tuner.choose(256) == 2
+    assert set(tuner.describe()) == {"<=1 tokens", "<=511 tokens"}
+
+
+def test_timed_records_the_real_step():
+    tuner = ThreadTuner([1], explore_every=8)
+    with tuner.timed(4) as step:
+        torch.ones(64, 64) @ torch.ones(64, 64)
+    assert step.threads == 1 and tuner.average[(tuner.bucket(4), 1)] > 0
