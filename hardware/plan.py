@@ -51,6 +51,9 @@ class ServingPlan(msgspec.Struct, kw_only=True):
     offload_bytes: int = 0  # weight bytes the device_map offloads: to CPU RAM (GPU plans) or to disk (CPU plans)
     total_params: int = 0
     model: str = ""  # the model's name, for display
+    # CPU plans: measured ms per decode step for each weight format, by "<format>@<batch rows>" (see
+    # HardwareProfile.cpu_format_ms); empty when not measured yet (the dtype is then the CPU-flags guess).
+    cpu_format_ms: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 def accelerate_max_memory(plan: ServingPlan) -> dict[int | str, int] | None:

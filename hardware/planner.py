@@ -53,6 +53,10 @@ CPU_KV_DTYPE = "float32"
 CPU_KV_REASON = ("float32 on CPU: torch's CPU attention is several times slower in bf16 (measured 780 vs 120 µs "
                  "per layer at 160 cached tokens, batch 10), so K/V stay fp32 whatever the weight dtype")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Weight formats the CPU loader can use, in order of preference on a tie; measured by engine_core/cpu_formats.py.
+# int8 dynamic quantization is left out: not exact (activations quantized per step) and the loader has no path for it.
+CPU_WEIGHT_FORMATS = ("float32", "bfloat16")
+CPU_FORMAT_MARGIN = 0.90  # another format replaces float32 only when it takes ≤ 90% of float32's time
 
 
 class PlanError(Exception):
@@ -271,6 +275,72 @@ def _finish(
     return batch, ctx, kv_tokens
 
 
+# ---------------------------------------------------------------- CPU weight format
+
+
+def format_timings(ms: dict[str, float]) -> dict[str, dict[int, float]]:
+    """{"float32@1": 34.0, ...} -> {"float32": {1: 34.0}, ...}; keys without "<format>@<rows>" are skipped."""
+    by_format: dict[str, dict[int, float]] = {}
+    for key, value in ms.items():
+        fmt, _, rows = key.partition("@")
+        if rows.isdigit():
+            by_format.setdefault(fmt, {})[int(rows)] = value
+    return by_format
+
+
+def _beats(candidate: dict[int, float], base: dict[int, float]) -> bool:
+    """Measured at every batch size float32 was, and at least CPU_FORMAT_MARGIN faster at each."""
+    return bool(base) and all(b in candidate and candidate[b] <= CPU_FORMAT_MARGIN * base[b] for b in base)
+
+
+def fastest_cpu_format(ms: dict[str, float]) -> str | None:
+    """The weight format to load on CPU given measured timings, or None when float32 was not measured.
+
+    float32 unless another loadable format is at least 10% faster at every measured batch size:
+    float32 is the exact one (token for token with transformers), so near-ties keep it."""
+    timings = format_timings(ms)
+    base = timings.get("float32")
+    if not base:
+        return None
+    faster = [f for f in CPU_WEIGHT_FORMATS if f != "float32" and _beats(timings.get(f, {}), base)]
+    return min(faster, key=lambda f: sum(timings[f].values()), default="float32")
+
+
+def _timings_summary(timings: dict[str, dict[int, float]]) -> str:
+    """'float32 34.0 / 63.6, bfloat16 20.7 / 25.8 ms per decode step at batch 1 / 8'."""
+    rows = sorted({b for t in timings.values() for b in t})
+    per_format = ", ".join(
+        f"{fmt} {' / '.join(f'{t[b]:.1f}' if b in t else '-' for b in rows)}" for fmt, t in timings.items())
+    return f"{per_format} ms per decode step at batch {' / '.join(map(str, rows))}"
+
+
+def describe_cpu_formats(ms: dict[str, float]) -> str:
+    """The cpu_formats reason: the measured timings and what they cover, or that none were measured yet."""
+    timings = format_timings(ms)
+    if not timings:
+        return ("not measured on this machine for this model yet: the engine times each weight format on the "
+                "model's own layer shapes at its first start and caches the result")
+    return (f"{_timings_summary(timings)} (every linear + lm_head, random weights at this model's shapes, one "
+            "thread); measured at an engine's first start, cached per machine and model")
+
+
+def cpu_dtype_default(profile: HardwareProfile) -> tuple[str, str]:
+    """(dtype, why) for CPU weights: the measured fastest format, else a guess from the CPU flags."""
+    measured = fastest_cpu_format(profile.cpu_format_ms)
+    if measured is not None:
+        summary = _timings_summary(format_timings(profile.cpu_format_ms))
+        if measured == "float32":
+            return "float32", (f"measured on this CPU at this model's shapes, no other format is {1 - CPU_FORMAT_MARGIN:.0%} "
+                               f"faster at every batch size, and fp32 is exact: {summary}")
+        return measured, (f"measured on this CPU at this model's shapes, at least {1 - CPU_FORMAT_MARGIN:.0%} faster "
+                          f"than float32 at every batch size: {summary}")
+    guess = "not measured yet, so a guess from the CPU flags (the engine measures at its first start)"
+    if profile.cpu_bf16:
+        return "bfloat16", (f"{guess}: this CPU computes bf16 natively (avx512_bf16/amx_bf16), half the weight "
+                            "traffic of fp32 (measured on a 2-core EPYC: 33 vs 54 ms per decode step at batch 1)")
+    return "float32", f"{guess}: no native bf16 (no avx512_bf16/amx_bf16), so bf16 matmuls may be emulated, slower than fp32"
+
+
 def _plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverrides) -> ServingPlan:
     reasons: dict[str, str] = {}
     overridden: list[str] = []
@@ -279,13 +349,7 @@ def _plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverri
     reasons["device"] = f"cpu: no GPU ({profile.source}); {profile.cpu_cores} cores, {fb(budget)} RAM available"
     if overrides.gpu_memory_fraction is not None:
         reasons["device"] += f"; gpu_memory_fraction ignored ({describe(overrides, 'gpu_memory_fraction')})"
-    if profile.cpu_bf16:
-        default, why = "bfloat16", ("this CPU computes bf16 natively (avx512_bf16/amx_bf16): half the weight "
-                                    "traffic and faster matmuls (measured on a 2-core EPYC: 33 vs 54 ms per decode "
-                                    "step at batch 1, 57 vs 99 ms at batch 10)")
-    else:
-        default, why = "float32", ("CPU without native bf16 (no avx512_bf16/amx_bf16): bf16 matmuls would be "
-                                   "emulated, slower than fp32")
+    default, why = cpu_dtype_default(profile)
     dtype = _dtype_choice(overrides, default, why, reasons, overridden)
 
     def reserve_for(d: str, q: bool) -> int:
@@ -341,13 +405,14 @@ def _plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverri
     compile_ = _common(reasons, overridden, overrides, chunk, "small chunks keep inter-token latency bounded on a few cores")
     reasons["device"] += f"; reserve {fb(reserve)} = max(2 GiB, 20% of available) for OS and frontend + activation peak"
     reasons["kv_dtype"] = CPU_KV_REASON
+    reasons["cpu_formats"] = describe_cpu_formats(profile.cpu_format_ms)
     return ServingPlan(
         kv_dtype=CPU_KV_DTYPE, device="cpu", dtype=chosen.dtype, quantization="nf4" if chosen.quantized else None,
         double_quant=chosen.quantized, offload=False, device_map=None, max_batch=batch, max_context=ctx,
         kv_cache_tokens=kv_tokens, weights_bytes=chosen.weights, compile=compile_, prefill_chunk=chunk,
         reasons=reasons, overridden=overridden, max_memory=None, kv_bytes_per_token=chosen.kv_per_token,
         kv_cache_bytes=kv_tokens * chosen.kv_per_token, reserve_bytes=reserve, budget_bytes=budget,
-        offload_bytes=0, total_params=shape.total_params, model=shape.name,
+        offload_bytes=0, total_params=shape.total_params, model=shape.name, cpu_format_ms=dict(profile.cpu_format_ms),
     )
 
 
@@ -415,12 +480,14 @@ def _plan_disk_offload(
     device_map["model.norm"] = "cpu"
     device_map["lm_head"] = "cpu"
     reasons["kv_dtype"] = CPU_KV_REASON
+    reasons["cpu_formats"] = describe_cpu_formats(profile.cpu_format_ms)
     return ServingPlan(
         kv_dtype=CPU_KV_DTYPE, device="cpu", dtype=dtype, quantization=None, double_quant=False, offload=True, device_map=device_map,
         max_batch=batch, max_context=ctx, kv_cache_tokens=kv_tokens, weights_bytes=ram_weights + disk_bytes,
         compile=compile_, prefill_chunk=chunk, reasons=reasons, overridden=overridden, max_memory=None,
         kv_bytes_per_token=kv_per_token, kv_cache_bytes=kv_tokens * kv_per_token, reserve_bytes=reserve + stream,
         budget_bytes=budget, offload_bytes=disk_bytes, total_params=shape.total_params, model=shape.name,
+        cpu_format_ms=dict(profile.cpu_format_ms),
     )
 
 

@@ -4,15 +4,25 @@ Torch-free on the common paths: NVML (the `nvidia-ml-py` package, imported as `p
 answers in milliseconds, and importing torch costs 1-2 s, which `cli.py plan` cannot
 afford. torch.cuda is only asked when NVML fails although an NVIDIA device node exists.
 `simulated_profile` builds a profile for a machine we are not on (`plan --gpu T4:16GiB:7.5`).
+Given a model shape, both also read this machine's cached CPU weight-format timings (measured
+by engine_core/cpu_formats.py at an engine's first start; read here as plain JSON, no torch).
 """
 from __future__ import annotations
 
 import glob
+import hashlib
+import importlib.metadata
+import json
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
+
+if TYPE_CHECKING:
+    from hardware.model_config import ModelShape
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -40,6 +50,9 @@ class HardwareProfile(msgspec.Struct, frozen=True):
     gpus: list[GpuInfo] = msgspec.field(default_factory=list)
     source: str = "none"  # where the GPU list came from: "nvml", "torch.cuda", "simulated", "none (...)"
     cpu_bf16: bool = False  # native bf16 dot products (avx512_bf16 or AMX amx_bf16): bf16 matmuls beat fp32
+    # Measured ms per decode step (every linear of the model + lm_head) by "<format>@<batch rows>", e.g.
+    # {"float32@1": 34.0, "bfloat16@1": 20.7, ...}; empty until an engine has measured this machine and model.
+    cpu_format_ms: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- sizes
@@ -123,16 +136,94 @@ def detect_cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def detect_cpu_bf16() -> bool:
-    """True when /proc/cpuinfo lists avx512_bf16 or amx_bf16 (Cooper Lake, Sapphire Rapids, Zen 4 and later)."""
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """("AMD EPYC", [flags]) from /proc/cpuinfo's first processor; ("unknown", []) where it cannot be read."""
+    model, flags = "unknown", []
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return not {"avx512_bf16", "amx_bf16"}.isdisjoint(line.split())
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    break
     except OSError:
         pass
-    return False
+    return model, flags
+
+
+def detect_cpu_bf16() -> bool:
+    """True when /proc/cpuinfo lists avx512_bf16 or amx_bf16 (Cooper Lake, Sapphire Rapids, Zen 4 and later)."""
+    return not {"avx512_bf16", "amx_bf16"}.isdisjoint(cpu_model_and_flags()[1])
+
+
+# ---------------------------------------------------------------- CPU weight-format timings (cached)
+
+# Bump when the probe's method changes, so timings measured the old way are not reused.
+CPU_FORMAT_PROBE_VERSION = 1
+
+
+def decoder_linear_shapes(shape: ModelShape) -> list[tuple[int, int]]:
+    """(in, out) features of one decoder layer's linears: q, k, v, o, then the MLP (2 or 3 matrices)."""
+    from hardware.model_config import TWO_MATRIX_MLP
+
+    h, hd, inter = shape.hidden_size, shape.head_dim, shape.intermediate_size
+    q, kv = shape.num_attention_heads * hd, shape.num_kv_heads * hd
+    mlp = [(h, inter), (inter, h)] if shape.architecture in TWO_MATRIX_MLP else [(h, inter), (h, inter), (inter, h)]
+    return [(h, q), (h, kv), (h, kv), (q, h), *mlp]
+
+
+def _torch_version() -> str:
+    """torch's version from its package metadata: importing torch would cost `cli.py plan` 1-2 s."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def cpu_format_cache_key(shape: ModelShape) -> dict:
+    """What the timings depend on: the CPU (model, flags, cores), torch, the probe and the model's linear shapes."""
+    model, flags = cpu_model_and_flags()
+    return {
+        "cpu": model, "flags_sha": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
+        "cores": detect_cpu_cores(), "torch": _torch_version(), "probe": CPU_FORMAT_PROBE_VERSION,
+        "layers": shape.num_layers, "layer_linears": decoder_linear_shapes(shape),
+        "lm_head": [shape.hidden_size, shape.vocab_size],
+    }
+
+
+def cpu_format_cache_path(shape: ModelShape, cache_root: Path | None = None) -> Path:
+    """<cache>/cpu-formats/<hash of the key>.json; `cache_root` defaults to model_source.cache_dir()."""
+    from hardware.model_source import cache_dir
+
+    key = json.dumps(cpu_format_cache_key(shape), sort_keys=True)
+    return (cache_root or cache_dir()) / "cpu-formats" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def _valid_timings(ms: object) -> bool:
+    return isinstance(ms, dict) and bool(ms) and all(
+        isinstance(k, str) and "@" in k and isinstance(v, (int, float)) and v > 0 for k, v in ms.items())
+
+
+def read_cpu_format_ms(shape: ModelShape, cache_root: Path | None = None) -> dict[str, float]:
+    """The cached timings for `shape` on this machine, or {} when absent or unreadable (then re-measured)."""
+    try:
+        ms = json.loads(cpu_format_cache_path(shape, cache_root).read_text()).get("ms")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: float(v) for k, v in ms.items()} if _valid_timings(ms) else {}
+
+
+def write_cpu_format_ms(shape: ModelShape, ms: dict[str, float], cache_root: Path | None = None) -> Path:
+    """Store `ms` with the key it was measured under (readable by hand); atomic, so readers never see half a file."""
+    if not _valid_timings(ms):
+        raise ValueError(f"not timings: {ms!r}")
+    path = cpu_format_cache_path(shape, cache_root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": cpu_format_cache_key(shape), "ms": ms}, indent=1))
+    os.replace(tmp, path)
+    return path
 
 
 # ---------------------------------------------------------------- GPUs
@@ -211,11 +302,12 @@ def detect_gpus() -> tuple[list[GpuInfo], str]:
         return [], f"none ({why}; torch.cuda failed: {e})"
 
 
-def detect_hardware() -> HardwareProfile:
-    """The machine we are on."""
+def detect_hardware(shape: ModelShape | None = None) -> HardwareProfile:
+    """The machine we are on; with `shape`, also its cached CPU format timings for that model."""
     total, available = detect_ram()
     gpus, source = detect_gpus()
-    return HardwareProfile(total, available, detect_cpu_cores(), gpus, source, detect_cpu_bf16())
+    timings = read_cpu_format_ms(shape) if shape is not None else {}
+    return HardwareProfile(total, available, detect_cpu_cores(), gpus, source, detect_cpu_bf16(), timings)
 
 
 # ---------------------------------------------------------------- simulated machines
@@ -243,12 +335,13 @@ def parse_gpu_spec(spec: str, index: int) -> GpuInfo:
 
 
 def simulated_profile(
-    gpus: Sequence[str] = (), ram: str | None = None, cpu_only: bool = False
+    gpus: Sequence[str] = (), ram: str | None = None, cpu_only: bool = False, shape: ModelShape | None = None
 ) -> HardwareProfile:
     """A machine described on the command line; what is not described comes from this one.
 
     `ram` is taken as both total and available (the user says what the model may use);
     `cpu_only` drops the GPUs (and conflicts with `gpus`); a simulated GPU is entirely free.
+    The CPU is this one, so with `shape` its cached format timings come along.
     """
     if cpu_only and gpus:
         raise ValueError("--cpu-only and --gpu contradict each other")
@@ -262,4 +355,5 @@ def simulated_profile(
         gpu_list, source = [], "none (--cpu-only)"
     else:
         gpu_list, source = detect_gpus()
-    return HardwareProfile(total, available, detect_cpu_cores(), gpu_list, source, detect_cpu_bf16())
+    timings = read_cpu_format_ms(shape) if shape is not None else {}
+    return HardwareProfile(total, available, detect_cpu_cores(), gpu_list, source, detect_cpu_bf16(), timings)

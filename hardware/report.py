@@ -12,9 +12,10 @@ import msgspec
 from hardware.plan import PlanOverrides, ServingPlan
 from hardware.profile import HardwareProfile, format_bytes as fb
 
-ROWS = ("device", "dtype", "kv_dtype", "quantization", "offload", "embed_lm_head", "max_batch", "max_context",
-        "kv_cache_tokens", "weights_bytes", "compile", "cuda_graphs", "prefill_chunk")
+ROWS = ("device", "dtype", "cpu_formats", "kv_dtype", "quantization", "offload", "embed_lm_head", "max_batch",
+        "max_context", "kv_cache_tokens", "weights_bytes", "compile", "cuda_graphs", "prefill_chunk")
 GPU_ONLY_ROWS = {"embed_lm_head", "cuda_graphs"}  # on a CPU-only machine every weight is in RAM (or on disk)
+CPU_ONLY_ROWS = {"cpu_formats"}  # GPU plans choose the dtype from the compute capability, nothing is timed
 
 
 def _where(device: str | int | None) -> str:
@@ -52,6 +53,8 @@ def _value(plan: ServingPlan, key: str) -> str:
         return f"{plan.kv_cache_tokens} ({fb(plan.kv_cache_bytes)})" if plan.kv_cache_bytes else str(plan.kv_cache_tokens)
     if key == "kv_dtype":
         return plan.kv_dtype or plan.dtype
+    if key == "cpu_formats":
+        return "measured" if plan.cpu_format_ms else "not measured yet"
     if key in ("compile", "cuda_graphs"):
         return "yes" if getattr(plan, key) else "no"
     return str(getattr(plan, key))
@@ -68,12 +71,17 @@ def _reason(plan: ServingPlan, key: str) -> str:
     return plan.reasons.get(key, "")
 
 
+def _shown(plan: ServingPlan, key: str) -> bool:
+    on_cpu = plan.device == "cpu"
+    return not (key in GPU_ONLY_ROWS and on_cpu or key in CPU_ONLY_ROWS and not on_cpu)
+
+
 def format_plan_table(plan: ServingPlan, width: int | None = None) -> str:
     """decision | value | reason, the reason wrapped to the terminal width; forced rows marked '*'."""
     width = width or shutil.get_terminal_size((120, 24)).columns
     rows = []
     for key in ROWS:
-        if key in GPU_ONLY_ROWS and plan.device == "cpu":
+        if not _shown(plan, key):
             continue
         forced = key in plan.overridden or (
             key == "offload" and ("cpu_offload" in plan.overridden or "gpu_layers" in plan.overridden))
@@ -122,7 +130,7 @@ def run_plan_command(
     try:
         shape = model_shape_for_spec(model)
         simulated = bool(gpus) or ram is not None or cpu_only
-        profile = simulated_profile(gpus, ram, cpu_only) if simulated else detect_hardware()
+        profile = simulated_profile(gpus, ram, cpu_only, shape) if simulated else detect_hardware(shape)
         plan = make_plan(shape, profile, overrides, gpu_index=gpu_index)
     except (PlanError, ModelConfigError, ModelNotFound, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -209,6 +209,75 @@ def test_cpu_default_is_float32_with_reason():
     assert plan.device_map is None and plan.prefill_chunk == 256
 
 
+# ---------------------------------------------------------------- CPU weight format by measured timings
+# Timings are injected as data (what engine_core/cpu_formats.py would have measured and cached); the
+# planner itself never benchmarks.
+
+AVX2_BF16_SLOW = {"float32@1": 12.0, "float32@8": 45.0, "bfloat16@1": 24.0, "bfloat16@8": 90.0}
+AVX512_BF16_FAST = {"float32@1": 34.0, "float32@8": 64.0, "bfloat16@1": 21.0, "bfloat16@8": 26.0}
+
+
+def cpu_machine(cpu_bf16: bool, timings: dict[str, float]):
+    """A CPU-only machine with room to spare, its flags and its measured format timings."""
+    return msgspec.structs.replace(simulated_profile((), "64GiB", True), cpu_bf16=cpu_bf16, cpu_format_ms=timings)
+
+
+def test_avx2_machine_where_bf16_measures_2x_slower_uses_float32():
+    plan = make_plan(shape("starcoder2-3b"), cpu_machine(False, AVX2_BF16_SLOW))
+    assert plan.dtype == "float32" and plan.kv_dtype == "float32"
+    assert plan.reasons["dtype"].startswith("float32: measured") and "24.0 / 90.0" in plan.reasons["dtype"]
+    assert plan.cpu_format_ms == AVX2_BF16_SLOW
+
+
+def test_avx512_bf16_machine_where_bf16_measures_faster_uses_bfloat16():
+    plan = make_plan(shape("starcoder2-3b"), cpu_machine(True, AVX512_BF16_FAST))
+    assert plan.dtype == "bfloat16" and plan.kv_dtype == "float32"  # K/V stay fp32 on CPU whatever the weights
+    assert plan.reasons["dtype"].startswith("bfloat16: measured") and "34.0 / 64.0" in plan.reasons["dtype"]
+    assert plan.weights_bytes == shape("starcoder2-3b").total_params * 2
+
+
+def test_measurement_beats_the_flags():
+    assert make_plan(shape("starcoder2-3b"), cpu_machine(True, AVX2_BF16_SLOW)).dtype == "float32"
+    assert make_plan(shape("starcoder2-3b"), cpu_machine(False, AVX512_BF16_FAST)).dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("bf16", [
+    {"bfloat16@1": 11.0, "bfloat16@8": 42.0},  # under 10% faster: a near-tie keeps the exact format
+    {"bfloat16@1": 6.0, "bfloat16@8": 50.0},  # faster at batch 1, slower at batch 8
+    {"bfloat16@1": 6.0},  # not measured at every batch size float32 was
+])
+def test_bf16_must_be_clearly_faster_at_every_batch(bf16):
+    timings = {"float32@1": 12.0, "float32@8": 45.0, **bf16}
+    assert make_plan(shape("starcoder2-3b"), cpu_machine(True, timings)).dtype == "float32"
+
+
+def test_forced_dtype_wins_over_the_measurement():
+    plan = make_plan(shape("starcoder2-3b"), cpu_machine(True, AVX512_BF16_FAST), overrides_from_flags(dtype="fp32"))
+    assert plan.dtype == "float32" and "dtype" in plan.overridden
+    assert "--dtype float32" in plan.reasons["dtype"]
+    assert plan.cpu_format_ms == AVX512_BF16_FAST  # still shown
+
+
+@pytest.mark.parametrize("cpu_bf16, expected", [(False, "float32"), (True, "bfloat16")])
+def test_no_measurement_falls_back_to_the_flags_and_says_so(cpu_bf16, expected):
+    for timings in ({}, {"bfloat16@1": 5.0}):  # nothing, or nothing to compare with
+        plan = make_plan(shape("starcoder2-3b"), cpu_machine(cpu_bf16, timings))
+        assert plan.dtype == expected
+        assert "not measured yet" in plan.reasons["dtype"] and "first start" in plan.reasons["dtype"]
+    assert "not measured" in make_plan(shape("starcoder2-3b"), cpu_machine(cpu_bf16, {})).reasons["cpu_formats"]
+
+
+def test_cpu_formats_row_shows_the_timings_on_cpu_only():
+    cpu = make_plan(shape("starcoder2-3b"), cpu_machine(False, AVX2_BF16_SLOW))
+    table = format_plan_table(cpu, width=200)
+    assert "cpu_formats" in table and "float32 12.0 / 45.0, bfloat16 24.0 / 90.0 ms per decode step at batch 1 / 8" in table
+    assert json.loads(plan_to_json(cpu))["cpu_format_ms"] == AVX2_BF16_SLOW
+    unmeasured = format_plan_table(make_plan(shape("starcoder2-3b"), cpu_machine(False, {})), width=200)
+    assert "not measured yet" in unmeasured
+    gpu = make_plan(shape("starcoder2-3b"), profile("A100"))
+    assert "cpu_formats" not in format_plan_table(gpu, width=200) and "cpu_formats" not in gpu.reasons
+
+
 # ---------------------------------------------------------------- offload
 
 
