@@ -36,14 +36,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_plan(model_path: str, gpu: int | None, overrides: PlanOverrides) -> ServingPlan:
+    """The plan for this engine; a CPU engine first times the weight formats unless the cache has them."""
     from hardware.model_config import load_model_shape
     from hardware.planner import make_plan
     from hardware.profile import detect_hardware
 
-    profile = detect_hardware()
+    shape = load_model_shape(model_path)
+    profile = detect_hardware(shape)
     if gpu is None:
-        profile = msgspec.structs.replace(profile, gpus=[])
-    return make_plan(load_model_shape(model_path), profile, overrides, gpu_index=gpu)
+        from engine_core.cpu_formats import with_measured_cpu_formats
+
+        profile = with_measured_cpu_formats(msgspec.structs.replace(profile, gpus=[]), shape, overrides)
+    return make_plan(shape, profile, overrides, gpu_index=gpu)
 
 
 def run_engine(*, input_address: str, output_address: str, model_path: str, model_name: str, engine_id: str,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,57 @@ def test_gguf_reader_rejects_other_files(tmp_path):
     bad.write_bytes(b"NOPE" + b"\0" * 32)
     with pytest.raises(GGUFError):
         read_gguf_metadata(bad)
+
+
+# ---------------------------------------------------------------- cached CPU format timings
+
+SMOL_LIKE = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+             "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
+             "max_position_embeddings": 8192, "tie_word_embeddings": True}
+TIMINGS = {"float32@1": 31.4, "float32@8": 60.5, "bfloat16@1": 22.8, "bfloat16@8": 22.8}
+
+
+def test_cpu_format_timings_round_trip_through_the_cache(tmp_path):
+    s = shape_from_config(SMOL_LIKE)
+    assert hp.read_cpu_format_ms(s, tmp_path) == {}
+    path = hp.write_cpu_format_ms(s, TIMINGS, tmp_path)
+    assert path.parent == tmp_path / "cpu-formats" and path.suffix == ".json"
+    assert hp.read_cpu_format_ms(s, tmp_path) == TIMINGS
+    assert json.loads(path.read_text())["key"]["layer_linears"] == [[576, 576], [576, 192], [576, 192], [576, 576],
+                                                                   [576, 1536], [576, 1536], [1536, 576]]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_another_model_shape_is_another_cache_entry(tmp_path):
+    hp.write_cpu_format_ms(shape_from_config(SMOL_LIKE), TIMINGS, tmp_path)
+    other = shape_from_config({**SMOL_LIKE, "vocab_size": 32000})
+    assert hp.read_cpu_format_ms(other, tmp_path) == {}
+
+
+def test_unreadable_cache_reads_as_not_measured(tmp_path):
+    s = shape_from_config(SMOL_LIKE)
+    path = hp.cpu_format_cache_path(s, tmp_path)
+    path.parent.mkdir(parents=True)
+    for text in ("not json", "[1, 2]", '{"ms": {"float32@1": -1}}', '{"ms": {}}'):
+        path.write_text(text)
+        assert hp.read_cpu_format_ms(s, tmp_path) == {}
+    with pytest.raises(ValueError):
+        hp.write_cpu_format_ms(s, {"float32@1": 0.0}, tmp_path)
+
+
+def test_profiles_read_the_cache_for_a_given_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    s = shape_from_config(SMOL_LIKE)
+    assert detect_hardware(s).cpu_format_ms == {}
+    hp.write_cpu_format_ms(s, TIMINGS, None)  # the default root: KILN_CACHE
+    assert detect_hardware(s).cpu_format_ms == TIMINGS
+    assert simulated_profile(cpu_only=True, shape=s).cpu_format_ms == TIMINGS
+    assert detect_hardware().cpu_format_ms == {}  # no model, no timings
+
+
+def test_reading_cached_timings_does_not_import_torch(tmp_path):
+    code = ("import sys; from hardware import profile as p; from hardware.model_config import shape_from_config; "
+            f"s = shape_from_config({SMOL_LIKE!r}); p.write_cpu_format_ms(s, {TIMINGS!r}); "
+            f"assert p.detect_hardware(s).cpu_format_ms == {TIMINGS!r}; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60,
+                   env={**os.environ, "KILN_CACHE": str(tmp_path)})
