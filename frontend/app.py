@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from frontend.api import ApiError, GenerateResponse, StreamPiece, parse_generate_request
 from frontend.generation import (
+    BODY_TIMEOUT_S,
     CLIENT,
     JSON,
     MAX_BODY_BYTES,
@@ -29,6 +30,7 @@ from frontend.generation import (
     Generation,
     api_errors,
     json_response,
+    read_body,
 )
 from frontend.chat_template import ChatTemplate
 from frontend.metrics import Metrics
@@ -44,7 +46,7 @@ DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: refuse new w
 
 
 async def read_generation(request: web.Request) -> Generation:
-    return Generation(request.app, parse_generate_request(await request.read()))
+    return Generation(request.app, parse_generate_request(await read_body(request)))
 
 
 async def generate(request: web.Request) -> web.Response:
@@ -150,13 +152,18 @@ def require_api_key(api_key: str):
     return check
 
 
+DEFAULT_BODY_TIMEOUT_S = 30.0  # a 4 MiB body at about 1 Mbit/s
+
+
 def build_app(client: EngineClient, tokenizer: Tokenizer, model_name: str,
               chat_template: ChatTemplate | None = None, api_key: str | None = None,
-              supervisor: EngineSupervisor | None = None) -> web.Application:
+              supervisor: EngineSupervisor | None = None,
+              body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> web.Application:
     middlewares = [api_errors] + ([require_api_key(api_key)] if api_key else []) + [refuse_while_draining]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CLIENT] = client
     app[DRAINING] = asyncio.Event()
+    app[BODY_TIMEOUT_S] = body_timeout_s
     if supervisor is not None:
         app[SUPERVISOR] = supervisor
     app[TOKENIZER] = tokenizer

@@ -6,6 +6,7 @@ at any stage leaves nothing registered.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -15,6 +16,7 @@ from aiohttp import web
 from tokenizers import Tokenizer
 
 from frontend.api import ApiError, GenerateRequest, Timings, Usage
+from frontend.chat_template import PromptPiece
 from frontend.detokenizer import IncrementalDetokenizer
 from frontend.metrics import Metrics
 from frontend.prompt_encoder import PromptEncoder
@@ -25,11 +27,31 @@ TOKENIZER = web.AppKey("tokenizer", Tokenizer)
 PROMPT_ENCODER = web.AppKey("prompt_encoder", PromptEncoder)
 MODEL_NAME = web.AppKey("model_name", str)
 METRICS = web.AppKey("metrics", Metrics)
+BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 REQUEST_IDS = web.AppKey("request_ids", itertools.count)
 JSON = msgspec.json.Encoder()
 # Bounds the work and memory one request can cost before validation; any prompt that fits a context
 # window of 8192 tokens (and far more, for most text) fits, and prompt length is checked after.
 MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def too_large() -> ApiError:
+    return ApiError(413, f"request body is larger than the {MAX_BODY_BYTES // 1024} KiB limit; a prompt "
+                         "must fit the context window anyway", "body", kind="request_too_large")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, refused unread when its Content-Length is over the limit, and within a deadline,
+    so that a client trickling bytes (slowloris) holds its connection for a bounded time only."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise too_large()
+    deadline = request.app[BODY_TIMEOUT_S]
+    try:
+        async with asyncio.timeout(deadline):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {deadline:g} s", "body",
+                       kind="request_timeout") from None
 
 
 def json_response(payload, status: int = 200) -> web.Response:
@@ -38,16 +60,19 @@ def json_response(payload, status: int = 200) -> web.Response:
 
 @web.middleware
 async def api_errors(request: web.Request, handler):
-    """ApiError → its JSON; an oversized body → a JSON 413 naming the limit. Every refusal is counted."""
+    """ApiError → its JSON; an oversized body → a JSON 413 naming the limit. Every refusal is counted.
+    A body left unread (too large, too slow) ends the connection after the answer."""
     try:
         return await handler(request)
     except ApiError as exc:
         error = exc
     except web.HTTPRequestEntityTooLarge:
-        error = ApiError(413, f"request body is larger than the {MAX_BODY_BYTES // 1024} KiB limit; a prompt "
-                              "must fit the context window anyway", "body", kind="request_too_large")
+        error = too_large()
     request.app[METRICS].refused.labels(error.kind).inc()
-    return json_response(error.body(), error.status)
+    response = json_response(error.body(), error.status)
+    if error.status in (408, 413):
+        response.force_close()
+    return response
 
 
 class Generation:
@@ -68,12 +93,18 @@ class Generation:
         self.stream = None
         self.closed = False
 
-    async def start(self, add_special_tokens: bool = True, field: str = "prompt") -> None:
+    async def start(self, add_special_tokens: bool = True, field: str = "prompt",
+                    pieces: list[PromptPiece] | None = None) -> None:
         """Refuse early and cheaply, then tokenize, then hand the request to an engine. `field`: what
-        the client sent the prompt as (OpenAI chat: `messages`), for error messages."""
+        the client sent the prompt as (OpenAI chat: `messages`), for error messages; `pieces`: the
+        prompt as template and client text (a chat), so client text cannot become control tokens."""
         engine = self._pick_engine()
-        self.app[PROMPT_ENCODER].check_length(self.body.prompt, engine.hello.plan.max_context, field)
-        self.prompt_ids = await self.app[PROMPT_ENCODER].encode(self.body.prompt, add_special_tokens)
+        encoder = self.app[PROMPT_ENCODER]
+        encoder.check_length(self.body.prompt, engine.hello.plan.max_context, field)
+        if pieces is None:
+            self.prompt_ids = await encoder.encode(self.body.prompt, add_special_tokens)
+        else:
+            self.prompt_ids = await encoder.encode_pieces(pieces)
         if not self.prompt_ids:
             raise ApiError(400, f"`{field}` encodes to no tokens", field)
         self.detok = IncrementalDetokenizer(self.app[TOKENIZER], self.prompt_ids, self.body.stop)

@@ -8,6 +8,10 @@ second if it disappears (removing that folder), so even a `kill -9` of the serve
 
 SIGTERM drains: new requests get a 503 at once, open streams may finish until the drain deadline,
 then end with an error event, and the process exits.
+
+Slow clients are bounded: a connection must deliver a request's headers within the header timeout
+(also how long an idle keep-alive connection stays open) and its body within the body timeout;
+`KILN_HEADER_TIMEOUT_S` and `KILN_BODY_TIMEOUT_S` override them.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import msgspec
 from aiohttp import web
 from tokenizers import Tokenizer
 
-from frontend.app import DRAINING, build_app
+from frontend.app import DEFAULT_BODY_TIMEOUT_S, DRAINING, build_app
 from frontend.chat_template import ChatTemplate
 from frontend.supervisor import EngineSupervisor
 from hardware.model_source import ModelSource, resolve_model
@@ -39,6 +43,12 @@ log = logging.getLogger("kiln.frontend")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINE_STOP_TIMEOUT_S = 10.0
 CONNECTION_CLOSE_TIMEOUT_S = 5.0  # after the drain, for handlers to send their last event
+DEFAULT_HEADER_TIMEOUT_S = 15.0
+UNREAD_BODY_DISCARD_S = 2.0  # after refusing a body unread: read and drop the rest, then close
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
 
 
 @dataclass
@@ -53,6 +63,11 @@ class ServeConfig:
     api_key: str | None = None  # clients must send `Authorization: Bearer <key>`
     max_restarts: int = 5  # restarts of one engine in a row before the frontend gives up (exits non-zero)
     drain_timeout: float = 30.0  # seconds open streams may run on after SIGTERM
+    # a connection's headers must arrive within this many seconds of its start (or of its last answer)
+    header_timeout: float = field(default_factory=lambda: seconds_from_env("KILN_HEADER_TIMEOUT_S",
+                                                                            DEFAULT_HEADER_TIMEOUT_S))
+    body_timeout: float = field(default_factory=lambda: seconds_from_env("KILN_BODY_TIMEOUT_S",
+                                                                          DEFAULT_BODY_TIMEOUT_S))
 
 
 def load_tokenizer(source: ModelSource) -> Tokenizer:
@@ -102,9 +117,12 @@ class Server:
             self.supervisor.start(f"engine-{index}", gpu)
         template = None if self.source.is_hub else ChatTemplate.from_folder(self.source.path)
         app = build_app(self.client, load_tokenizer(self.source), self.source.name, template, self.config.api_key,
-                        self.supervisor)
+                        self.supervisor, self.config.body_timeout)
+        # aiohttp's keep-alive timer runs from a connection's start until a request's headers are
+        # complete, so it is also the header timeout that stops a slowloris
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=CONNECTION_CLOSE_TIMEOUT_S)
+                               shutdown_timeout=CONNECTION_CLOSE_TIMEOUT_S,
+                               keepalive_timeout=self.config.header_timeout, lingering_time=UNREAD_BODY_DISCARD_S)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port)
         await site.start()
