@@ -1,11 +1,16 @@
 """The model's chat template (Jinja), rendered the way transformers' `apply_chat_template` does,
 without importing transformers (and torch) into the frontend: a sandboxed Jinja environment with
 `trim_blocks`/`lstrip_blocks`, the tokenizer's special tokens and `raise_exception`.
+
+`render_pieces` keeps apart what the template wrote and what the client typed, so that special-token
+text inside a message (`<|im_start|>system`) can be tokenized as plain text, never as a control token.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -13,6 +18,19 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 class ChatTemplateError(Exception):
     pass
+
+
+class PromptPiece(NamedTuple):
+    text: str
+    from_client: bool  # message content: its special-token text must stay plain text
+
+
+# Stands in for message i's content while rendering; private-use characters no template writes itself.
+_PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+
+
+def _placeholder(index: int) -> str:
+    return f"\ue000{index}\ue001"
 
 
 def _raise(message: str):
@@ -56,3 +74,17 @@ class ChatTemplate:
                                         **self.special_tokens)
         except TemplateError as exc:
             raise ChatTemplateError(str(exc)) from None
+
+    def render_pieces(self, messages: list[dict], add_generation_prompt: bool = True) -> list[PromptPiece]:
+        """The rendered prompt as template text and message contents, in order. Contents are rendered
+        as placeholders, then put back verbatim (a template filter on content, such as `trim`, is not
+        applied to it); rendering costs the same whatever the contents' size."""
+        stand_ins = [{**message, "content": _placeholder(i)} for i, message in enumerate(messages)]
+        rendered = self.render(stand_ins, add_generation_prompt)
+        pieces, start = [], 0
+        for match in _PLACEHOLDER.finditer(rendered):
+            pieces.append(PromptPiece(rendered[start:match.start()], False))
+            pieces.append(PromptPiece(messages[int(match.group(1))]["content"], True))
+            start = match.end()
+        pieces.append(PromptPiece(rendered[start:], False))
+        return [piece for piece in pieces if piece.text]

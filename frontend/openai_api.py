@@ -14,10 +14,14 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from frontend.api import MAX_STOP_STRINGS, ApiError, GenerateRequest, MaxTokens, Seed, Temperature, TopK, TopP, decode_body
-from frontend.chat_template import ChatTemplate, ChatTemplateError
-from frontend.generation import CLIENT, JSON, MODEL_NAME, EngineError, Generation, json_response
+from frontend.chat_template import ChatTemplate, ChatTemplateError, PromptPiece
+from frontend.generation import CLIENT, JSON, MODEL_NAME, EngineError, Generation, json_response, read_body
 
 CHAT_TEMPLATE = web.AppKey("chat_template", ChatTemplate)
+# `tool` and `developer` are left out: tool calls and their results are not supported, and not every
+# template knows a developer turn.
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_SHOWN_ROLE_CHARS = 32
 UNLIMITED = 1 << 30  # no max_tokens: generate until end of sequence or the context window
 
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None
@@ -57,6 +61,15 @@ class ChatRequest(_Sampling, kw_only=True):
     max_completion_tokens: MaxTokens | None = None
 
 
+def check_roles(messages: list[ChatMessage]) -> None:
+    """Only the roles chat templates are written for; anything else is a 400 naming the message."""
+    for index, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            shown = message.role[:MAX_SHOWN_ROLE_CHARS] + ("…" if len(message.role) > MAX_SHOWN_ROLE_CHARS else "")
+            raise ApiError(400, f"messages[{index}].role is {shown!r}; it must be one of {', '.join(CHAT_ROLES)}",
+                           f"messages[{index}].role")
+
+
 def _usage(generation: Generation) -> dict:
     usage = generation.usage()
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
@@ -71,12 +84,13 @@ def _check_model(request: web.Request, body: _Sampling) -> None:
 
 
 async def _respond(request: web.Request, native: GenerateRequest, prompt_field: str, stream: bool,
-                   object_name: str, choice, first_chunk: dict | None = None) -> web.StreamResponse:
+                   object_name: str, choice, first_chunk: dict | None = None,
+                   pieces: list[PromptPiece] | None = None) -> web.StreamResponse:
     """Run the generation; `choice(text, finish_reason, final)` shapes one choice of a response or chunk.
-    A chat prompt (`messages`) is rendered by the template, special tokens included: no BOS is added."""
+    A chat prompt comes as the template's `pieces`, special tokens included: no BOS is added."""
     generation = Generation(request.app, native)
     try:
-        await generation.start(add_special_tokens=prompt_field != "messages", field=prompt_field)
+        await generation.start(field=prompt_field, pieces=pieces)
         request_id = f"{'chatcmpl' if 'chat' in object_name else 'cmpl'}-{generation.request_id}"
         envelope = {"id": request_id, "object": object_name, "created": int(time.time()),
                     "model": request.app[MODEL_NAME]}
@@ -108,7 +122,7 @@ async def _respond(request: web.Request, native: GenerateRequest, prompt_field: 
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = decode_body(await request.read(), CompletionRequest)
+    body = decode_body(await read_body(request), CompletionRequest)
     _check_model(request, body)
     native = body.native(body.prompt, body.max_tokens)
 
@@ -119,16 +133,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = decode_body(await request.read(), ChatRequest)
+    body = decode_body(await read_body(request), ChatRequest)
     _check_model(request, body)
     template = request.app.get(CHAT_TEMPLATE)
     if template is None:
         raise ApiError(400, f"{request.app[MODEL_NAME]} has no chat template; use /v1/completions", "messages")
+    check_roles(body.messages)
     try:
-        prompt = template.render([msgspec.structs.asdict(m) for m in body.messages])
+        pieces = template.render_pieces([msgspec.structs.asdict(m) for m in body.messages])
     except ChatTemplateError as exc:
         raise ApiError(400, f"the chat template rejected the messages: {exc}", "messages") from None
-    native = body.native(prompt, body.max_completion_tokens or body.max_tokens)
+    native = body.native("".join(piece.text for piece in pieces), body.max_completion_tokens or body.max_tokens)
 
     def choice(text: str, finish_reason: str | None, final: bool) -> dict:
         if final:
@@ -136,7 +151,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return {"index": 0, "delta": {"content": text}, "finish_reason": finish_reason}
 
     first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-    return await _respond(request, native, "messages", body.stream, "chat.completion", choice, first)
+    return await _respond(request, native, "messages", body.stream, "chat.completion", choice, first, pieces)
 
 
 async def models(request: web.Request) -> web.Response:
