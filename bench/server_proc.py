@@ -3,6 +3,10 @@
 The child gets its own process group so stopping it also stops anything it spawned
 (kiln's engine processes), and its output goes to a log file that is shown on failure
 instead of interleaving with the progress bar.
+
+While a server runs, SIGTERM and SIGHUP raise SystemExit in the bench (their default action would
+end it at once, skipping the `finally` that stops the server), so a bench stopped by an orchestrator
+or a closed terminal leaves no server behind.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 15.0
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class ServerFailed(RuntimeError):
@@ -73,8 +79,48 @@ def stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
 
 
 @contextlib.contextmanager
+def termination_raises() -> Iterator[None]:
+    """Within the block, SIGTERM/SIGHUP raise SystemExit(128 + signal) instead of killing the process
+    outright, so `finally` blocks run. Only from the main thread (where Python runs signal handlers),
+    and only for signals left at their default action (a caller's own handler is kept)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in TERMINATING_SIGNALS}
+
+    def raise_exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for sig, handler in previous.items():
+        if handler == signal.SIG_DFL:
+            signal.signal(sig, raise_exit)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGTERM/SIGHUP until the block ends, so that stopping a server is not cut short; a signal
+    that came meanwhile is delivered (and raises) right after."""
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+@contextlib.contextmanager
 def running_server(cmd: list[str], url: str, *, name: str, timeout_s: float = 180.0) -> Iterator[str]:
-    """Yield `url` once `GET /health` answers 200; stop the server on exit, whatever happens."""
+    """Yield `url` once `GET /health` answers 200; stop the server on exit, whatever happens
+    (SIGTERM and SIGHUP included)."""
+    with termination_raises():
+        yield from _run_server(cmd, url, name=name, timeout_s=timeout_s)
+
+
+def _run_server(cmd: list[str], url: str, *, name: str, timeout_s: float) -> Iterator[str]:
     with tempfile.NamedTemporaryFile(prefix=f"kiln-bench-{name}-", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
     print(f"starting {name} server: {' '.join(cmd)} (log: {log_path})", file=sys.stderr, flush=True)
@@ -96,6 +142,7 @@ def running_server(cmd: list[str], url: str, *, name: str, timeout_s: float = 18
                   f"{_tail(log_path)}", file=sys.stderr, flush=True)
             return
     finally:
-        stop(proc)
+        with signals_held():
+            stop(proc)
     with contextlib.suppress(OSError):
         log_path.unlink()
