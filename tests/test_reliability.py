@@ -336,6 +336,40 @@ def test_oversized_input_names_the_limit(server):
 
 
 @pytest.mark.slow
+def test_frontend_memory_returns_near_idle_after_large_refused_requests(server):
+    """Multi-MB bodies refused (413 by Content-Length, 400 for prompts longer than the context) must not
+    leave the frontend's resident memory grown (issue 10: 85 MB → 968 MB over a hostile run)."""
+    import psutil
+
+    frontend = psutil.Process(server.process.pid)
+    idle_mb = frontend.memory_info().rss / 2**20
+    three_mb = "a" * (3 * 2**20)
+    payloads = ([("/generate", json.dumps({"prompt": three_mb}).encode())] * 200
+                + [("/v1/completions", json.dumps({"prompt": three_mb + three_mb}).encode())] * 50
+                + [("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "é" * 1_500_000}]},
+                                                       ensure_ascii=False).encode())] * 50)
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            limit = asyncio.Semaphore(16)
+
+            async def send(route, body):
+                async with limit:
+                    async with session.post(server.url + route, data=body,
+                                            headers={"Content-Type": "application/json"}) as response:
+                        await response.read()
+                        return response.status
+
+            return await asyncio.gather(*(send(route, body) for route, body in payloads))
+
+    statuses = run(scenario())
+    assert statuses.count(400) == 250 and statuses.count(413) == 50, sorted(set(statuses))
+    margin_mb = 150
+    wait_for(lambda: frontend.memory_info().rss / 2**20 < idle_mb + margin_mb, 30,
+             f"the frontend's memory to return under {idle_mb:.0f} + {margin_mb} MB")
+
+
+@pytest.mark.slow
 def test_clients_leaving_at_any_stage_leave_nothing_registered(server):
     """Disconnects before, during and after tokenizing a long prompt, while queued and mid-stream."""
     long_prompt = "word " * 300
