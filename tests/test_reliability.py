@@ -21,6 +21,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from bench.hostile import POST_ROUTES, hostile_payloads
 from hardware.plan import ServingPlan
 from ipc.engine_client import MAX_FAILED_STEPS, EngineClient, NoEngineAvailable
 from ipc.messages import (
@@ -41,7 +42,6 @@ from tests.http_client import post_json, run, stream_events
 PLAN = ServingPlan(device="cpu", dtype="float32", quantization=None, double_quant=False, offload=False,
                    device_map=None, max_batch=2, max_context=64, kv_cache_tokens=128, weights_bytes=0)
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0)
-POST_ROUTES = ["/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"]
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -249,35 +249,6 @@ LONG_STREAM = {"prompt": "Count slowly:", "max_new_tokens": 48, "ignore_eos": Tr
 @pytest.fixture(scope="module")
 def server(default_model_path):
     yield from running_server("--max-context", "512", "--max-batch", "8", "--max-restarts", "3")
-
-
-def hostile_payloads() -> list[tuple[str, bytes]]:
-    """(route, body) pairs a hostile client might send; none may get a 5xx."""
-    huge = [2**63, 2**64, 10**30, -(2**64), 1.5]
-    fields = {"/generate": ["max_new_tokens", "top_k", "seed"], "/generate_stream": ["max_new_tokens", "top_k"],
-              "/v1/completions": ["max_tokens", "top_k", "seed", "n"],
-              "/v1/chat/completions": ["max_tokens", "max_completion_tokens", "top_k", "seed", "n"]}
-    prompt = {"prompt": "hi"}
-    chat = {"messages": [{"role": "user", "content": "hi"}]}
-    payloads = []
-    for route, names in fields.items():
-        base = chat if "chat" in route else prompt
-        for name in names:
-            payloads += [(route, json.dumps({**base, name: value}).encode()) for value in huge]
-        payloads += [(route, json.dumps({**base, "temperature": value}).encode()) for value in (1e308, -1, "x")]
-        payloads += [(route, json.dumps({**base, "top_p": value}).encode()) for value in (2, -0.0, None)]
-        payloads += [
-            (route, b'{"prompt": "\xff\xfe", "messages": [{"role": "user", "content": "\xc3"}]}'),
-            (route, b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b', "prompt": "hi"}'),
-            (route, b'{"x": ' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}"),
-            (route, b""), (route, b"null"), (route, b"[]"), (route, b'"prompt"'), (route, b"{" * 100),
-            (route, json.dumps({"messages": "hi", "prompt": ["hi"]}).encode()),
-            (route, json.dumps({**base, "stop": ["x"] * 100}).encode()),
-            (route, json.dumps({**base, "stop": [{"a": 1}]}).encode()),
-            (route, json.dumps({"prompt": "a" * 1_500_000, "messages": [{"role": "user", "content": "a" * 1_500_000}]}).encode()),
-            (route, b'{"prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}'),
-        ]
-    return payloads
 
 
 @pytest.mark.slow
