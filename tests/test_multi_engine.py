@@ -14,21 +14,12 @@ import pytest
 
 from tests.conftest import REPO_ROOT, ServerProcess, free_port
 from tests.http_client import generate, post_json, run, stream_events
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.slow
 
 SMALL = ("--max-context", "384", "--max-batch", "8")
 GREEDY = {"prompt": "def quicksort(items):", "max_new_tokens": 24, "temperature": 0}
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -38,20 +38,11 @@ from ipc.messages import (
 from ipc.stall_clock import StallFreeClock
 from tests.conftest import ServerProcess, get_json, pid_alive, running_server
 from tests.http_client import post_json, run, stream_events
+from tests.polling import wait_for
 
 PLAN = ServingPlan(device="cpu", dtype="float32", quantization=None, double_quant=False, offload=False,
                    device_map=None, max_batch=2, max_context=64, kv_cache_tokens=128, weights_bytes=0)
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0)
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 # ---- the engine client with a scripted engine ---------------------------------------------------
