@@ -30,6 +30,11 @@ class Dialect(msgspec.Struct, frozen=True):
     stream_path: str
     plain_path: str
     openai: bool
+    polls_info: bool  # kiln's /info gives the peak batch; OpenAI servers have none to poll
+    # Measured: llama-server advertises keep-alive after a streamed answer but drops the connection,
+    # so the next request on it fails ("Can not write request body"); a fresh connection per
+    # request costs well under a millisecond on loopback.
+    keep_alive: bool
 
     def body(self, cfg: LoadConfig, prompt: str, seed: int) -> dict:
         """The same sampling in either dialect: greedy or seeded, a fixed budget, EOS ignored if asked."""
@@ -71,5 +76,7 @@ def _first_choice(msg: dict[str, Any]) -> dict:
     return choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
 
 
-NATIVE = Dialect(name="native", stream_path="/generate_stream", plain_path="/generate", openai=False)
-OPENAI = Dialect(name="openai", stream_path="/v1/completions", plain_path="/v1/completions", openai=True)
+NATIVE = Dialect(name="native", stream_path="/generate_stream", plain_path="/generate", openai=False,
+                 polls_info=True, keep_alive=True)
+OPENAI = Dialect(name="openai", stream_path="/v1/completions", plain_path="/v1/completions", openai=True,
+                 polls_info=False, keep_alive=False)

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import msgspec
@@ -91,8 +90,7 @@ def requantize(source: Path, quant: str, quantize: str) -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem + ".", suffix=".part")
-    os.close(fd)
+    tmp = str(out.with_name(f"{out.name}.{os.getpid()}.part"))
     print(f"requantizing {source.name} to {quant} once into {out} ...", file=sys.stderr, flush=True)
     try:
         result = subprocess.run([quantize, "--allow-requantize", str(source), tmp, quant],

@@ -55,7 +55,7 @@ async def _stream_one(session: aiohttp.ClientSession, url: str, dialect: Dialect
         async for event in iter_events(resp.content):
             now = time.perf_counter()
             if event.data == DONE:
-                break
+                continue  # read on to the body's end so the connection goes back to the pool clean
             try:
                 msg = json.loads(event.data)
             except ValueError:
@@ -171,7 +171,7 @@ async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress
     `dialect` says whether the server speaks kiln's routes or OpenAI's /v1/completions."""
     url = url.rstrip("/")
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_connect=10)
-    connector = aiohttp.TCPConnector(limit=0)
+    connector = aiohttp.TCPConnector(limit=0, force_close=not dialect.keep_alive)
     records: list[RequestRecord] = []
     peak: dict[str, int | None] = {"value": None}
     total = None if cfg.duration is not None else cfg.users * cfg.requests
@@ -190,7 +190,7 @@ async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress
                     bar.set_postfix(failed=sum(not r.ok for r in records), refresh=False)
                 index += 1
 
-        poller = asyncio.create_task(_poll_info(session, url, peak))
+        poller = asyncio.create_task(_poll_info(session, url, peak) if dialect.polls_info else asyncio.sleep(0))
         try:
             await asyncio.gather(*(user(u) for u in range(cfg.users)))
         finally:
