@@ -8,6 +8,9 @@ No CPU flag or load average predicts which is better at a given moment, so the e
 per step size (a power-of-two bucket of its token count) it keeps a moving average of the time per
 step for each candidate thread count, runs the faster one, and every `explore_every` steps of that
 size tries another candidate once, so a change in the machine's load is noticed within seconds.
+A try that comes out far slower than the running choice (a busy core can stall a two-thread step
+for a second and more) doubles that size's interval between tries, up to `MAX_EXPLORE_EVERY`
+steps, so exploring never costs more than a few percent; a try that wins resets it.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import torch
 
 SMOOTHING = 0.3  # weight of the newest step in the running choice's moving average
 EXPLORE_SMOOTHING = 0.6  # an occasional sample of another count weighs more: it is all we know of it now
+MAX_EXPLORE_EVERY = 1024
+FAR_SLOWER = 1.5  # a try this many times slower than the running choice backs exploration off
 
 
 def candidate_thread_counts() -> list[int]:
@@ -31,7 +36,8 @@ class ThreadTuner:
         self.candidates = candidates or candidate_thread_counts()
         self.explore_every = explore_every
         self.average: dict[tuple[int, int], float] = {}  # (bucket, threads) -> seconds per step
-        self.steps: dict[int, int] = {}  # bucket -> steps seen
+        self.steps: dict[int, int] = {}  # bucket -> steps since the last try of another count
+        self.interval: dict[int, int] = {}  # bucket -> steps between tries, doubled while tries lose badly
         self.current = torch.get_num_threads()
 
     @staticmethod
@@ -41,14 +47,13 @@ class ThreadTuner:
     def choose(self, tokens: int) -> int:
         """The thread count for a step of `tokens` tokens (sets torch's count if it changes)."""
         bucket = self.bucket(tokens)
-        seen = self.steps.get(bucket, 0)
         untried = [n for n in self.candidates if (bucket, n) not in self.average]
-        best = min(self.candidates, key=lambda n: self.average.get((bucket, n), float("inf")))
+        best = self._best(bucket)
+        others = [n for n in self.candidates if n != best]
         if untried:
             threads = untried[0]
-        elif seen % self.explore_every == self.explore_every - 1:
-            others = [n for n in self.candidates if n != best]
-            threads = others[(seen // self.explore_every) % len(others)] if others else best
+        elif others and self.steps.get(bucket, 0) >= self.interval.get(bucket, self.explore_every) - 1:
+            threads = min(others, key=lambda n: self.average[(bucket, n)])  # the runner-up
         else:
             threads = best
         if threads != self.current:
@@ -56,13 +61,24 @@ class ThreadTuner:
             self.current = threads
         return threads
 
+    def _best(self, bucket: int) -> int:
+        return min(self.candidates, key=lambda n: self.average.get((bucket, n), float("inf")))
+
     def record(self, tokens: int, threads: int, seconds: float) -> None:
         bucket = self.bucket(tokens)
-        self.steps[bucket] = self.steps.get(bucket, 0) + 1
         key = (bucket, threads)
         old = self.average.get(key)
-        best = min(self.candidates, key=lambda n: self.average.get((bucket, n), float("inf")))
-        weight = SMOOTHING if threads == best else EXPLORE_SMOOTHING
+        best = self._best(bucket)
+        if threads == best or old is None:
+            self.steps[bucket] = self.steps.get(bucket, 0) + 1
+            weight = SMOOTHING
+        else:  # a try of another count: back off while such tries lose badly, else try as usual
+            self.steps[bucket] = 0
+            running = self.average[(bucket, best)]
+            interval = self.interval.get(bucket, self.explore_every)
+            self.interval[bucket] = (min(interval * 2, MAX_EXPLORE_EVERY) if seconds > FAR_SLOWER * running
+                                     else self.explore_every)
+            weight = EXPLORE_SMOOTHING
         self.average[key] = seconds if old is None else (1 - weight) * old + weight * seconds
 
     def timed(self, tokens: int):

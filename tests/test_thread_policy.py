@@ -36,10 +36,10 @@ def test_a_busy_core_moves_the_choice_to_one_thread():
     run_steps(tuner, 10, {1: 0.045, 2: 0.031}, 12)
     # another process takes a core: two threads now wait on each other at every barrier
     chosen = run_steps(tuner, 10, {1: 0.046, 2: 0.160}, 24)
-    assert chosen[-8:].count(1) == 6  # two threads only when exploring (every 4th step)
-    # and the core is free again: exploration notices
-    chosen = run_steps(tuner, 10, {1: 0.045, 2: 0.031}, 24)
-    assert chosen[-8:].count(2) == 6
+    assert chosen[-8:].count(1) >= 6  # two threads only for an occasional try
+    # and the core is free again: the next try notices (tries back off while they lose, so allow time)
+    chosen = run_steps(tuner, 10, {1: 0.045, 2: 0.031}, 200)
+    assert chosen[-8:].count(2) >= 6
 
 
 def test_step_sizes_are_tuned_separately():
@@ -55,3 +55,13 @@ def test_timed_records_the_real_step():
     with tuner.timed(4) as step:
         torch.ones(64, 64) @ torch.ones(64, 64)
     assert step.threads == 1 and tuner.average[(tuner.bucket(4), 1)] > 0
+
+
+def test_tries_that_stall_are_made_rarely():
+    """A two-thread step stalled by a busy core costs a second: trying it every 32 steps would double
+    the average step, so such tries back off (up to 1024 steps apart) while they keep losing."""
+    tuner = ThreadTuner([1, 2], explore_every=32)
+    chosen = run_steps(tuner, 10, {1: 0.045, 2: 1.6}, 2000)
+    tries = chosen[2:].count(2)
+    assert 2 <= tries <= 8  # 32, 64, ... 1024 steps apart instead of 62 tries
+    assert tuner.interval[tuner.bucket(10)] >= 512
