@@ -8,6 +8,7 @@ No CPU flag or load average predicts which is better at a given moment, so the e
 per step size (a power-of-two bucket of its token count) it keeps a moving average of the time per
 step for each candidate thread count, runs the faster one, and every `explore_every` steps of that
 size tries another candidate once, so a change in the machine's load is noticed within seconds.
+A step size seen for the first time starts with the count the latest comparison preferred.
 A try that comes out far slower than the running choice (a busy core can stall a two-thread step
 for a second and more) doubles that size's interval between tries, up to `MAX_EXPLORE_EVERY`
 steps, so exploring never costs more than a few percent; a try that wins resets it.
@@ -39,6 +40,11 @@ class ThreadTuner:
         self.steps: dict[int, int] = {}  # bucket -> steps since the last try of another count
         self.interval: dict[int, int] = {}  # bucket -> steps between tries, doubled while tries lose badly
         self.current = torch.get_num_threads()
+        # what the latest comparison anywhere found: a new step size starts from it instead of paying
+        # for a stalled try at once (the load that decides is the machine's, not the step size's)
+        self.preferred = self.current if self.current in self.candidates else self.candidates[-1]
+        self.preferred_interval = explore_every
+        self.compared = False  # until one step size has tried every count, try each at once
 
     @staticmethod
     def bucket(tokens: int) -> int:
@@ -47,13 +53,14 @@ class ThreadTuner:
     def choose(self, tokens: int) -> int:
         """The thread count for a step of `tokens` tokens (sets torch's count if it changes)."""
         bucket = self.bucket(tokens)
-        untried = [n for n in self.candidates if (bucket, n) not in self.average]
         best = self._best(bucket)
         others = [n for n in self.candidates if n != best]
-        if untried:
+        untried = [n for n in others if (bucket, n) not in self.average]
+        due = self.steps.get(bucket, 0) >= self.interval.get(bucket, self.preferred_interval) - 1
+        if untried and not self.compared:
             threads = untried[0]
-        elif others and self.steps.get(bucket, 0) >= self.interval.get(bucket, self.explore_every) - 1:
-            threads = min(others, key=lambda n: self.average[(bucket, n)])  # the runner-up
+        elif others and due:
+            threads = min(others, key=lambda n: self.average.get((bucket, n), 0.0))  # untried first
         else:
             threads = best
         if threads != self.current:
@@ -62,24 +69,31 @@ class ThreadTuner:
         return threads
 
     def _best(self, bucket: int) -> int:
-        return min(self.candidates, key=lambda n: self.average.get((bucket, n), float("inf")))
+        measured = [n for n in self.candidates if (bucket, n) in self.average]
+        if not measured:
+            return self.preferred
+        return min(measured, key=lambda n: self.average[(bucket, n)])
 
     def record(self, tokens: int, threads: int, seconds: float) -> None:
         bucket = self.bucket(tokens)
         key = (bucket, threads)
-        old = self.average.get(key)
         best = self._best(bucket)
-        if threads == best or old is None:
+        running = self.average.get((bucket, best))
+        if threads == best or running is None:
             self.steps[bucket] = self.steps.get(bucket, 0) + 1
             weight = SMOOTHING
         else:  # a try of another count: back off while such tries lose badly, else try as usual
             self.steps[bucket] = 0
-            running = self.average[(bucket, best)]
-            interval = self.interval.get(bucket, self.explore_every)
-            self.interval[bucket] = (min(interval * 2, MAX_EXPLORE_EVERY) if seconds > FAR_SLOWER * running
-                                     else self.explore_every)
+            interval = self.interval.get(bucket, self.preferred_interval)
+            lost_badly = seconds > FAR_SLOWER * running
+            self.interval[bucket] = min(interval * 2, MAX_EXPLORE_EVERY) if lost_badly else self.explore_every
+            self.preferred_interval = self.interval[bucket]
             weight = EXPLORE_SMOOTHING
+        old = self.average.get(key)
         self.average[key] = seconds if old is None else (1 - weight) * old + weight * seconds
+        if all((bucket, n) in self.average for n in self.candidates):
+            self.preferred = self._best(bucket)
+            self.compared = True
 
     def timed(self, tokens: int):
         """Context manager: run one step under the chosen thread count and record its time."""

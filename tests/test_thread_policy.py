@@ -24,10 +24,11 @@ def run_steps(tuner: ThreadTuner, tokens: int, seconds_for: dict[int, float], st
 
 
 def test_tries_every_candidate_then_keeps_the_fastest():
+    torch.set_num_threads(1)
     tuner = ThreadTuner([1, 2], explore_every=8)
     chosen = run_steps(tuner, 10, {1: 0.045, 2: 0.031}, 16)
-    assert chosen[:2] == [1, 2]  # each measured once
-    assert chosen.count(1) == 3  # the first try and one exploration every 8 steps
+    assert sorted(chosen[:2]) == [1, 2]  # both counts measured first
+    assert chosen[8:].count(2) >= 7
     assert tuner.choose(10) == 2 and torch.get_num_threads() == 2
 
 
@@ -43,9 +44,9 @@ def test_a_busy_core_moves_the_choice_to_one_thread():
 
 
 def test_step_sizes_are_tuned_separately():
-    tuner = ThreadTuner([1, 2], explore_every=8)
-    run_steps(tuner, 1, {1: 0.027, 2: 0.029}, 10)  # one decode token: one thread is as fast
-    run_steps(tuner, 256, {1: 0.300, 2: 0.170}, 10)  # a prompt chunk: two threads win
+    tuner = ThreadTuner([1, 2], explore_every=4)
+    run_steps(tuner, 1, {1: 0.027, 2: 0.029}, 12)  # one decode token: one thread is as fast
+    run_steps(tuner, 256, {1: 0.300, 2: 0.170}, 12)  # a prompt chunk: two threads win
     assert tuner.choose(1) == 1 and tuner.choose(256) == 2
     assert set(tuner.describe()) == {"<=1 tokens", "<=511 tokens"}
 
@@ -55,6 +56,12 @@ def test_timed_records_the_real_step():
     with tuner.timed(4) as step:
         torch.ones(64, 64) @ torch.ones(64, 64)
     assert step.threads == 1 and tuner.average[(tuner.bucket(4), 1)] > 0
+
+
+def test_a_new_step_size_starts_from_what_the_last_comparison_found():
+    tuner = ThreadTuner([1, 2], explore_every=8)
+    run_steps(tuner, 10, {1: 0.045, 2: 1.6}, 40)  # a busy core: two threads stall
+    assert tuner.choose(3) == 1  # no stalled try for the new size right away
 
 
 def test_tries_that_stall_are_made_rarely():
