@@ -187,6 +187,10 @@ def serve(config: ServeConfig) -> int:
               "so that strangers cannot attach or inject requests", file=sys.stderr)
         return 2
     source = resolve_model(config.model)
+    if not source.is_hub and not (Path(source.path) / "tokenizer.json").is_file():
+        print(f"kiln: {source.path} has no tokenizer.json; the frontend tokenizes with it (save one there with "
+              "AutoTokenizer.from_pretrained(...).save_pretrained(folder))", file=sys.stderr)
+        return 2
     server = None
 
     async def main() -> int:

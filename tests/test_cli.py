@@ -24,6 +24,13 @@ def test_serve_on_missing_gpus_is_refused():
     assert "--gpus" in result.stderr and "no GPU" in result.stderr
 
 
+def test_serve_on_a_folder_without_tokenizer_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text((REPO_ROOT / "tests/fixtures/configs/starcoder2-3b/config.json").read_text())
+    result = cli("serve", "--model", str(tmp_path), "--port", "0")
+    assert result.returncode == 2
+    assert "no tokenizer.json" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_tcp_engines_need_a_secret():
     import os
 
