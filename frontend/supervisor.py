@@ -62,11 +62,13 @@ class EngineSupervisor:
         child.process = self.launch(child.engine_id, child.device)
         child.started_at, child.kill_at = time.monotonic(), None
 
-    def on_engine_lost(self, engine_id: str, why: str) -> None:
-        """The client dropped an engine. If it is ours and still running, make it go."""
+    def on_engine_lost(self, engine_id: str, why: str, was_ready: bool = False) -> None:
+        """The client dropped an engine. If it is ours and still running, make it go. `was_ready` counts
+        even when the engine was lost before a poll saw it ready (a few fast failed steps)."""
         child = self.children.get(engine_id)
         if child is None or child.process is None:
             return
+        child.ever_ready = child.ever_ready or was_ready
         child.last_loss = why
         if child.process.poll() is None and child.kill_at is None:
             child.process.terminate()

@@ -109,7 +109,7 @@ class RequestStream:
 
 class EngineClient:
     def __init__(self, input_addresses: list[str], output_addresses: list[str], model_name: str,
-                 secret: str | None = None, on_engine_lost: Callable[[str, str], None] | None = None):
+                 secret: str | None = None, on_engine_lost: Callable[[str, str, bool], None] | None = None):
         self.input_addresses = input_addresses  # e.g. ipc:// for local engines, tcp:// for other machines
         self.output_addresses = output_addresses
         self.model_name = model_name
@@ -123,7 +123,7 @@ class EngineClient:
         self._background: set[asyncio.Task] = set()  # fire-and-forget sends, referenced until done
         self._dropped: set[str] = set()  # engines dropped for silence; if they speak again, they are sent away
         self.engine_ready = asyncio.Event()
-        self.on_engine_lost = on_engine_lost  # (engine id, why): the supervisor restarts engines it started
+        self.on_engine_lost = on_engine_lost  # (engine id, why, was ready): the supervisor restarts its engines
         self.clock = StallFreeClock(LIVENESS_TICK_S)
 
     async def start(self) -> None:
@@ -377,7 +377,7 @@ class EngineClient:
             else:
                 self._fail(stream, f"engine {engine_id} lost: {why}")
         if self.on_engine_lost is not None:
-            self.on_engine_lost(engine_id, why)
+            self.on_engine_lost(engine_id, why, engine.ready)
 
     async def _redispatch(self, stream: RequestStream, why: str) -> None:
         for engine in sorted(self.ready_engines(), key=self.outstanding_tokens):

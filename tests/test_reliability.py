@@ -131,7 +131,7 @@ def test_a_submit_cancelled_mid_send_or_sent_to_a_vanished_engine_leaves_nothing
 def test_an_engine_whose_steps_keep_failing_is_dropped():
     async def scenario(client, engine):
         lost = []
-        client.on_engine_lost = lambda engine_id, why: lost.append(why)
+        client.on_engine_lost = lambda engine_id, why, was_ready: lost.append(why)
         streams = []
         for i in range(MAX_FAILED_STEPS):
             streams.append(await client.submit(f"r{i}", [1, 2], GREEDY))
