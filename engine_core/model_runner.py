@@ -91,8 +91,7 @@ class ModelRunner:
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        decode_rows: list[int] = []
-        decode_lengths: list[int] = []
+        decodes: list[tuple[int, int, int]] = []  # (slot, flat row, length) of each decode token
         prefills: list[PrefillChunk] = []
         logit_rows: list[int] = []
         for chunk in chunks:
@@ -101,24 +100,27 @@ class ModelRunner:
             positions += range(chunk.start, chunk.start + chunk.length)
             slots += [chunk.seq.slot] * chunk.length
             if chunk.start >= len(chunk.seq.prompt_ids):
-                decode_rows.append(flat)
-                decode_lengths.append(chunk.start + 1)
+                decodes.append((chunk.seq.slot, flat, chunk.start + 1))
             else:
                 prefills.append(PrefillChunk(flat, chunk.length, chunk.seq.slot, chunk.start))
             if chunk.sample:
                 logit_rows.append(flat + chunk.length - 1)
+        # decode rows in slot order: when their slots are one contiguous run (the scheduler hands out the
+        # lowest free slot), attention reads K/V in place instead of gathering a copy
+        decodes.sort()
+        d_slots, d_rows, d_lengths = (list(column) for column in zip(*decodes)) if decodes else ([], [], [])
         n = len(token_ids)
-        packed = torch.tensor(token_ids + positions + slots + logit_rows + decode_rows + decode_lengths)
+        packed = torch.tensor(token_ids + positions + slots + logit_rows + d_rows + d_slots + d_lengths)
         packed = packed.to(self.device, non_blocking=True)
         ids, pos, slot_t, rows_t = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], packed[3 * n :]
         logit_index, rest = rows_t[: len(logit_rows)], rows_t[len(logit_rows) :]
         decode = None
-        if decode_rows:
-            b = len(decode_rows)
-            d_rows, d_lengths = rest[:b], rest[b:]
-            all_decode = b == n
-            decode = DecodeLayout(None if all_decode else d_rows, slot_t if all_decode else slot_t[d_rows],
-                                  d_lengths, max(decode_lengths))
+        if decodes:
+            b = len(decodes)
+            in_flat_order = d_rows == list(range(n))  # every token is a decode token, already in order
+            contiguous = d_slots[-1] - d_slots[0] == b - 1
+            decode = DecodeLayout(None if in_flat_order else rest[:b], rest[b : 2 * b], rest[2 * b :],
+                                  max(d_lengths), d_slots[0] if contiguous else None)
         ctx = self._context(slot_t, pos, decode, prefills)
         return self._logits(ids, pos, logit_index, ctx)
 

@@ -1,7 +1,9 @@
 """Continuous (iteration-level) batching over a fixed pool of KV slots.
 
 Each running sequence owns one slot: a row of the KV cache sized for the whole context window,
-reserved when it is admitted and released the moment it finishes or is aborted. Memory is thus
+reserved when it is admitted and released the moment it finishes or is aborted. The lowest free
+slot is taken first, so running sequences tend to sit on consecutive slots, which the decode
+attention can then read in place. Memory is thus
 fixed up front and a burst of requests only lengthens the waiting queue.
 
 Every step decodes one token for each sequence whose prompt is done, and spends a token budget
@@ -10,6 +12,7 @@ running streams for more than one chunk's compute.
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -55,7 +58,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.by_id: dict[str, Sequence] = {}
-        self.free_slots: list[int] = list(range(max_batch - 1, -1, -1))
+        self.free_slots: list[int] = list(range(max_batch))  # a min-heap: the lowest free slot goes first
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -73,7 +76,7 @@ class Scheduler:
             return None
         if seq.slot >= 0:
             self.running.remove(seq)
-            self.free_slots.append(seq.slot)
+            heapq.heappush(self.free_slots, seq.slot)
             seq.slot = -1
         else:
             self.waiting.remove(seq)
@@ -92,7 +95,7 @@ class Scheduler:
                 prefilling.append(seq)
         while self.waiting and self.free_slots and budget > len(prefilling):
             seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
+            seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
             prefilling.append(seq)
         for seq in prefilling:
