@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -44,9 +45,46 @@ def plan_options(command):
     return command
 
 
+DEBUG_ENV = "KILN_DEBUG"
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def debug_wanted() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 @click.group(help=__doc__)
-def cli() -> None:
-    pass
+@click.option("--debug", is_flag=True, help=f"show full tracebacks on errors (env {DEBUG_ENV}=1)")
+def cli(debug: bool) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # read by main(), and inherited by engines and servers started from here
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the CLI; every error is one line on stderr and a non-zero exit, unless --debug / KILN_DEBUG=1
+    asks for the traceback."""
+    try:
+        code = cli.main(args=args, standalone_mode=False)
+    except NO_ARGS_IS_HELP as exc:  # no command given: the help, as click prints it
+        print(exc.format_message(), file=sys.stderr)
+        return exc.exit_code
+    except click.UsageError as exc:  # bad flags: one line, with where to look
+        command = exc.ctx.command_path if exc.ctx is not None else "cli.py"
+        print(f"kiln: {command}: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
+        return exc.exit_code
+    except click.ClickException as exc:
+        print(f"kiln: {exc.format_message()}", file=sys.stderr)
+        return exc.exit_code
+    except click.Abort:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug_wanted():
+            raise
+        message = " ".join(str(exc).split()) or "(no message)"
+        print(f"kiln: {type(exc).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 @cli.command(help="Run the HTTP server with one engine per device.")
@@ -139,7 +177,7 @@ def engine(gpu, cpu, frontend, model, secret, engine_id, **plan_flags) -> None:
     import socket
 
     from engine_core.main import configure_logging, run_engine
-    from hardware.model_source import resolve_model
+    from hardware.model_source import ModelNotFound, resolve_model
     from ipc.discovery import FrontendNotFound, find_frontend
 
     if cpu == (gpu is not None):
@@ -158,7 +196,10 @@ def engine(gpu, cpu, frontend, model, secret, engine_id, **plan_flags) -> None:
     if model is None and local is not None:
         source_path, source_name = local.model_path, local.model
     else:
-        source = resolve_model(model)
+        try:
+            source = resolve_model(model)
+        except ModelNotFound as exc:
+            raise click.ClickException(str(exc)) from None
         source_path, source_name = source.path, source.name
     engine_id = engine_id or f"{socket.gethostname()}-{os.getpid()}"
     configure_logging(engine_id)
@@ -183,4 +224,4 @@ def plan(model, gpus, ram, cpu_only, as_json, **plan_flags) -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(main())

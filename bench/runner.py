@@ -50,6 +50,21 @@ def fetch_info(url: str) -> dict | None:
         return None
 
 
+def unreachable(url: str) -> str | None:
+    """Why nothing answers HTTP at `url` (with what to do), or None when something does (any status)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url + "/health", headers=auth_headers()), timeout=10):
+            return None
+    except urllib.error.HTTPError:
+        return None  # a server answered (the naive baseline has no /health)
+    except ValueError as exc:
+        return f"--url {url!r} is not a URL ({exc}); pass one like http://127.0.0.1:8000"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return (f"nothing answers at {url} ({reason}): start a server there (`python cli.py serve`), "
+                "or leave out --url to have bench start one")
+
+
 def plan_dtype(info: dict | None) -> str:
     """The dtype our server chose, so the baseline runs the same precision; float32 if unknown."""
     raw = str(((info or {}).get("plan") or {}).get("dtype") or "float32").removeprefix("torch.")
@@ -115,6 +130,9 @@ def run_benchmark(*, url: str | None = None, model: str | None = None, users: in
     try:
         if url is not None:
             url = url.rstrip("/")
+            if problem := unreachable(url):
+                print(f"bench: {problem}", file=sys.stderr)
+                return 1
             info = fetch_info(url)
             runs["ours"] = _measure(url, cfg, "ours")
         else:

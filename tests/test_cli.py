@@ -60,3 +60,115 @@ def test_plan_command_loads_no_torch_and_prints_json():
     for key in ("quantization", "double_quant", "offload", "device_map", "max_batch", "max_context",
                 "kv_cache_tokens", "weights_bytes", "reasons"):
         assert key in plan
+
+
+def one_line(result: subprocess.CompletedProcess) -> str:
+    """The error the user sees: exactly one line on stderr, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def env_without(*names: str, **extra: str) -> dict:
+    import os
+
+    return {**{k: v for k, v in os.environ.items() if k not in names}, **extra}
+
+
+def test_serve_with_a_missing_model_path_says_what_to_pass():
+    result = cli("serve", "--model", "/nonexistent/model", "--port", "0")
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "/nonexistent/model" in line and "--model" in line and ".gguf" in line
+
+
+def test_serve_with_a_hub_id_and_hub_offline_fails_at_once():
+    import time
+
+    started = time.monotonic()
+    result = cli("serve", "--model", "kiln-test/no-such-model", "--port", "0",
+                 env=env_without("KILN_DEBUG", HF_HUB_OFFLINE="1"))
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "kiln-test/no-such-model" in line and "HF_HUB_OFFLINE" in line
+
+
+def test_serve_with_a_hub_id_without_network_fails_at_once():
+    """Unreachable hub (no network here; a dead endpoint elsewhere): one line within seconds, no retries."""
+    import time
+
+    started = time.monotonic()
+    result = cli("serve", "--model", "kiln-test/no-such-model", "--port", "0",
+                 env=env_without("HF_HUB_OFFLINE", "KILN_DEBUG", HF_ENDPOINT="http://127.0.0.1:9"))
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "kiln-test/no-such-model" in line and "no network" in line and "--model" in line
+
+
+def test_serve_on_a_busy_port_says_so():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = cli("serve", "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 2
+    assert one_line(result).startswith(f"kiln: port {port} on 127.0.0.1 is in use (")
+
+
+def test_bench_with_nothing_listening_says_so():
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago, nothing listens on it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = cli("bench", "--url", f"http://127.0.0.1:{port}", "--users", "1", "--requests", "1")
+    assert result.returncode != 0
+    assert "nothing answers at" in one_line(result)
+    assert result.stdout.strip() == ""  # no table of zeros
+
+
+def test_bad_flags_are_one_line():
+    result = cli("serve", "--prot", "8000")
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "--prot" in line and "--help" in line
+
+
+def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
+    import pytest
+
+    import cli as kiln_cli
+    import hardware.report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something broke\non two lines")
+
+    monkeypatch.setattr(hardware.report, "run_plan_command", broken)
+    monkeypatch.delenv("KILN_DEBUG", raising=False)
+    assert kiln_cli.main(["plan"]) == 1
+    err = capsys.readouterr().err
+    assert err == "kiln: RuntimeError: something broke on two lines (run with --debug for the traceback)\n"
+
+    with pytest.raises(RuntimeError):
+        kiln_cli.main(["--debug", "plan"])
+    monkeypatch.delenv("KILN_DEBUG")
+    monkeypatch.setenv("KILN_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        kiln_cli.main(["plan"])
+
+
+def test_serve_with_a_hub_id_on_the_real_hub_endpoint_answers_in_seconds():
+    """The default endpoint: without network (CI sandboxes) 'no network', with it 'not on the hub'."""
+    import time
+
+    started = time.monotonic()
+    result = cli("serve", "--model", "kiln-test/no-such-model-3f9a", "--port", "0",
+                 env=env_without("HF_HUB_OFFLINE", "HF_ENDPOINT", "KILN_DEBUG"))
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2
+    assert "kiln-test/no-such-model-3f9a" in one_line(result)
