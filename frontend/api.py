@@ -77,15 +77,34 @@ class StreamPiece(msgspec.Struct, omit_defaults=True):
     engine: str | None = None
 
 
-class ApiError(Exception):
-    """An error for the client: HTTP status, a message and, when one is to blame, the field."""
+def openai_error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status (its API calls a bad request, an unknown route and an
+    unknown model all `invalid_request_error`)."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
 
-    def __init__(self, status: int, message: str, field: str | None = None, kind: str = "invalid_request"):
+
+class ApiError(Exception):
+    """An error for the client: HTTP status, a message and, when one is to blame, the field.
+    `kind` is kiln's own name for it: the `type` on native routes, the `code` on the OpenAI ones."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, kind: str = "invalid_request",
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.field, self.kind = status, message, field, kind
+        self.headers = headers or {}
 
-    def body(self) -> dict:
+    def body(self, openai: bool = False) -> dict:
+        """`{"error": {"message", "type", "field"?}}`; `openai`: `type` in OpenAI's names, kiln's in `code`,
+        and `param` / `code` always present, as OpenAI sends them."""
         error = {"message": self.message, "type": self.kind}
+        if openai:
+            error.update(type=openai_error_type(self.status), param=self.field, code=self.kind)
         if self.field:
             error["field"] = error["param"] = self.field  # `param`: the name OpenAI clients read
         return {"error": error}

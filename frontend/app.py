@@ -31,6 +31,8 @@ from frontend.generation import (
     api_errors,
     json_response,
     read_body,
+    request_id,
+    tag_response,
 )
 from frontend.chat_template import ChatTemplate
 from frontend.metrics import Metrics
@@ -87,7 +89,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
                 await sse.send(JSON.encode(ApiError(500, str(exc), kind="engine_error").body()).decode())
             return sse
     except (ConnectionResetError, asyncio.CancelledError):
-        log.info("client of %s went away; aborting", generation.request_id)
+        log.info("client of %s (request id %s) went away; aborting", generation.request_id, request_id(request))
         raise
     finally:
         await generation.close()
@@ -161,6 +163,7 @@ def build_app(client: EngineClient, tokenizer: Tokenizer, model_name: str,
               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> web.Application:
     middlewares = [api_errors] + ([require_api_key(api_key)] if api_key else []) + [refuse_while_draining]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app.on_response_prepare.append(tag_response)  # X-Request-Id on every answer
     app[CLIENT] = client
     app[DRAINING] = asyncio.Event()
     app[BODY_TIMEOUT_S] = body_timeout_s

@@ -99,7 +99,7 @@ async def _respond(request: web.Request, native: GenerateRequest, prompt_field: 
                 async for _ in generation.pieces():
                     pass
             except EngineError as exc:
-                return json_response(ApiError(500, str(exc), kind="engine_error").body(), 500)
+                return json_response(ApiError(500, str(exc), kind="engine_error").body(openai=True), 500)
             return json_response({**envelope, "choices": [choice(generation.detok.text, generation.finish_reason,
                                                                   True)], "usage": _usage(generation)})
         chunk_envelope = {**envelope, "object": object_name + ".chunk" if "chat" in object_name else object_name}
@@ -114,7 +114,7 @@ async def _respond(request: web.Request, native: GenerateRequest, prompt_field: 
                         chunk["usage"] = _usage(generation)
                     await sse.send(JSON.encode(chunk).decode())
             except EngineError as exc:
-                await sse.send(JSON.encode(ApiError(500, str(exc), kind="engine_error").body()).decode())
+                await sse.send(JSON.encode(ApiError(500, str(exc), kind="engine_error").body(openai=True)).decode())
             await sse.send("[DONE]")
             return sse
     finally:

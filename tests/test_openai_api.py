@@ -139,7 +139,8 @@ def test_api_key_guards_everything_but_probes(default_model_path):
     try:
         proc.wait_ready()  # /health stays open for probes
         status, body = run(_post(proc.url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2}))
-        assert status == 401 and body["error"]["type"] == "unauthorized"
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+        assert body["error"]["code"] == "unauthorized"
 
         async def with_key():
             async with aiohttp.ClientSession(headers={"Authorization": "Bearer sesame"}) as session:
