@@ -53,7 +53,18 @@ def debug_wanted() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-@click.group(help=__doc__)
+def keep_examples(doc: str) -> str:
+    """Help text whose indented example lines click prints as written: each indented block becomes a `\\b`
+    paragraph (click re-wraps every other paragraph into one)."""
+    blocks = []
+    for block in doc.strip("\n").split("\n\n"):
+        if block.startswith((" ", "\t")):
+            block = "\b\n" + block
+        blocks.append(block)
+    return "\n\n".join(blocks)
+
+
+@click.group(help=keep_examples(__doc__))
 @click.option("--debug", is_flag=True, help=f"show full tracebacks on errors (env {DEBUG_ENV}=1)")
 def cli(debug: bool) -> None:
     if debug:

@@ -40,8 +40,27 @@ async def _read_error(resp: aiohttp.ClientResponse) -> str:
         return f"HTTP {resp.status}: {text[:200]}"
 
 
+def progress_bar(total: int | None, desc: str, enabled: bool = True, file=None) -> tqdm:
+    """The load's bar, counting output tokens as they arrive. Off a terminal (a CI log) it redraws every few
+    seconds, as a line each time, instead of ten times a second."""
+    file = file or sys.stderr
+    tty = bool(getattr(file, "isatty", lambda: False)())
+    return tqdm(total=total, desc=desc, unit="tok", file=file, disable=not enabled, leave=False,
+                mininterval=0.1 if tty else 5.0, dynamic_ncols=tty)
+
+
+def count_tokens(bar: tqdm, k: int) -> None:
+    """Advance the bar by the `k` tokens a stream event (or a whole answer) brought."""
+    if k > 0:
+        bar.update(k)
+
+
+def _no_progress(k: int) -> None:
+    pass
+
+
 async def _stream_one(session: aiohttp.ClientSession, url: str, dialect: Dialect, body: dict,
-                      rec: RequestRecord, t_run: float) -> None:
+                      rec: RequestRecord, t_run: float, on_tokens=_no_progress) -> None:
     t0 = time.perf_counter()
     last: float | None = None
     counted = 0
@@ -79,6 +98,7 @@ async def _stream_one(session: aiohttp.ClientSession, url: str, dialect: Dialect
                 rec.token_times_s.extend([now - t_run] * k)
                 counted += k
                 last = now
+                on_tokens(k)
             if final is None and chunk.finish_reason is not None:
                 final = chunk
                 rec.e2e_s = now - t0
@@ -93,7 +113,7 @@ async def _stream_one(session: aiohttp.ClientSession, url: str, dialect: Dialect
 
 
 async def _generate_one(session: aiohttp.ClientSession, url: str, dialect: Dialect, body: dict,
-                        rec: RequestRecord, t_run: float) -> None:
+                        rec: RequestRecord, t_run: float, on_tokens=_no_progress) -> None:
     t0 = time.perf_counter()
     async with session.post(url + dialect.plain_path, json=body) as resp:
         rec.status = resp.status
@@ -108,14 +128,15 @@ async def _generate_one(session: aiohttp.ClientSession, url: str, dialect: Diale
     rec.ttft_s = server_ttft if server_ttft is not None else rec.e2e_s
     rec.token_times_s = [now - t_run] * rec.output_tokens
     rec.ok = True
+    on_tokens(rec.output_tokens)
 
 
-async def _one(session, url, dialect, cfg, prompt, user, index, t_run) -> RequestRecord:
+async def _one(session, url, dialect, cfg, prompt, user, index, t_run, on_tokens=_no_progress) -> RequestRecord:
     rec = RequestRecord(user=user, index=index, prompt_id=prompt.id, start_s=time.perf_counter() - t_run)
     send = _stream_one if cfg.stream else _generate_one
     try:
         body = dialect.body(cfg, prompt.text, request_seed(cfg.seed, user, index))
-        await send(session, url, dialect, body, rec, t_run)
+        await send(session, url, dialect, body, rec, t_run, on_tokens)
     except StreamCut as e:
         rec.error = str(e)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as e:
@@ -174,8 +195,12 @@ async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress
     connector = aiohttp.TCPConnector(limit=0, force_close=not dialect.keep_alive)
     records: list[RequestRecord] = []
     peak: dict[str, int | None] = {"value": None}
-    total = None if cfg.duration is not None else cfg.users * cfg.requests
-    bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=not progress, leave=False)
+    total = None if cfg.duration is not None else cfg.users * cfg.requests * cfg.max_new_tokens
+    bar = progress_bar(total, desc, progress)
+    done = 0
+
+    def on_tokens(k: int) -> None:
+        count_tokens(bar, k)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=auth_headers()) as session:
         t_run = time.perf_counter()
         deadline = None if cfg.duration is None else t_run + cfg.duration
@@ -183,11 +208,14 @@ async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress
         async def user(u: int) -> None:
             index = 0
             while (index < cfg.requests) if deadline is None else (time.perf_counter() < deadline):
-                rec = await _one(session, url, dialect, cfg, pick(prompts, cfg.seed, u, index), u, index, t_run)
+                nonlocal done
+                rec = await _one(session, url, dialect, cfg, pick(prompts, cfg.seed, u, index), u, index, t_run,
+                                 on_tokens)
                 records.append(rec)
-                bar.update(1)
-                if not rec.ok:
-                    bar.set_postfix(failed=sum(not r.ok for r in records), refresh=False)
+                done += 1
+                failed = sum(not r.ok for r in records)
+                bar.set_postfix_str(f"{done} requests done" + (f", {failed} failed" if failed else ""),
+                                    refresh=False)
                 index += 1
 
         poller = asyncio.create_task(_poll_info(session, url, peak) if dialect.polls_info else asyncio.sleep(0))

@@ -13,10 +13,18 @@ import tempfile
 from pathlib import Path
 
 
+def stage(what: str) -> None:
+    """Tell the parent (hardware.model_source.convert_gguf reads our stdout) which step runs now."""
+    print(f"stage: {what}", flush=True)
+
+
 def convert(gguf: Path, out: Path) -> None:
+    stage("importing transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    stage("reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    stage("dequantizing tensors")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are dequantized now; drop the GGUF marker so save_pretrained accepts them.
     model.hf_quantizer = None
@@ -25,6 +33,7 @@ def convert(gguf: Path, out: Path) -> None:
         delattr(model.config, "quantization_config")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    stage("writing safetensors")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,8 @@ ENGINE_STOP_TIMEOUT_S = 10.0
 CONNECTION_CLOSE_TIMEOUT_S = 5.0  # after the drain, for handlers to send their last event
 DEFAULT_HEADER_TIMEOUT_S = 15.0
 UNREAD_BODY_DISCARD_S = 2.0  # after refusing a body unread: read and drop the rest, then close
+WAITING_FIRST_S = 1.5  # the first "waiting for engine" line comes this soon after the start ...
+WAITING_EVERY_S = 5.0  # ... and then this often until an engine is ready
 
 
 def seconds_from_env(name: str, default: float) -> float:
@@ -141,13 +144,42 @@ class Server:
         self.supervisor.stop_all(ENGINE_STOP_TIMEOUT_S)
         return code
 
+    def waiting_lines(self) -> list[str]:
+        """What the start waits for, one line per engine not ready yet: starting, loading, restarting."""
+        now = time.monotonic()
+        lines = []
+        for engine_id, child in self.supervisor.children.items():
+            handle = self.client.engines.get(engine_id)
+            if handle is not None and handle.ready:
+                continue
+            if child.restart_at is not None:
+                what = f"restarting in {max(0.0, child.restart_at - now):.0f} s ({child.last_loss or 'lost'})"
+            elif child.process is None:
+                what = "exited"
+            elif handle is None:
+                what = "starting (planning, connecting)"
+            else:
+                what = "loading the model and warming up"
+            lines.append(f"kiln: waiting for engine {engine_id}: {what} ({now - child.started_at:.0f} s)")
+        return lines
+
+    async def report_waiting(self) -> None:
+        """Until the first engine is ready: a line soon after the start, then every few seconds (stderr)."""
+        await asyncio.sleep(WAITING_FIRST_S)
+        while not self.client.engine_ready.is_set():
+            for line in self.waiting_lines():
+                print(line, file=sys.stderr, flush=True)
+            await asyncio.sleep(WAITING_EVERY_S)
+
     async def serve_until_stopped(self) -> int:
         """0 after a stop signal; 1 when no engine could start, or the supervisor gave up."""
         ready = asyncio.create_task(self.client.engine_ready.wait())
         stop = asyncio.create_task(self.stopping.wait())
         trouble = asyncio.create_task(self.supervisor.changed.wait())
+        waiting = asyncio.create_task(self.report_waiting())
         try:
             await asyncio.wait([ready, stop, trouble], return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
             if ready.done():
                 print(f"kiln: serving {self.source.name} on http://{self.config.host}:{self.config.port}",
                       flush=True)
@@ -161,7 +193,7 @@ class Server:
                       file=sys.stderr, flush=True)
             return 1
         finally:
-            for task in (ready, stop, trouble):
+            for task in (ready, stop, trouble, waiting):
                 task.cancel()
 
     async def drain(self, app: web.Application) -> None:

@@ -163,11 +163,89 @@ def check_hub_model(repo_id: str) -> None:
                         "pass --model a local folder or .gguf file (or connect and retry)")
 
 
+HEARTBEAT_S = 5.0  # a waiting person (or a CI log) hears from us at least this often
+
+
+class Heartbeat:
+    """While a slow step runs, print `kiln: <what> (N s)` to stderr every `interval` seconds from a daemon thread.
+
+    `what` is a string or a function returning one (None skips that beat, e.g. while a live bar shows progress).
+    A context manager: the thread stops, without a last line, when the block ends.
+    """
+
+    def __init__(self, what, interval: float = HEARTBEAT_S, stream=None):
+        import threading
+
+        self.what = what if callable(what) else (lambda: what)
+        self.interval = interval
+        self.stream = stream
+        self.started = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="kiln-heartbeat", daemon=True)
+
+    def elapsed(self) -> float:
+        import time
+
+        return time.monotonic() - self.started
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            text = self.what()
+            if text:
+                print(f"kiln: {text} ({self.elapsed():.0f} s)", file=self.stream or sys.stderr, flush=True)
+
+    def __enter__(self) -> "Heartbeat":
+        import time
+
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+
+
+STAGE_PREFIX = "stage: "  # what engine_core.convert prints on stdout as it moves on
+
+
 def convert_gguf(gguf: Path, folder: Path) -> None:
-    """Run the one-time GGUF → safetensors conversion in a child process (it needs torch)."""
-    print(f"converting {gguf.name} once into {folder} (about 30 s) ...", file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-m", "engine_core.convert", str(gguf), str(folder)]
+    """Run the one-time GGUF → safetensors conversion in a child process (it needs torch).
+
+    Progress from the first second: a line now, the child's stages as it reaches them (reported on its stdout),
+    and a heartbeat with the elapsed time every few seconds (reading the GGUF takes most of the time before
+    transformers' per-tensor bar appears). Off a terminal, tqdm in the child redraws at most every few seconds.
+    """
+    import threading
+
+    print(f"kiln: converting {gguf.name} once into {folder} (about 30 s; later starts skip this) ...",
+          file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-u", "-m", "engine_core.convert", str(gguf), str(folder)]
     root = Path(__file__).resolve().parent.parent
-    result = subprocess.run(cmd, cwd=root)
-    if result.returncode != 0:
-        raise ModelNotFound(f"converting {gguf} failed (exit {result.returncode})")
+    env = dict(os.environ)
+    if not sys.stderr.isatty():
+        env.setdefault("TQDM_MININTERVAL", str(HEARTBEAT_S))  # a CI log gets a line every few seconds, not \r storms
+    stage = ["starting Python and torch"]
+    child = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+
+    def read_stages() -> None:
+        for line in child.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(STAGE_PREFIX):
+                stage[0] = line[len(STAGE_PREFIX):]
+                print(f"kiln: converting {gguf.name}: {stage[0]} ...", file=sys.stderr, flush=True)
+            elif line:
+                print(line, flush=True)
+
+    reader = threading.Thread(target=read_stages, daemon=True)
+    reader.start()
+    with Heartbeat(lambda: f"converting {gguf.name}: {stage[0]}"):
+        try:
+            code = child.wait()
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+    reader.join(timeout=1.0)
+    if code != 0:
+        raise ModelNotFound(f"converting {gguf} failed (exit {code})")
