@@ -112,6 +112,7 @@ class ApiError(Exception):
 
 _AT_PATH = re.compile(r"at `\$\.([A-Za-z_]\w*)")
 _MISSING = re.compile(r"missing required field `(\w+)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`(?: - at `\$\.?([^`]*)`)?")
 def parse_generate_request(body: bytes) -> GenerateRequest:
     request = decode_body(body, GenerateRequest)
     if not request.prompt:
@@ -132,6 +133,11 @@ def decode_body(body: bytes, kind: type):
         return _decoder(kind).decode(body)
     except msgspec.ValidationError as exc:
         message = str(exc)
+        unknown = _UNKNOWN.search(message)
+        if unknown:  # a struct that forbids unknown fields: name the field, with its path (`messages[0].x`)
+            name, at = unknown.groups()
+            field = f"{at}.{name}" if at else name
+            raise ApiError(400, f"`{field}` is not a supported field", field) from None
         match = _AT_PATH.search(message) or _MISSING.search(message)
         raise ApiError(400, message, match.group(1) if match else "body") from None
     except msgspec.DecodeError as exc:

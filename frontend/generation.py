@@ -152,14 +152,17 @@ class Generation:
         self.closed = False
 
     async def start(self, add_special_tokens: bool = True, field: str = "prompt",
-                    pieces: list[PromptPiece] | None = None) -> None:
+                    pieces: list[PromptPiece] | None = None, prompt_ids: list[int] | None = None) -> None:
         """Refuse early and cheaply, then tokenize, then hand the request to an engine. `field`: what
         the client sent the prompt as (OpenAI chat: `messages`), for error messages; `pieces`: the
-        prompt as template and client text (a chat), so client text cannot become control tokens."""
+        prompt as template and client text (a chat), so client text cannot become control tokens;
+        `prompt_ids`: the prompt as token ids, not tokenized again."""
         engine = self._pick_engine()
         encoder = self.app[PROMPT_ENCODER]
         encoder.check_length(self.body.prompt, engine.hello.plan.max_context, field)
-        if pieces is None:
+        if prompt_ids is not None:  # the client sent token ids (OpenAI completions): used as they are
+            self.prompt_ids = list(prompt_ids)
+        elif pieces is None:
             self.prompt_ids = await encoder.encode(self.body.prompt, add_special_tokens)
         else:
             self.prompt_ids = await encoder.encode_pieces(pieces)

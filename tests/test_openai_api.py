@@ -38,7 +38,100 @@ def test_completions_match_generate(server):
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert "".join(c["choices"][0]["text"] for c in chunks) == native["text"]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 20
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all("usage" not in c for c in chunks)  # usage only when asked for
+
+    events = run(_stream(server.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 20, "temperature": 0,
+                                                          "stream": True, "stream_options": {"include_usage": True}}))
+    assert events[-1] == "[DONE]"
+    *content, usage = events[:-1]
+    assert "".join(c["choices"][0]["text"] for c in content) == native["text"]
+    assert all("usage" not in c for c in content)
+    assert usage["choices"] == [] and usage["usage"] == body["usage"]
+
+
+def test_completions_take_a_list_of_one_prompt_or_token_ids(server, default_model_path):
+    from tokenizers import Tokenizer
+
+    request = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    _, text = run(_post(server.url, "/v1/completions", request))
+    status, listed = run(_post(server.url, "/v1/completions", {**request, "prompt": [PROMPT]}))
+    assert status == 200, listed
+    assert listed["choices"][0]["text"] == text["choices"][0]["text"]
+    ids = Tokenizer.from_file(f"{default_model_path}/tokenizer.json").encode(PROMPT).ids
+    status, by_ids = run(_post(server.url, "/v1/completions", {**request, "prompt": ids}))
+    assert status == 200, by_ids
+    assert by_ids["choices"][0]["text"] == text["choices"][0]["text"]
+    assert by_ids["usage"] == text["usage"]
+
+
+def test_chat_takes_text_parts_and_null_assistant_content(server):
+    request = {"max_tokens": 8, "temperature": 0}
+    _, plain = run(_post(server.url, "/v1/chat/completions", {**request, "messages": CHAT}))
+    parts = [{"role": "user", "content": [{"type": "text", "text": CHAT[0]["content"]}]}]
+    status, body = run(_post(server.url, "/v1/chat/completions", {**request, "messages": parts}))
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    history = [*CHAT, {"role": "assistant", "content": None}, {"role": "user", "content": "And of Italy?"}]
+    status, body = run(_post(server.url, "/v1/chat/completions", {**request, "messages": history}))
+    assert status == 200, body
+
+    events = run(_stream(server.url, "/v1/chat/completions", {**request, "messages": CHAT, "stream": True,
+                                                               "stream_options": {"include_usage": True}}))
+    *content, usage = events[:-1]
+    assert all("usage" not in c for c in content) and content[-1]["choices"][0]["finish_reason"] is not None
+    assert usage["object"] == "chat.completion.chunk" and usage["choices"] == []
+    assert usage["usage"] == plain["usage"]
+
+
+HARMLESS = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "seed": 3,
+            "stream_options": {"include_usage": False}, "presence_penalty": 0, "frequency_penalty": 0.0,
+            "logit_bias": {}, "n": 1}
+
+
+@pytest.mark.parametrize("path, extra", [
+    ("/v1/completions", {**HARMLESS, "logprobs": None, "echo": False, "best_of": 1, "suffix": None}),
+    ("/v1/chat/completions", {**HARMLESS, "logprobs": False, "top_logprobs": 0, "tool_choice": "none",
+                              "parallel_tool_calls": True, "response_format": {"type": "text"}}),
+])
+def test_optional_harmless_fields_are_accepted(server, path, extra):
+    prompt = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}
+    status, body = run(_post(server.url, path, {**prompt, "max_tokens": 2, **extra}))
+    assert status == 200, body
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/chat/completions", {"tools": [TOOL]}, "tools"),
+    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"functions": [TOOL["function"]]}, "functions"),
+    ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/chat/completions", {"frequency_penalty": -1}, "frequency_penalty"),
+    ("/v1/chat/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
+    ("/v1/chat/completions", {"n": 2}, "n"),
+    ("/v1/chat/completions", {"frobnicate": 1}, "frobnicate"),
+    ("/v1/chat/completions", {"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
+    ("/v1/completions", {"logprobs": 1}, "logprobs"),
+    ("/v1/completions", {"echo": True}, "echo"),
+    ("/v1/completions", {"best_of": 2}, "best_of"),
+    ("/v1/completions", {"suffix": "end"}, "suffix"),
+    ("/v1/completions", {"n": 3}, "n"),
+    ("/v1/completions", {"presence_penalty": 1}, "presence_penalty"),
+    ("/v1/completions", {"logit_bias": {"1": 5}}, "logit_bias"),
+    ("/v1/completions", {"tools": [TOOL]}, "tools"),
+])
+def test_unsupported_fields_are_refused_by_name(server, path, extra, param):
+    prompt = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}
+    status, body = run(_post(server.url, path, {**prompt, "max_tokens": 2, **extra}))
+    assert status == 400, body
+    assert body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error"
+    assert param.split(".")[0] in body["error"]["message"]
 
 
 def test_chat_completions_use_the_chat_template(server):
@@ -62,7 +155,21 @@ def test_chat_completions_use_the_chat_template(server):
 @pytest.mark.parametrize("path, payload, status, param", [
     ("/v1/chat/completions", {"max_tokens": 5}, 400, "messages"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+     400, "messages[0].content[1].type"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+     400, "messages[0].tool_calls"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "audio": {}}]}, 400,
+     "messages[0].audio"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, "a"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [-1]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
