@@ -3,8 +3,9 @@
 One client for every server is what makes their figures compare; only the request body and the
 reading of a chunk differ. kiln (and the naive baseline) answer /generate_stream with `token_ids`
 per event and end at the event that carries `finish_reason`. OpenAI-style servers (llama.cpp's
-`llama-server`, vLLM, kiln's own /v1 routes) send one `choices[0].text` per chunk, `usage` on the
-last one (llama.cpp adds it when asked with `stream_options.include_usage`), then `data: [DONE]`.
+`llama-server`, vLLM, kiln's own /v1 routes) send one `choices[0].text` per chunk, then, when asked
+with `stream_options.include_usage`, `usage` (on a final chunk with no choices, or on the last one for
+some servers: read from whichever chunk carries it), then `data: [DONE]`.
 """
 from __future__ import annotations
 

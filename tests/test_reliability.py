@@ -349,8 +349,12 @@ def test_clients_leaving_at_any_stage_leave_nothing_registered(server):
         for i in range(30):
             route = rng.choice(["/generate_stream", "/generate", "/v1/completions", "/v1/chat/completions"])
             prompt = long_prompt if i % 3 == 0 else f"Tell me about {i}"
-            body = ({"messages": [{"role": "user", "content": prompt}], "max_tokens": 30, "stream": True}
-                    if "chat" in route else {"prompt": prompt, "max_new_tokens": 30, "max_tokens": 30})
+            if "chat" in route:
+                body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 30, "stream": True}
+            elif route.startswith("/v1"):
+                body = {"prompt": prompt, "max_tokens": 30, "stream": True}
+            else:
+                body = {"prompt": prompt, "max_new_tokens": 30}
             tasks.append(leave_after(rng.uniform(0.0, 3.0), route, body))
         await asyncio.gather(*tasks)
 
