@@ -43,7 +43,6 @@ def load(model: str, overrides, max_batch: int, context: int):
     import torch
 
     from engine_core.loader import load_model, torch_dtype
-    from engine_core.engine import uses_cuda_graphs
     from engine_core.main import build_plan
     from engine_core.model_runner import ModelRunner
 
@@ -61,7 +60,7 @@ def load(model: str, overrides, max_batch: int, context: int):
     weights = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else sum(
         p.numel() * p.element_size() for p in loaded.parameters())
     kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
-    runner = ModelRunner(loaded, max_batch, context, device, kv_dtype, cuda_graphs=uses_cuda_graphs(plan))
+    runner = ModelRunner(loaded, max_batch, context, device, kv_dtype, cuda_graphs=plan.cuda_graphs)
     return plan, runner, weights
 
 

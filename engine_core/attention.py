@@ -114,16 +114,18 @@ def _gather(cache: torch.Tensor, d: DecodeLayout) -> torch.Tensor:
     return cache.narrow(2, 0, d.span).index_select(0, d.slots)
 
 
-def _attend_decode(q, keys, values, mask, scale, softcap):
-    """One new token per sequence: q [B, heads, d] over keys/values [B, kv_heads, span, d].
+def _attend_decode(ctx: StepContext, q, cache_k, cache_v, window, scale, softcap):
+    """One new token per decode row: q [B, heads, d] over the rows' cached keys/values, in q's dtype.
 
     The query heads that share a KV head become that head's query rows ([B, kv_heads, group, d]),
     so GQA needs no expanded copy of K/V and the call has a plain shape that SDPA's fused kernels
     take with a mask (one kernel per layer on a GPU instead of the math path's half a dozen)."""
+    d = ctx.decode
+    keys, values = _gather(cache_k, d), _gather(cache_v, d)
     batch, heads, dim = q.shape
-    kv_heads = keys.shape[1]
-    grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim)
-    return _attend(grouped, keys, values, mask, scale, softcap).reshape(batch, heads, dim)
+    grouped = q.reshape(batch, keys.shape[1], heads // keys.shape[1], dim).to(keys.dtype)
+    o = _attend(grouped, keys, values, ctx.decode_mask(window), scale, softcap)
+    return o.reshape(batch, heads, dim).to(q.dtype)
 
 
 def kiln_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
@@ -143,14 +145,10 @@ def kiln_attention(module, query, key, value, attention_mask, scaling=None, drop
     cache_v[ctx.slots, :, ctx.positions] = value[0].transpose(0, 1).to(cache_v.dtype)
     d = ctx.decode
     if d is not None and d.rows is None:  # decode only (the CUDA-graph case): no scatter
-        keys, values = _gather(cache_k, d), _gather(cache_v, d)
-        o = _attend_decode(q.to(keys.dtype), keys, values, ctx.decode_mask(sliding_window), scaling, softcap)
-        return o.to(query.dtype)[None], None
+        return _attend_decode(ctx, q, cache_k, cache_v, sliding_window, scaling, softcap)[None], None
     out = torch.empty_like(q)
     if d is not None:
-        keys, values = _gather(cache_k, d), _gather(cache_v, d)
-        mask = ctx.decode_mask(sliding_window)
-        out[d.rows] = _attend_decode(q[d.rows].to(keys.dtype), keys, values, mask, scaling, softcap).to(out.dtype)
+        out[d.rows] = _attend_decode(ctx, q[d.rows], cache_k, cache_v, sliding_window, scaling, softcap)
     for chunk in ctx.prefills:
         end = chunk.start + chunk.length
         keys, values = cache_k[chunk.slot, :, :end][None], cache_v[chunk.slot, :, :end][None]

@@ -24,12 +24,6 @@ from ipc.messages import Abort, Request, RequestOutput, SamplingParams, Shutdown
 log = logging.getLogger("kiln.engine")
 
 
-def uses_cuda_graphs(plan) -> bool:
-    """The planner decides (whole model on one GPU); offloaded layers move weights with host-side
-    hooks on every forward, which a graph cannot replay, so those never use them."""
-    return plan.cuda_graphs and plan.device.startswith("cuda") and not plan.offload
-
-
 class Engine:
     def __init__(self, io: EngineIO, model, plan, eos_token_ids: set[int], device: torch.device):
         self.io = io
@@ -38,7 +32,7 @@ class Engine:
         self.scheduler = Scheduler(plan.max_batch, plan.prefill_chunk)
         kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
         self.runner = ModelRunner(model, plan.max_batch, plan.max_context, device, kv_dtype,
-                                  cuda_graphs=uses_cuda_graphs(plan))
+                                  cuda_graphs=plan.cuda_graphs)  # the planner's call: whole model on one GPU
         self.sampler = Sampler(device)
         self.device = device
         # CPU: the thread count each step size runs with is measured, not guessed (thread_policy.py)

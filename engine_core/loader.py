@@ -111,7 +111,8 @@ def cast_offloaded_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
 
     bitsandbytes' llm_int8_enable_fp32_cpu_offload may leave offloaded layers fp32 (transformers 5.17
     on an H100 loaded them in the compute dtype already; older versions did not): a bf16 hidden state
-    would then meet an fp32 weight, and each per-forward copy would move twice the bytes the plan counts. accelerate casts a weight to its meta parameter's dtype when it loads it, so both the
+    would then meet an fp32 weight, and each per-forward copy would move twice the bytes the plan
+    counts. accelerate casts a weight to its meta parameter's dtype when it loads it, so both the
     meta parameter and the RAM copy in the hook's weights_map are cast.
     """
     cast = 0

@@ -145,8 +145,8 @@ class DecodeGraphs:
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self.batch_buckets = sorted({min(b, runner.max_batch) for b in (1, 2, 4, 8, 12, 16, 24, 32)
-                                     if b <= runner.max_batch} | {runner.max_batch})
+        self.batch_buckets = sorted({b for b in (1, 2, 4, 8, 12, 16, 24, 32) if b < runner.max_batch}
+                                    | {runner.max_batch})
         spans, span = [], min(MIN_SPAN, runner.max_context)
         while span < runner.max_context:
             spans.append(span)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from engine_core.engine_io import pid_alive  # noqa: F401  (the tests' process checks: one definition)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,18 +75,6 @@ class ServerProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie has exited; it only waits for its parent to reap it
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture(scope="session")
