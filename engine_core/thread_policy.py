@@ -15,10 +15,13 @@ steps, so exploring never costs more than a few percent; a try that wins resets 
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 import torch
+
+log = logging.getLogger("kiln.engine")
 
 SMOOTHING = 0.3  # weight of the newest step in the running choice's moving average
 EXPLORE_SMOOTHING = 0.6  # an occasional sample of another count weighs more: it is all we know of it now
@@ -92,7 +95,11 @@ class ThreadTuner:
         old = self.average.get(key)
         self.average[key] = seconds if old is None else (1 - weight) * old + weight * seconds
         if all((bucket, n) in self.average for n in self.candidates):
-            self.preferred = self._best(bucket)
+            best = self._best(bucket)
+            if best != self.preferred or not self.compared:
+                log.info("CPU threads: %d preferred now; ms per step by size and thread count: %s",
+                         best, self.describe())
+            self.preferred = best
             self.compared = True
 
     def timed(self, tokens: int):
