@@ -18,10 +18,26 @@ from engine_core.engine_io import pid_alive  # noqa: F401  (the tests' process c
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(avoid: tuple[int, ...] = ()) -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in avoid:
+            return port
+
+
+def free_port_pair() -> int:
+    """A port P with P + 1 free too (serve --engine-port P binds both)."""
+    while True:
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
 
 
 def get_json(url: str, timeout: float = 10.0):
@@ -32,8 +48,8 @@ def get_json(url: str, timeout: float = 10.0):
 class ServerProcess:
     """`python cli.py serve ...` as a child process; `stop()` is SIGTERM and a wait, as a user's Ctrl-C."""
 
-    def __init__(self, *args: str, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, *args: str, env: dict | None = None, avoid_ports: tuple[int, ...] = ()):
+        self.port = free_port(avoid_ports)  # avoid: ports the test hands the server for other uses
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, str(REPO_ROOT / "cli.py"), "serve", "--host", "127.0.0.1", "--port", str(self.port),
                *args]

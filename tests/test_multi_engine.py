@@ -12,7 +12,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import REPO_ROOT, ServerProcess, free_port
+from tests.conftest import REPO_ROOT, ServerProcess, free_port_pair
 from tests.http_client import generate, post_json, run, stream_events
 from tests.polling import wait_for
 
@@ -158,8 +158,9 @@ def test_error_events_arrive_within_ten_seconds_of_engine_loss(default_model_pat
 
 
 def test_tcp_engine_needs_the_secret(default_model_path):
-    engine_port = free_port()
-    proc = ServerProcess("--engines", "1", "--engine-port", str(engine_port), *SMALL, env={"KILN_SECRET": "right"})
+    engine_port = free_port_pair()  # serve binds it and the next one; its HTTP port must be neither
+    proc = ServerProcess("--engines", "1", "--engine-port", str(engine_port), *SMALL, env={"KILN_SECRET": "right"},
+                         avoid_ports=(engine_port, engine_port + 1))
     try:
         proc.wait_ready()
         stranger = attach_engine("--cpu", "--frontend", f"tcp://127.0.0.1:{engine_port}", *SMALL,
