@@ -19,7 +19,7 @@ from engine_core.sampler import Sampler
 from engine_core.scheduler import ScheduledChunk, Scheduler
 from engine_core.thread_policy import ThreadTuner
 from engine_core.engine_io import HEARTBEAT_SECONDS, EngineIO
-from ipc.messages import Abort, Request, RequestOutput, SamplingParams, Shutdown, StepOutputs
+from ipc.messages import Abort, FinishReason, Request, RequestOutput, SamplingParams, Shutdown, StepOutputs
 
 log = logging.getLogger("kiln.engine")
 
@@ -100,7 +100,7 @@ class Engine:
         elif request.request_id in self.scheduler.by_id:
             error = f"duplicate request id {request.request_id}"
         if error:
-            self._publish([RequestOutput(request.request_id, [], "error", error)])
+            self._publish([RequestOutput(request.request_id, [], FinishReason.ERROR, error)])
             return
         self.scheduler.add(request)
         self._update_stats()
@@ -116,7 +116,7 @@ class Engine:
             failed = []
             for chunk in chunks:
                 self.scheduler.abort(chunk.seq.request_id)
-                failed.append(RequestOutput(chunk.seq.request_id, [], "error", f"engine step failed: {exc}"))
+                failed.append(RequestOutput(chunk.seq.request_id, [], FinishReason.ERROR, f"engine step failed: {exc}"))
             return failed
         self.stats.steps += 1
         self.stats.max_running_seen = max(self.stats.max_running_seen, len(chunks))
@@ -131,9 +131,9 @@ class Engine:
             seq.output_ids.append(token)
             finish = None
             if token in self.eos_token_ids and not seq.params.ignore_eos:
-                finish = "stop"
+                finish = FinishReason.STOP
             elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.plan.max_context:
-                finish = "length"
+                finish = FinishReason.LENGTH
             if finish:
                 self.scheduler.finish(seq.request_id)
                 self.stats.served += 1

@@ -24,6 +24,7 @@ from frontend.detokenizer import IncrementalDetokenizer
 from frontend.metrics import Metrics
 from frontend.prompt_encoder import PromptEncoder
 from ipc.engine_client import EngineClient, NoEngineAvailable
+from ipc.messages import FinishReason
 
 log = logging.getLogger("kiln.frontend")
 
@@ -195,7 +196,7 @@ class Generation:
         """Yield (text, token_ids) as tokens arrive; sets finish_reason at the end."""
         while self.finish_reason is None:
             output = await self.stream.queue.get()
-            if output.finish_reason == "error":
+            if output.finish_reason == FinishReason.ERROR:
                 self.finish_reason = "error"
                 raise EngineError(output.error or "engine error")
             if self.first_token_at is None and output.new_token_ids:
@@ -206,7 +207,7 @@ class Generation:
                 self.finish_reason = "stop"
                 await self.client.abort(self.request_id)
             else:
-                self.finish_reason = output.finish_reason
+                self.finish_reason = None if output.finish_reason is None else str(output.finish_reason)
             if self.finish_reason is not None:
                 text += self.detok.flush()
             if text or output.new_token_ids:

@@ -23,6 +23,7 @@ from ipc.security import CurveKeys
 from ipc.stall_clock import StallFreeClock
 from ipc.messages import (
     Abort,
+    FinishReason,
     Welcome,
     EngineFailed,
     EngineHello,
@@ -335,7 +336,7 @@ class EngineClient:
             return False
         if message.stats.steps != engine.stats.steps:
             engine.failed_steps = 0
-        elif message.outputs and all(o.finish_reason == "error" for o in message.outputs):
+        elif message.outputs and all(o.finish_reason == FinishReason.ERROR for o in message.outputs):
             engine.failed_steps += 1
             if engine.failed_steps >= MAX_FAILED_STEPS:
                 why = f"{engine.failed_steps} steps in a row failed (last: {message.outputs[-1].error})"
@@ -387,7 +388,7 @@ class EngineClient:
         self._fail(stream, why)
 
     def _fail(self, stream: RequestStream, why: str) -> None:
-        stream.queue.put_nowait(RequestOutput(stream.request_id, [], "error", why))
+        stream.queue.put_nowait(RequestOutput(stream.request_id, [], FinishReason.ERROR, why))
         self._finish(stream)
 
     async def _liveness_loop(self) -> None:

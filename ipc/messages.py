@@ -6,18 +6,30 @@ the per-step output structs out of the cyclic garbage collector.
 """
 from __future__ import annotations
 
+import enum
+
 import msgspec
 
 from hardware.plan import ServingPlan
 
 
 class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
-    max_new_tokens: int
+    """What the engine does with a request's logits. The frontend validates every field."""
+
+    max_new_tokens: int  # 0 only with prompt_logprobs: score the prompt, generate nothing
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
     ignore_eos: bool = False
+    min_tokens: int = 0  # end-of-sequence is masked until this many tokens are out
+    # OpenAI's additive penalties (on tokens generated so far) and HF's multiplicative one (prompt too)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    logprobs: int | None = None  # None = off; k >= 0: each new token's logprob plus the top k
+    prompt_logprobs: int | None = None  # None = off; k >= 0: the same for every prompt token but the first
 
 
 class EngineStats(msgspec.Struct, array_like=True, gc=False):
@@ -82,11 +94,42 @@ class EngineReady(msgspec.Struct, tag="ready", array_like=True, kw_only=True):
     load_seconds: float
 
 
+class FinishReason(enum.IntEnum):
+    """Why a request ended; its `str()` is the wire name HTTP answers use."""
+
+    STOP = 0  # end of sequence (or, decided in the frontend, a stop string)
+    LENGTH = 1  # max_new_tokens or the context window
+    ABORT = 2  # cancelled by the client
+    ERROR = 3  # refused or failed; `error` says why
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True, gc=False):
+    """One position's log-probabilities (log_softmax of the raw logits, before temperature or penalties)."""
+
+    token_id: int
+    logprob: float
+    top_ids: list[int] = []  # the k most likely tokens, most likely first (k = the request's logprobs)
+    top_logprobs: list[float] = []
+
+
+class RequestTiming(msgspec.Struct, array_like=True, gc=False):
+    """Engine-side durations, sent once with a request's first output (clocks of two machines never mix)."""
+
+    queued_s: float  # admitted by the engine -> first scheduled
+    prefill_s: float  # first scheduled -> first token sampled (or prompt scored)
+
+
 class RequestOutput(msgspec.Struct, array_like=True, gc=False):
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: FinishReason | None = None
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1..n-1, once, when asked
+    timing: RequestTiming | None = None  # with the first output only
 
 
 class StepOutputs(msgspec.Struct, tag="step", array_like=True, gc=False):

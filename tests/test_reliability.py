@@ -26,6 +26,7 @@ from hardware.plan import ServingPlan
 from ipc.engine_client import MAX_FAILED_STEPS, EngineClient, NoEngineAvailable
 from ipc.messages import (
     EngineHello,
+    FinishReason,
     EngineReady,
     EngineStats,
     Heartbeat,
@@ -136,7 +137,7 @@ def test_an_engine_whose_steps_keep_failing_is_dropped():
         for i in range(MAX_FAILED_STEPS):
             streams.append(await client.submit(f"r{i}", [1, 2], GREEDY))
             await engine.next_input()
-            await engine.send(StepOutputs(engine.engine_id, [RequestOutput(f"r{i}", [], "error", "boom")],
+            await engine.send(StepOutputs(engine.engine_id, [RequestOutput(f"r{i}", [], FinishReason.ERROR, "boom")],
                                           engine.stats))
             await asyncio.sleep(0.1)
         outputs = [s.queue.get_nowait() for s in streams]
@@ -145,7 +146,7 @@ def test_an_engine_whose_steps_keep_failing_is_dropped():
     lost, outputs, engines, streams = run(with_client(scenario))
     assert engines == [] and streams == {}
     assert len(lost) == 1 and f"{MAX_FAILED_STEPS} steps in a row failed" in lost[0]
-    assert all(o.finish_reason == "error" for o in outputs)
+    assert all(o.finish_reason == FinishReason.ERROR for o in outputs)
 
 
 def test_a_completed_step_resets_the_failure_count():
@@ -157,7 +158,7 @@ def test_a_completed_step_resets_the_failure_count():
                 engine.stats = msgspec.structs.replace(engine.stats, steps=engine.stats.steps + 1)
                 outputs = [RequestOutput(f"r{i}", [7], "length")]
             else:
-                outputs = [RequestOutput(f"r{i}", [], "error", "boom")]
+                outputs = [RequestOutput(f"r{i}", [], FinishReason.ERROR, "boom")]
             await engine.send(StepOutputs(engine.engine_id, outputs, engine.stats))
             await asyncio.sleep(0.1)
         return list(client.engines)
