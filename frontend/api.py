@@ -26,6 +26,11 @@ Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 TopK = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_K)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]  # OpenAI's range for presence/frequency
+RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]  # HF's: 1 = off, > 1 discourages
+LogitBias = dict[int, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]]  # token id -> bias, OpenAI's range
+NumLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)]
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False):
@@ -37,6 +42,13 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False):
     stop: Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)] = []
     seed: Seed | None = None
     ignore_eos: bool = False
+    min_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS_LIMIT)] = 0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    logit_bias: LogitBias | None = None
+    logprobs: NumLogprobs | None = None  # each new token's logprob and the top k alternatives
+    prompt_logprobs: NumLogprobs | None = None  # the same for the prompt's tokens (OpenAI's `echo`)
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         return SamplingParams(
@@ -46,6 +58,13 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False):
             top_k=self.top_k,
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=self.logit_bias or None,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 

@@ -16,7 +16,7 @@ from aiohttp_sse import sse_response
 from tokenizers import Tokenizer
 
 from frontend.api import ApiError, GenerateResponse, StreamPiece, parse_generate_request
-from frontend.generation import (
+from frontend.context import (
     BODY_TIMEOUT_S,
     CLIENT,
     JSON,
@@ -26,14 +26,13 @@ from frontend.generation import (
     PROMPT_ENCODER,
     REQUEST_IDS,
     TOKENIZER,
-    EngineError,
-    Generation,
     api_errors,
     json_response,
     read_body,
     request_id,
     tag_response,
 )
+from frontend.generation import EngineError, Generation
 from frontend.chat_template import ChatTemplate
 from frontend.metrics import Metrics
 from frontend.openai_api import add_openai_routes

@@ -15,7 +15,8 @@ from aiohttp_sse import sse_response
 
 from frontend.api import MAX_STOP_STRINGS, ApiError, GenerateRequest, MaxTokens, Seed, Temperature, TopK, TopP, decode_body
 from frontend.chat_template import ChatTemplate, ChatTemplateError, PromptPiece
-from frontend.generation import CLIENT, JSON, MODEL_NAME, TOKENIZER, EngineError, Generation, json_response, read_body
+from frontend.context import CLIENT, JSON, MODEL_NAME, TOKENIZER, json_response, read_body
+from frontend.generation import EngineError, Generation
 
 CHAT_TEMPLATE = web.AppKey("chat_template", ChatTemplate)
 # `tool` and `developer` are left out: tool calls and their results are not supported, and not every
