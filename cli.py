@@ -12,14 +12,14 @@ import sys
 
 import click
 
-from hardware.plan import PlanOverrides
+from planning.plan import PlanOverrides
 
 
 def plan_overrides(compile_=None, **flags) -> PlanOverrides:
     """Flags beat env vars (QUANTIZATION, ENABLE_COMPILE), which beat the planner's heuristics."""
     import os
 
-    from hardware.overrides import resolve_overrides
+    from planning.overrides import resolve_overrides
 
     try:
         return resolve_overrides(os.environ, compile=compile_, **flags)
@@ -188,7 +188,7 @@ def engine(gpu, cpu, frontend, model, secret, engine_id, **plan_flags) -> None:
     import socket
 
     from engine_core.main import configure_logging, run_engine
-    from hardware.model_source import ModelNotFound, resolve_model
+    from model.source import ModelNotFound, resolve_model
     from ipc.discovery import FrontendNotFound, find_frontend
 
     if cpu == (gpu is not None):
@@ -229,7 +229,7 @@ def engine(gpu, cpu, frontend, model, secret, engine_id, **plan_flags) -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON object instead of the table")
 @plan_options
 def plan(model, gpus, ram, cpu_only, as_json, **plan_flags) -> None:
-    from hardware.report import run_plan_command
+    from planning.report import run_plan_command
 
     sys.exit(run_plan_command(model, gpus, ram, cpu_only, as_json, plan_overrides(**plan_flags)))
 

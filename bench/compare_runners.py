@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     from engine_core.loader import load_model
     from engine_core.main import build_plan
     from engine_core.model_runner import ModelRunner
-    from hardware.model_source import resolve_model
-    from hardware.plan import PlanOverrides
+    from model.source import resolve_model
+    from planning.plan import PlanOverrides
 
     torch.set_num_threads(args.threads)
     path = args.model or resolve_model(None).path

@@ -743,7 +743,7 @@ def device_description(cpu: bool) -> dict:
 def run_all(outdir: Path, *, cpu: bool, tokenizer: str | None, only: list[str] | None, budget_s: float,
             workdir: str | None) -> int:
     from bench.random_model import default_tokenizer_dir
-    from hardware.model_source import ModelNotFound
+    from model.source import ModelNotFound
 
     outdir.mkdir(parents=True, exist_ok=True)
     try:

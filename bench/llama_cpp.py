@@ -20,7 +20,7 @@ import msgspec
 import psutil
 
 from bench.workload import Prompt
-from hardware.model_source import ModelNotFound, cache_dir, default_gguf
+from model.source import ModelNotFound, cache_dir, default_gguf
 
 QUANTS = ("F16", "Q4_1")
 DEFAULT_QUANT = "F16"

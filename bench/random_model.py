@@ -56,7 +56,7 @@ def write_config_dir(config: dict, folder: str | Path) -> Path:
 
 def default_tokenizer_dir() -> Path:
     """The embedded default model's converted folder (converted once if needed)."""
-    from hardware.model_source import resolve_model
+    from model.source import resolve_model
 
     return Path(resolve_model(None).path)
 

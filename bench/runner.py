@@ -95,7 +95,7 @@ def _run_baseline(cfg: LoadConfig, *, model: str | None, dtype: str,
     if setup is not None:
         with running_server(llama_cpp_command(setup, port, cfg), url, name="llama.cpp"):
             return _measure(url, cfg, "llama.cpp", OPENAI)
-    from hardware.model_source import resolve_model
+    from model.source import resolve_model
 
     with running_server(naive_command(port, resolve_model(model).path, dtype), url, name="naive"):
         return _measure(url, cfg, "naive")

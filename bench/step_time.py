@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from hardware.plan import PlanOverrides
+    from planning.plan import PlanOverrides
 
     batches = [int(b) for b in args.batches.split(",")]
     forced = {"dtype": args.dtype, "quantization": args.quantization}

@@ -23,9 +23,9 @@ from pathlib import Path
 import msgspec
 import torch
 
-from hardware.model_config import ModelShape
-from hardware.plan import PlanOverrides
-from hardware.planner import CPU_WEIGHT_FORMATS
+from model.shape import ModelShape
+from planning.plan import PlanOverrides
+from planning.planner import CPU_WEIGHT_FORMATS
 from hardware.profile import HardwareProfile, decoder_linear_shapes, write_cpu_format_ms
 
 log = logging.getLogger("kiln.engine")

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from hardware.plan import ServingPlan, accelerate_max_memory
+from planning.plan import ServingPlan, accelerate_max_memory
 
 log = logging.getLogger("kiln.engine")
 
@@ -151,7 +151,7 @@ def offload_folder(path: str):
     import hashlib
     from pathlib import Path
 
-    from hardware.model_source import cache_dir
+    from model.source import cache_dir
 
     key = hashlib.sha256(str(Path(path).expanduser().resolve()).encode()).hexdigest()[:12]
     folder = cache_dir() / "offload" / f"{Path(path).name}-{key}"

@@ -15,7 +15,7 @@ import time
 
 import msgspec
 
-from hardware.plan import PlanOverrides, ServingPlan
+from planning.plan import PlanOverrides, ServingPlan
 
 log = logging.getLogger("kiln.engine")
 
@@ -37,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_plan(model_path: str, gpu: int | None, overrides: PlanOverrides) -> ServingPlan:
     """The plan for this engine; a CPU engine first times the weight formats unless the cache has them."""
-    from hardware.model_config import load_model_shape
-    from hardware.planner import make_plan
+    from model.shape import load_model_shape
+    from planning.planner import make_plan
     from hardware.profile import detect_hardware
 
     shape = load_model_shape(model_path)
@@ -74,7 +74,7 @@ def run_engine(*, input_address: str, output_address: str, model_path: str, mode
         log.error("no answer from a frontend at %s within %.0f s: is it running there, and is the secret the "
                   "same on both sides?", input_address, HANDSHAKE_TIMEOUT_S)
         return 5
-    from hardware.report import format_plan_table
+    from planning.report import format_plan_table
 
     log.info("serving plan for %s:\n%s", model_name, format_plan_table(plan))
     try:

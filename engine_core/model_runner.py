@@ -55,7 +55,7 @@ def _text_config(config):
 class ModelRunner:
     def __init__(self, model: nn.Module, max_batch: int, max_context: int, device: torch.device, kv_dtype,
                  cuda_graphs: bool = False):
-        from hardware.model_config import unsupported_architecture
+        from model.shape import unsupported_architecture
 
         if (reason := unsupported_architecture(getattr(model.config, "model_type", None))) is not None:
             raise UnsupportedModel(reason)

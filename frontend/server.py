@@ -36,8 +36,8 @@ from tokenizers import Tokenizer
 from frontend.app import DEFAULT_BODY_TIMEOUT_S, DRAINING, build_app
 from frontend.chat_template import ChatTemplate
 from frontend.supervisor import EngineSupervisor
-from hardware.model_source import ModelNotFound, ModelSource, resolve_model
-from hardware.plan import PlanOverrides
+from model.source import ModelNotFound, ModelSource, resolve_model
+from planning.plan import PlanOverrides
 from ipc.discovery import RUNTIME_PREFIX, FrontendInfo
 from ipc.engine_client import EngineClient
 

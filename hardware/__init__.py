@@ -1,0 +1,1 @@
+"""The machine: RAM, CPU cores and flags, GPUs, VRAM, compute capability (`profile`)."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 if TYPE_CHECKING:
-    from hardware.model_config import ModelShape
+    from model.shape import ModelShape
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -165,7 +165,7 @@ CPU_FORMAT_PROBE_VERSION = 1
 
 def decoder_linear_shapes(shape: ModelShape) -> list[tuple[int, int]]:
     """(in, out) features of one decoder layer's linears: q, k, v, o, then the MLP (2 or 3 matrices)."""
-    from hardware.model_config import TWO_MATRIX_MLP
+    from model.shape import TWO_MATRIX_MLP
 
     h, hd, inter = shape.hidden_size, shape.head_dim, shape.intermediate_size
     q, kv = shape.num_attention_heads * hd, shape.num_kv_heads * hd
@@ -194,7 +194,7 @@ def cpu_format_cache_key(shape: ModelShape) -> dict:
 
 def cpu_format_cache_path(shape: ModelShape, cache_root: Path | None = None) -> Path:
     """<cache>/cpu-formats/<hash of the key>.json; `cache_root` defaults to model_source.cache_dir()."""
-    from hardware.model_source import cache_dir
+    from model.source import cache_dir
 
     key = json.dumps(cpu_format_cache_key(shape), sort_keys=True)
     return (cache_root or cache_dir()) / "cpu-formats" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"

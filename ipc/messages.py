@@ -10,7 +10,7 @@ import enum
 
 import msgspec
 
-from hardware.plan import ServingPlan
+from planning.plan import ServingPlan
 
 
 class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):

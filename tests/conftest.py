@@ -95,7 +95,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def default_model_path() -> str:
-    from hardware.model_source import resolve_model
+    from model.source import resolve_model
 
     return resolve_model(None).path
 

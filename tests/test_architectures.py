@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from engine_core.scheduler import Scheduler
-from hardware.model_config import SUPPORTED_ARCHITECTURES
+from model.shape import SUPPORTED_ARCHITECTURES
 from ipc.messages import Request, SamplingParams
 from tests.conftest import REPO_ROOT
 
@@ -125,8 +125,8 @@ def test_greedy_tokens_equal_transformers_generate(model_type):
 def test_longrope_context_is_capped_where_its_factors_switch():
     """Past original_max_position_embeddings longrope would switch a whole step to its long factors,
     short sequences included, so the plan never lets a sequence get there."""
-    from hardware.model_config import shape_from_config
-    from hardware.planner import make_plan
+    from model.shape import shape_from_config
+    from planning.planner import make_plan
     from hardware.profile import simulated_profile
 
     config = {"model_type": "phi3", "hidden_size": 3072, "num_hidden_layers": 32, "num_attention_heads": 32,

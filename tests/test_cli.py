@@ -143,12 +143,12 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
     import pytest
 
     import cli as kiln_cli
-    import hardware.report
+    import planning.report
 
     def broken(*args, **kwargs):
         raise RuntimeError("something broke\non two lines")
 
-    monkeypatch.setattr(hardware.report, "run_plan_command", broken)
+    monkeypatch.setattr(planning.report, "run_plan_command", broken)
     monkeypatch.delenv("KILN_DEBUG", raising=False)
     assert kiln_cli.main(["plan"]) == 1
     err = capsys.readouterr().err

@@ -10,10 +10,10 @@ import torch
 from engine_core import cpu_formats
 from engine_core.cpu_formats import measure_cpu_formats, with_measured_cpu_formats
 from hardware import profile as hp
-from hardware.model_config import shape_from_config
-from hardware.overrides import overrides_from_flags
-from hardware.plan import PlanOverrides
-from hardware.planner import CPU_WEIGHT_FORMATS
+from model.shape import shape_from_config
+from planning.overrides import overrides_from_flags
+from planning.plan import PlanOverrides
+from planning.planner import CPU_WEIGHT_FORMATS
 
 SMOL_LIKE = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
              "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,

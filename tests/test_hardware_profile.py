@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from hardware import profile as hp
-from hardware.gguf_meta import GGUFError, read_gguf_metadata
-from hardware.model_config import ModelConfigError, load_model_shape, model_shape_for_spec, shape_from_config
+from model.gguf_meta import GGUFError, read_gguf_metadata
+from model.shape import ModelConfigError, load_model_shape, model_shape_for_spec, shape_from_config
 from hardware.profile import GiB, MiB, detect_hardware, parse_gpu_spec, parse_size, simulated_profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +175,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def default_gguf():
-    from hardware.model_source import ModelNotFound, default_gguf
+    from model.source import ModelNotFound, default_gguf
 
     try:
         return default_gguf()
@@ -273,7 +273,7 @@ def test_profiles_read_the_cache_for_a_given_model(tmp_path, monkeypatch):
 
 
 def test_reading_cached_timings_does_not_import_torch(tmp_path):
-    code = ("import sys; from hardware import profile as p; from hardware.model_config import shape_from_config; "
+    code = ("import sys; from hardware import profile as p; from model.shape import shape_from_config; "
             f"s = shape_from_config({SMOL_LIKE!r}); p.write_cpu_format_ms(s, {TIMINGS!r}); "
             f"assert p.detect_hardware(s).cpu_format_ms == {TIMINGS!r}; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60,

@@ -17,9 +17,9 @@ from accelerate.hooks import AlignDevicesHook, attach_align_device_hook_on_block
 from accelerate.utils import OffloadedWeightsLoader, extract_submodules_state_dict, find_tied_parameters  # noqa: E402
 
 from engine_core.loader import cast_offloaded_weights, cpu_resident_modules, keep_resident_on_cpu  # noqa: E402
-from hardware.model_config import load_model_shape  # noqa: E402
-from hardware.overrides import overrides_from_flags  # noqa: E402
-from hardware.planner import make_plan  # noqa: E402
+from model.shape import load_model_shape  # noqa: E402
+from planning.overrides import overrides_from_flags  # noqa: E402
+from planning.planner import make_plan  # noqa: E402
 from hardware.profile import simulated_profile  # noqa: E402
 
 HEADS = ["model.embed_tokens", "lm_head"]

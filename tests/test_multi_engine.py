@@ -83,7 +83,7 @@ def test_attached_engine_joins_and_serves(two_engines):
 
 
 def test_engine_with_another_model_is_refused(two_engines, tmp_path):
-    from hardware.model_source import resolve_model
+    from model.source import resolve_model
 
     other = tmp_path / "other-model"  # the same files under another name: another model as far as names go
     shutil.copytree(resolve_model(None).path, other)

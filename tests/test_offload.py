@@ -11,9 +11,9 @@ import aiohttp
 import msgspec
 import pytest
 
-from hardware.model_config import load_model_shape
-from hardware.overrides import overrides_from_env, overrides_from_flags, resolve_overrides
-from hardware.planner import PlanError, make_plan
+from model.shape import load_model_shape
+from planning.overrides import overrides_from_env, overrides_from_flags, resolve_overrides
+from planning.planner import PlanError, make_plan
 from hardware.profile import GiB, simulated_profile
 from tests.conftest import REPO_ROOT, running_server
 from tests.http_client import generate, post_json, run

@@ -17,12 +17,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from hardware.model_config import load_model_shape, shape_from_config
-from hardware.overrides import merge_overrides, overrides_from_env, overrides_from_flags, resolve_overrides
-from hardware.plan import PlanOverrides, ServingPlan, accelerate_max_memory
-from hardware.planner import PlanError, make_plan
+from model.shape import load_model_shape, shape_from_config
+from planning.overrides import merge_overrides, overrides_from_env, overrides_from_flags, resolve_overrides
+from planning.plan import PlanOverrides, ServingPlan, accelerate_max_memory
+from planning.planner import PlanError, make_plan
 from hardware.profile import GiB, MiB, simulated_profile
-from hardware.report import format_plan_table, plan_to_json, run_plan_command
+from planning.report import format_plan_table, plan_to_json, run_plan_command
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -533,7 +533,7 @@ def test_run_plan_command_json(capsys):
 
 
 def test_plan_command_is_fast_and_torch_free():
-    code = ("import sys, time; t = time.time(); from hardware.report import run_plan_command; "
+    code = ("import sys, time; t = time.time(); from planning.report import run_plan_command; "
             "rc = run_plan_command(None); assert rc == 0, rc; assert 'torch' not in sys.modules; "
             "print(time.time() - t, file=sys.stderr)")
     start = time.time()
@@ -561,7 +561,7 @@ def test_gpu_layers_gives_an_exact_split():
 
 def test_default_model_splits_on_a_simulated_gpu():
     """The lead's offload acceptance check: the embedded default with half its layers in RAM."""
-    from hardware.model_config import model_shape_for_spec
+    from model.shape import model_shape_for_spec
 
     try:
         s = model_shape_for_spec(None)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from bench.dialects import NATIVE
 from bench.loadgen import _stream_one, count_tokens, progress_bar
 from bench.records import RequestRecord
-from hardware.model_source import Heartbeat
+from model.source import Heartbeat
 
 
 def test_heartbeat_prints_every_interval_with_elapsed_time():

@@ -22,7 +22,7 @@ import zmq
 import zmq.asyncio
 
 from bench.hostile import POST_ROUTES, hostile_payloads
-from hardware.plan import ServingPlan
+from planning.plan import ServingPlan
 from ipc.engine_client import MAX_FAILED_STEPS, EngineClient, NoEngineAvailable
 from ipc.messages import (
     EngineHello,

@@ -35,9 +35,9 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from hardware.model_config import ACCELERATE_LAYOUT, ModelShape
-from hardware.overrides import describe
-from hardware.plan import PlanOverrides, ServingPlan
+from model.shape import ACCELERATE_LAYOUT, ModelShape
+from planning.overrides import describe
+from planning.plan import PlanOverrides, ServingPlan
 from hardware.profile import GiB, GpuInfo, HardwareProfile, format_bytes as fb
 
 GPU_FRACTION = 0.90

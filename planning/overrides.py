@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from hardware.plan import PlanOverrides
+from planning.plan import PlanOverrides
 
 _QUANT = {
     "nf4": "nf4", "4bit": "nf4", "4-bit": "nf4", "bnb-4bit": "nf4", "bnb4": "nf4", "int4": "nf4",

@@ -1,7 +1,7 @@
 """Where a model's files live: a hub id, a local HF folder, a `.gguf` file, or the embedded default.
 
 Torch-free on purpose: the frontend and the planner call it. A `.gguf` model is converted once
-(by `engine_core.convert`, run as a subprocess so the caller never imports torch) into a cache
+(by `model.convert`, run as a subprocess so the caller never imports torch) into a cache
 folder of safetensors + tokenizer; every later start loads that folder in well under a second.
 """
 from __future__ import annotations
@@ -206,7 +206,7 @@ class Heartbeat:
         self._thread.join(timeout=1.0)
 
 
-STAGE_PREFIX = "stage: "  # what engine_core.convert prints on stdout as it moves on
+STAGE_PREFIX = "stage: "  # what model.convert prints on stdout as it moves on
 
 
 def convert_gguf(gguf: Path, folder: Path) -> None:
@@ -220,7 +220,7 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
 
     print(f"kiln: converting {gguf.name} once into {folder} (about 30 s; later starts skip this) ...",
           file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-u", "-m", "engine_core.convert", str(gguf), str(folder)]
+    cmd = [sys.executable, "-u", "-m", "model.convert", str(gguf), str(folder)]
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ)
     if not sys.stderr.isatty():

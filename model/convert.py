@@ -3,7 +3,7 @@
 transformers dequantizes GGUF tensors on load (about 20 s for the 135M default here); saving the
 result means every later start is a plain safetensors load. Written to a temporary folder and
 renamed, so an interrupted conversion never leaves a half folder that looks complete.
-Usage: python -m engine_core.convert FILE.gguf OUT_FOLDER
+Usage: python -m model.convert FILE.gguf OUT_FOLDER
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def stage(what: str) -> None:
-    """Tell the parent (hardware.model_source.convert_gguf reads our stdout) which step runs now."""
+    """Tell the parent (model.source.convert_gguf reads our stdout) which step runs now."""
     print(f"stage: {what}", flush=True)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from hardware.gguf_meta import GGUFMetadata, read_gguf_metadata
+from model.gguf_meta import GGUFMetadata, read_gguf_metadata
 
 # What kiln serves, by HF model_type: the one list that both the shape reader (so `plan`, and every
 # engine before it loads weights, refuses anything else) and the model runner check. Each entry has an
@@ -273,7 +273,7 @@ def model_shape_for_spec(spec: str | None) -> ModelShape:
     """`--model` / `BASE_MODEL` / nothing -> shape; the default GGUF is read, never converted."""
     spec = spec or os.environ.get("BASE_MODEL") or None
     if spec is None:
-        from hardware.model_source import DEFAULT_NAME, default_gguf
+        from model.source import DEFAULT_NAME, default_gguf
 
         shape = load_model_shape(default_gguf())
         return msgspec.structs.replace(shape, name=DEFAULT_NAME)

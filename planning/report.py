@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from hardware.plan import PlanOverrides, ServingPlan
+from planning.plan import PlanOverrides, ServingPlan
 from hardware.profile import HardwareProfile, format_bytes as fb
 
 ROWS = ("device", "dtype", "cpu_formats", "kv_dtype", "quantization", "offload", "embed_lm_head", "max_batch",
@@ -122,9 +122,9 @@ def run_plan_command(
     gpu_index: int | None = None,
 ) -> int:
     """Print the plan for `model` on this machine (or a simulated one); 0 on success, 2 with the reason on stderr."""
-    from hardware.model_config import ModelConfigError, model_shape_for_spec
-    from hardware.model_source import ModelNotFound
-    from hardware.planner import PlanError, make_plan
+    from model.shape import ModelConfigError, model_shape_for_spec
+    from model.source import ModelNotFound
+    from planning.planner import PlanError, make_plan
     from hardware.profile import detect_hardware, simulated_profile
 
     try:
