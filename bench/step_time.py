@@ -71,7 +71,7 @@ def time_decode(runner, batch: int, prompt: int, steps: int) -> list[float]:
     from engine_core.scheduler import Scheduler
     from ipc.messages import Request, SamplingParams
 
-    sched = Scheduler(runner.max_batch, prefill_chunk=max(prompt, 1) * batch)
+    sched = Scheduler(runner.max_batch, max(prompt, 1) * batch, runner.max_context, eos_token_ids=set())
     params = SamplingParams(max_new_tokens=steps + 8, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         sched.add(Request(f"b{i}", [(7 * i + j) % 1000 + 1 for j in range(prompt)], params))
@@ -79,15 +79,12 @@ def time_decode(runner, batch: int, prompt: int, steps: int) -> list[float]:
     for step in range(steps + 3):  # the first step is the prefill, two more warm up
         chunks = sched.schedule()
         start = time.perf_counter()
-        logits = runner.forward(chunks)
+        logits = runner.forward(chunks).sample
         tokens = torch.argmax(logits, dim=-1).tolist()  # the engine's one device-to-host copy
         elapsed = time.perf_counter() - start
         if step >= 3:
             times.append(elapsed * 1000)
-        for chunk, token in zip((c for c in chunks if c.sample), tokens):
-            chunk.seq.output_ids.append(token)
-        for chunk in chunks:
-            chunk.seq.num_computed = chunk.start + chunk.length
+        sched.update(chunks, tokens)
     for seq in list(sched.by_id.values()):
         sched.finish(seq.request_id)
     return times

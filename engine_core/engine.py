@@ -9,19 +9,38 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import time
+from typing import NamedTuple
 
 import msgspec
 import torch
 
 from engine_core.loader import torch_dtype
 from engine_core.model_runner import ModelRunner
-from engine_core.sampler import Sampler
+from engine_core.sampler import Sampler, token_logprobs
 from engine_core.scheduler import ScheduledChunk, Scheduler
 from engine_core.thread_policy import ThreadTuner
 from engine_core.engine_io import HEARTBEAT_SECONDS, EngineIO
-from ipc.messages import Abort, FinishReason, Request, RequestOutput, SamplingParams, Shutdown, StepOutputs
+from ipc.messages import (
+    Abort,
+    FinishReason,
+    Request,
+    RequestOutput,
+    RequestTiming,
+    SamplingParams,
+    Shutdown,
+    StepOutputs,
+    TokenLogprobs,
+)
 
 log = logging.getLogger("kiln.engine")
+
+
+class StepResult(NamedTuple):
+    """What one model step produced: a token per `sample` chunk, and the logprobs asked for."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprobs | None]  # per sampled token
 
 
 class Engine:
@@ -29,7 +48,7 @@ class Engine:
         self.io = io
         self.plan = plan
         self.eos_token_ids = eos_token_ids
-        self.scheduler = Scheduler(plan.max_batch, plan.prefill_chunk)
+        self.scheduler = Scheduler(plan.max_batch, plan.prefill_chunk, plan.max_context, eos_token_ids)
         kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
         self.runner = ModelRunner(model, plan.max_batch, plan.max_context, device, kv_dtype,
                                   cuda_graphs=plan.cuda_graphs)  # the planner's call: whole model on one GPU
@@ -43,18 +62,14 @@ class Engine:
     def warmup(self) -> None:
         """A full prefill chunk, then every slot at once: the planned peaks, before any user arrives
         (an out-of-memory surfaces here, at start, not mid-stream) and with allocations warmed."""
-        params = SamplingParams(max_new_tokens=1, temperature=0.0)
+        params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
         long_prompt = [0] * max(1, min(self.plan.prefill_chunk, self.plan.max_context - 2))
         for i in range(self.plan.max_batch):
             self.scheduler.add(Request(f"warmup-{i}", long_prompt if i == 0 else [0] * 4, params))
         while len(self.scheduler):
             chunks = self.scheduler.schedule()
-            self.runner.forward(chunks)
-            for chunk in chunks:
-                if chunk.sample:
-                    self.scheduler.finish(chunk.seq.request_id)
-                else:
-                    chunk.seq.num_computed += chunk.length
+            logits = self.runner.forward(chunks)
+            self.scheduler.update(chunks, logits.sample.argmax(dim=-1).tolist())
         if self.runner.graphs is not None:
             log.info(self.runner.graphs.capture_all())
         self._update_stats()
@@ -67,10 +82,9 @@ class Engine:
             chunks = self.scheduler.schedule()
             if not chunks:
                 continue
-            outputs = self._step(chunks)
+            result = self._execute(chunks)
             self._drain_inbox(block=False)  # aborts that arrived mid-step win over this step's tokens
-            outputs = [o for o in outputs if o.finish_reason is not None or o.request_id in self.scheduler.by_id]
-            self._publish(outputs)
+            self._publish(self._update(chunks, result) if result is not None else [])
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -93,51 +107,75 @@ class Engine:
 
     def _admit(self, request: Request) -> None:
         error = None
+        params = request.params
         if not request.prompt_token_ids:
             error = "prompt has no tokens"
         elif len(request.prompt_token_ids) >= self.plan.max_context:
             error = f"prompt has {len(request.prompt_token_ids)} tokens; the context window is {self.plan.max_context}"
         elif request.request_id in self.scheduler.by_id:
             error = f"duplicate request id {request.request_id}"
+        elif params.max_new_tokens < 0 or (params.max_new_tokens == 0 and params.prompt_logprobs is None):
+            error = f"max_new_tokens is {params.max_new_tokens}; 0 is only allowed when scoring the prompt"
         if error:
             self._publish([RequestOutput(request.request_id, [], FinishReason.ERROR, error)])
             return
         self.scheduler.add(request)
         self._update_stats()
 
-    def _step(self, chunks: list[ScheduledChunk]) -> list[RequestOutput]:
+    def _execute(self, chunks: list[ScheduledChunk]) -> StepResult | None:
+        """The model step and sampling; on an exception, this step's requests fail (each gets an error)
+        and the loop goes on serving the rest."""
         sampled = [c.seq for c in chunks if c.sample]
         try:
             with self.threads.timed(sum(c.length for c in chunks)) if self.threads else contextlib.nullcontext():
                 logits = self.runner.forward(chunks)
-                tokens = self.sampler.sample(logits, sampled) if sampled else []
-        except Exception as exc:  # fail this step's requests, keep serving the rest
+                tokens = self.sampler.sample(logits.sample, sampled, self.eos_token_ids) if sampled else []
+                logprobs = self.sampler.logprobs(logits.sample, sampled, tokens) if sampled else []
+                self._score_prompts(chunks, logits.prompt)
+        except Exception as exc:
             log.exception("step failed")
             failed = []
             for chunk in chunks:
-                self.scheduler.abort(chunk.seq.request_id)
-                failed.append(RequestOutput(chunk.seq.request_id, [], FinishReason.ERROR, f"engine step failed: {exc}"))
-            return failed
+                if self.scheduler.abort(chunk.seq.request_id) is not None:
+                    failed.append(RequestOutput(chunk.seq.request_id, [], FinishReason.ERROR,
+                                                f"engine step failed: {exc}"))
+            self._publish(failed)
+            return None
         self.stats.steps += 1
         self.stats.max_running_seen = max(self.stats.max_running_seen, len(chunks))
-        outputs = []
-        sampled_iter = iter(tokens)
-        for chunk in chunks:
-            seq = chunk.seq
-            seq.num_computed = chunk.start + chunk.length
-            if not chunk.sample:
+        return StepResult(tokens, logprobs)
+
+    @staticmethod
+    def _score_prompts(chunks: list[ScheduledChunk], prompt_logits: list) -> None:
+        """Prompt logprobs, chunk by chunk: position p's logits score prompt token p + 1."""
+        for chunk, logits in zip(chunks, prompt_logits):
+            if logits is None:
                 continue
-            token = next(sampled_iter)
-            seq.output_ids.append(token)
-            finish = None
-            if token in self.eos_token_ids and not seq.params.ignore_eos:
-                finish = FinishReason.STOP
-            elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.plan.max_context:
-                finish = FinishReason.LENGTH
-            if finish:
-                self.scheduler.finish(seq.request_id)
-                self.stats.served += 1
-            outputs.append(RequestOutput(seq.request_id, [token], finish))
+            seq = chunk.seq
+            targets = seq.prompt_ids[chunk.start + 1 : chunk.start + chunk.length + 1]
+            seq.prompt_logprobs += token_logprobs(logits[: len(targets)], targets, seq.params.prompt_logprobs)
+
+    def _update(self, chunks: list[ScheduledChunk], result: StepResult) -> list[RequestOutput]:
+        """Hand the step to the scheduler, then one output per sequence that got a token or finished
+        (its first also carries the engine-side timing and, when asked, the prompt's logprobs)."""
+        sampling = [c for c in chunks if c.sample]
+        live = {c.seq.request_id for c in sampling if self.scheduler.by_id.get(c.seq.request_id) is c.seq}
+        self.stats.served += len(self.scheduler.update(chunks, result.tokens))
+        outputs = []
+        now = time.perf_counter()
+        for chunk, token, logprobs in zip(sampling, result.tokens, result.logprobs):
+            seq = chunk.seq
+            if seq.request_id not in live:
+                continue  # aborted mid-step: it never emits another token
+            first = chunk.is_prefill
+            new = [token] if seq.params.max_new_tokens > 0 else []
+            output = RequestOutput(seq.request_id, new, seq.finish_reason,
+                                   logprobs=[logprobs] if logprobs is not None and new else None)
+            if first:
+                output.timing = RequestTiming(seq.scheduled_at - seq.arrived_at, now - seq.scheduled_at)
+                if seq.params.prompt_logprobs is not None:
+                    output.prompt_logprobs = seq.prompt_logprobs
+            outputs.append(output)
         return outputs
 
     def _update_stats(self) -> None:

@@ -8,14 +8,14 @@ slot cache allocated once. On a GPU, decode-only steps replay CUDA graphs captur
 from __future__ import annotations
 
 import logging
-import math
-import mmap
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from engine_core import attention
 from engine_core.attention import DecodeLayout, PrefillChunk, StepContext
+from engine_core.kv_cache import KVCache
 from engine_core.scheduler import ScheduledChunk
 
 log = logging.getLogger("kiln.engine")
@@ -27,25 +27,12 @@ class UnsupportedModel(Exception):
     pass
 
 
-class KVCache:
-    """K and V for `slots` sequences × `context` positions per layer, allocated once.
+class StepLogits(NamedTuple):
+    """A step's float32 logits: one row per `sample` chunk, in order; and per chunk that scores its
+    prompt (`scores_prompt`), the rows of all its positions (else None)."""
 
-    On CPU the pool is one anonymous mmap: the kernel hands out zeroed 4 KiB pages on first
-    write, so the plan's whole budget is reserved but RAM is committed only as sequences fill
-    their slots (numpy/torch zeros would touch it all, or take 2 MiB huge pages per write).
-    Zeroed matters: masked positions are multiplied by 0, and stale NaN garbage would leak in.
-    """
-
-    def __init__(self, layers: int, slots: int, kv_heads: int, context: int, head_dim: int, dtype, device):
-        shape = (2, layers, slots, kv_heads, context, head_dim)
-        if torch.device(device).type == "cpu":
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            self._buffer = mmap.mmap(-1, math.prod(shape) * itemsize)
-            pool = torch.frombuffer(self._buffer, dtype=dtype).view(shape)
-        else:
-            pool = torch.zeros(shape, dtype=dtype, device=device)
-        self.k, self.v = list(pool[0]), list(pool[1])
-        self.bytes = pool.numel() * pool.element_size()
+    sample: torch.Tensor
+    prompt: list[torch.Tensor | None]
 
 
 def _text_config(config):
@@ -84,16 +71,18 @@ class ModelRunner:
     # ------------------------------------------------------------------ the step
 
     @torch.inference_mode()
-    def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run the step; returns float32 logits, one row per chunk with `sample` set, in order."""
+    def forward(self, chunks: list[ScheduledChunk]) -> StepLogits:
+        """Run the step; the logits of the rows the step needs (see StepLogits)."""
         if self.graphs is not None and self.graphs.covers(chunks):
-            return self.graphs.run(chunks)
+            return StepLogits(self.graphs.run(chunks), [None] * len(chunks))
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         decodes: list[tuple[int, int, int]] = []  # (slot, flat row, length) of each decode token
         prefills: list[PrefillChunk] = []
-        logit_rows: list[int] = []
+        logit_rows: list[int] = []  # the sampled rows first, in chunk order; then prompt-scoring rows
+        scored: list[tuple[int, int] | None] = []  # per chunk: (first, count) into the prompt-scoring rows
+        score_rows: list[int] = []
         for chunk in chunks:
             flat = len(token_ids)
             token_ids += chunk.token_ids
@@ -105,6 +94,11 @@ class ModelRunner:
                 prefills.append(PrefillChunk(flat, chunk.length, chunk.seq.slot, chunk.start))
             if chunk.sample:
                 logit_rows.append(flat + chunk.length - 1)
+            scored.append((len(score_rows), chunk.length) if chunk.scores_prompt else None)
+            if chunk.scores_prompt:
+                score_rows += range(flat, flat + chunk.length)
+        samples = len(logit_rows)
+        logit_rows += score_rows
         # decode rows in slot order: when their slots are one contiguous run (the scheduler hands out the
         # lowest free slot), attention reads K/V in place instead of gathering a copy
         decodes.sort()
@@ -122,7 +116,9 @@ class ModelRunner:
             decode = DecodeLayout(None if in_flat_order else rest[:b], rest[b : 2 * b], rest[2 * b :],
                                   max(d_lengths), d_slots[0] if contiguous else None)
         ctx = self._context(slot_t, pos, decode, prefills)
-        return self._logits(ids, pos, logit_index, ctx)
+        logits = self._logits(ids, pos, logit_index, ctx)
+        prompt = [None if at is None else logits[samples + at[0] : samples + at[0] + at[1]] for at in scored]
+        return StepLogits(logits[:samples], prompt)
 
     def _context(self, slots, positions, decode, prefills) -> StepContext:
         return StepContext(slots, positions, decode, prefills, self.positions_range)

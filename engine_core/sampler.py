@@ -1,14 +1,37 @@
 """Per-request sampling inside one batched step.
 
-Greedy rows take the argmax. The others apply their own temperature, top-k and top-p, then draw
-with the Gumbel-max trick (argmax of probs / Exp(1) noise) so each request's noise comes from its
-own generator: a seeded request gives the same tokens whatever else shares the batch.
+Rows that ask for them get their logit processors first (repetition, presence and frequency
+penalties, logit bias, end of sequence masked until `min_tokens`); rows that ask for nothing cost
+nothing. Then greedy rows take the argmax; the others apply their own temperature, top-k and top-p
+and draw with the Gumbel-max trick (argmax of probs / Exp(1) noise) so each request's noise comes
+from its own generator: a seeded request gives the same tokens whatever else shares the batch.
+
+Log-probabilities are the model's own: log_softmax of the raw logits, before any processing.
 """
 from __future__ import annotations
 
 import torch
 
 from engine_core.scheduler import Sequence
+from ipc.messages import SamplingParams, TokenLogprobs
+
+
+def _processes(params: SamplingParams, eos_pending: bool) -> bool:
+    return bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+                or params.logit_bias or eos_pending)
+
+
+def token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
+    """Row i's log-probability of targets[i], and its k most likely tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    index = torch.tensor(targets, device=logits.device)[:, None]
+    chosen = logprobs.gather(-1, index)[:, 0].tolist()
+    if k > 0:
+        top_values, top_ids = torch.topk(logprobs, k, dim=-1)
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    else:
+        top_values = top_ids = [[] for _ in targets]
+    return [TokenLogprobs(t, c, i, v) for t, c, i, v in zip(targets, chosen, top_ids, top_values)]
 
 
 class Sampler:
@@ -25,7 +48,8 @@ class Sampler:
             seq.generator = gen
         return seq.generator
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int] = frozenset()) -> list[int]:
+        logits = self._process(logits, seqs, eos_token_ids)
         tokens = torch.argmax(logits, dim=-1)
         rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
         if rows:
@@ -39,6 +63,46 @@ class Sampler:
                 noise[j].exponential_(generator=self.generator_for(seqs[i]))
             tokens[index] = torch.argmax(probs / noise, dim=-1)
         return tokens.tolist()
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprobs | None]:
+        """Each sampled token's log-probability (and top k) for the rows that asked; None for the others."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        out: list[TokenLogprobs | None] = [None] * len(seqs)
+        if rows:
+            k = max(seqs[i].params.logprobs for i in rows)
+            index = torch.tensor(rows, device=logits.device)
+            for i, lp in zip(rows, token_logprobs(logits[index], [tokens[i] for i in rows], k)):
+                wanted = seqs[i].params.logprobs
+                out[i] = TokenLogprobs(lp.token_id, lp.logprob, lp.top_ids[:wanted], lp.top_logprobs[:wanted])
+        return out
+
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> torch.Tensor:
+        """Penalties, bias and the min_tokens mask, on a copy, for the rows that ask for any."""
+        rows = [i for i, s in enumerate(seqs)
+                if _processes(s.params, len(s.output_ids) < s.params.min_tokens)]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        vocab = logits.shape[-1]
+        eos = torch.tensor(sorted(t for t in eos_token_ids if t < vocab), dtype=torch.long, device=logits.device)
+        for i in rows:
+            seq, row = seqs[i], logits[i]
+            p = seq.params
+            if p.repetition_penalty != 1.0:  # HF's rule, over prompt and output: shrink toward "less likely"
+                seen = torch.tensor(seq.prompt_ids + seq.output_ids, device=logits.device).unique()
+                values = row[seen]
+                row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:  # OpenAI's: generated tokens only
+                counts = torch.bincount(torch.tensor(seq.output_ids, device=logits.device), minlength=vocab)[:vocab]
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+            bias = {t: b for t, b in (p.logit_bias or {}).items() if 0 <= t < vocab}
+            if bias:
+                row[torch.tensor(list(bias), device=logits.device)] += torch.tensor(
+                    list(bias.values()), device=logits.device, dtype=row.dtype)
+            if len(seq.output_ids) < p.min_tokens and eos.numel():
+                row[eos] = float("-inf")
+        return logits
 
     @staticmethod
     def _filter(scaled: torch.Tensor, params: list) -> torch.Tensor:

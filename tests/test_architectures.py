@@ -80,21 +80,14 @@ def kiln_greedy(model, prompt_ids: list[list[int]]) -> list[list[int]]:
     from engine_core.model_runner import ModelRunner
 
     runner = ModelRunner(model, MAX_BATCH, MAX_CONTEXT, torch.device("cpu"), torch.float32)
-    scheduler = Scheduler(MAX_BATCH, PREFILL_CHUNK)
+    scheduler = Scheduler(MAX_BATCH, PREFILL_CHUNK, MAX_CONTEXT, eos_token_ids=set())
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
     sequences = [scheduler.add(Request(f"r{i}", ids, params)) for i, ids in enumerate(prompt_ids)]
     mixed_steps = 0
     while len(scheduler):
         chunks = scheduler.schedule()
         mixed_steps += len({c.start >= len(c.seq.prompt_ids) for c in chunks}) == 2
-        logits = runner.forward(chunks)
-        sampled = iter(logits.argmax(-1).tolist())
-        for chunk in chunks:
-            chunk.seq.num_computed = chunk.start + chunk.length
-            if chunk.sample:
-                chunk.seq.output_ids.append(next(sampled))
-                if len(chunk.seq.output_ids) == NEW_TOKENS:
-                    scheduler.finish(chunk.seq.request_id)
+        scheduler.update(chunks, runner.forward(chunks).sample.argmax(-1).tolist())
     assert mixed_steps > 0, "no step mixed prompt chunks with decode tokens"
     return [seq.output_ids for seq in sequences]
 

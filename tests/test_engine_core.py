@@ -8,13 +8,13 @@ import torch
 
 from engine_core.sampler import Sampler
 from engine_core.scheduler import Scheduler, Sequence
-from ipc.messages import Request, SamplingParams
+from ipc.messages import FinishReason, Request, SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 
 
 def test_scheduler_reserves_slots_and_queues_the_rest():
-    sched = Scheduler(max_batch=2, prefill_chunk=100)
+    sched = Scheduler(max_batch=2, prefill_chunk=100, max_context=64, eos_token_ids=set())
     for i in range(3):
         sched.add(Request(f"r{i}", [1, 2, 3], GREEDY))
     chunks = sched.schedule()
@@ -22,22 +22,22 @@ def test_scheduler_reserves_slots_and_queues_the_rest():
     assert sched.slots_used == 2 and len(sched.waiting) == 1
     sched.abort("r0")
     assert sched.slots_used == 1
-    for c in chunks:
-        c.seq.num_computed = 3
+    assert sched.update(chunks, [5, 5]) == []  # r0's chunk is skipped: it was aborted mid-step
+    assert sched.by_id["r1"].output_ids == [5] and sched.by_id["r1"].num_computed == 3
     chunks = sched.schedule()
     assert {c.seq.request_id for c in chunks} == {"r1", "r2"}  # r2 took the freed slot
     assert sched.abort("unknown") is None and sched.abort("r0") is None  # idempotent
 
 
 def test_scheduler_chunks_long_prompts_within_the_budget():
-    sched = Scheduler(max_batch=4, prefill_chunk=16)
+    sched = Scheduler(max_batch=4, prefill_chunk=16, max_context=64, eos_token_ids=set())
     sched.add(Request("long", list(range(40)), GREEDY))
     spans = []
     while True:
         chunks = sched.schedule()
         (chunk,) = chunks
         spans.append((chunk.start, chunk.length, chunk.sample))
-        chunk.seq.num_computed = chunk.start + chunk.length
+        sched.update(chunks, [7] if chunk.sample else [])
         if chunk.sample:
             break
     assert spans == [(0, 16, False), (16, 16, False), (32, 8, True)]
@@ -87,20 +87,16 @@ def test_chunked_prefill_and_batching_match_one_full_forward(model):
     with torch.inference_mode():
         expected = model(torch.tensor([prompt])).logits[0, -1]
     runner = ModelRunner(model, max_batch=3, max_context=64, device=torch.device("cpu"), kv_dtype=torch.float32)
-    sched = Scheduler(max_batch=3, prefill_chunk=16)
+    sched = Scheduler(max_batch=3, prefill_chunk=16, max_context=64, eos_token_ids=set())
     sched.add(Request("a", other, GREEDY))
     sched.add(Request("b", prompt, GREEDY))
     logits = {}
     while "b" not in logits:
         chunks = sched.schedule()
-        out = runner.forward(chunks)
-        row = 0
-        for chunk in chunks:
-            chunk.seq.num_computed = chunk.start + chunk.length
-            if chunk.sample:
-                logits.setdefault(chunk.seq.request_id, out[row])
-                chunk.seq.output_ids.append(int(out[row].argmax()))
-                row += 1
+        out = runner.forward(chunks).sample
+        for chunk, row in zip([c for c in chunks if c.sample], out):
+            logits.setdefault(chunk.seq.request_id, row)
+        sched.update(chunks, out.argmax(-1).tolist())
     torch.testing.assert_close(logits["b"], expected, atol=2e-4, rtol=1e-4)
 
 
@@ -118,18 +114,16 @@ def test_sliding_window_matches_transformers():
     reference = copy.deepcopy(model)  # the runner switches its model to kiln attention
     prompt = [int(t) for t in torch.randint(0, 128, (21,), generator=torch.Generator().manual_seed(5))]
     runner = ModelRunner(model, max_batch=1, max_context=64, device=torch.device("cpu"), kv_dtype=torch.float32)
-    sched = Scheduler(max_batch=1, prefill_chunk=16)
-    sched.add(Request("w", prompt, SamplingParams(max_new_tokens=4, temperature=0.0)))
+    sched = Scheduler(max_batch=1, prefill_chunk=16, max_context=64, eos_token_ids=set())
+    seq = sched.add(Request("w", prompt, SamplingParams(max_new_tokens=4, temperature=0.0)))
     produced = []
-    while len(produced) < 4:
+    while len(sched):
         chunks = sched.schedule()
-        out = runner.forward(chunks)
-        (chunk,) = chunks
-        chunk.seq.num_computed = chunk.start + chunk.length
-        if chunk.sample:
-            produced.append(out[0])
-            chunk.seq.output_ids.append(int(out[0].argmax()))
-    ids = torch.tensor([prompt + chunk.seq.output_ids[:-1]])
+        out = runner.forward(chunks).sample
+        produced += list(out)
+        sched.update(chunks, out.argmax(-1).tolist())
+    assert seq.finish_reason == FinishReason.LENGTH and len(seq.output_ids) == 4
+    ids = torch.tensor([prompt + seq.output_ids[:-1]])
     with torch.inference_mode():
         expected = reference(ids).logits[0, len(prompt) - 1:]
     torch.testing.assert_close(torch.stack(produced), expected, atol=1e-4, rtol=1e-4)
