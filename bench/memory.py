@@ -11,7 +11,7 @@ nested state2 (fp32 absmax per 256 absmax values + its 256-entry code) and the o
 
 The bytes are broken down by layer kind: embeddings (with a tied lm_head), decoder linear layers
 (the only ones bitsandbytes quantizes), norms, and the rest (rotary buffers, biases). Then the
-planner's own arithmetic (planning.planner.weight_bytes) gives the same ratios for fixture configs
+planner's own arithmetic (planning.memory.weight_bytes) gives the same ratios for fixture configs
 of 7-8B models, where the decoder linear layers are almost all of the parameters.
 
 This file loads weights itself, so it imports torch/transformers; it does not import engine internals.
@@ -143,9 +143,9 @@ def measure(path: str, dtype_name: str) -> None:
 
 def planner_table() -> None:
     from model.shape import load_model_shape
-    from planning.planner import weight_bytes
+    from planning.memory import weight_bytes
 
-    print("\nThe planner's arithmetic (planning.planner.weight_bytes, bf16 for what stays unquantized), GiB:")
+    print("\nThe planner's arithmetic (planning.memory.weight_bytes, bf16 for what stays unquantized), GiB:")
     print("| model | params | linear share | fp32 | bf16 | NF4 | NF4 + DQ | fp32 / NF4+DQ | bf16 / NF4+DQ |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in ("starcoder2-7b", "llama-3.1-8b"):

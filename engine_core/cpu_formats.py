@@ -25,7 +25,7 @@ import torch
 
 from model.shape import ModelShape
 from planning.plan import PlanOverrides
-from planning.planner import CPU_WEIGHT_FORMATS
+from planning.cpu_dtype import CPU_WEIGHT_FORMATS
 from hardware.profile import HardwareProfile, decoder_linear_shapes, write_cpu_format_ms
 
 log = logging.getLogger("kiln.engine")

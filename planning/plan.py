@@ -9,6 +9,10 @@ from __future__ import annotations
 import msgspec
 
 
+class PlanError(Exception):
+    """No plan fits: the message says how much memory is needed and how much there is."""
+
+
 class PlanOverrides(msgspec.Struct, omit_defaults=True, frozen=True):
     """What the user forced through flags or env vars; None means "let the planner decide"."""
 

@@ -13,7 +13,7 @@ from hardware import profile as hp
 from model.shape import shape_from_config
 from planning.overrides import overrides_from_flags
 from planning.plan import PlanOverrides
-from planning.planner import CPU_WEIGHT_FORMATS
+from planning.cpu_dtype import CPU_WEIGHT_FORMATS
 
 SMOL_LIKE = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
              "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,

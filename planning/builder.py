@@ -1,0 +1,94 @@
+"""The one place a ServingPlan is built: the policies (cpu, gpu, offload) decide, the builder records.
+
+A policy makes a `PlanBuilder` with what every plan shares (model, overrides, prefill chunk), fills
+in reasons as it decides, and ends with `build(...)`, which sizes the KV cache into batch × context,
+writes the compile / prefill / KV reasons and lists the forced fields, all the same way for every plan.
+"""
+from __future__ import annotations
+
+from model.shape import ModelShape
+from planning.batch import choose_batch_context, context_limits
+from planning.overrides import FIELDS, describe
+from planning.plan import PlanOverrides, ServingPlan
+from hardware.profile import format_bytes as fb
+
+COMPILE_DEFAULT = ("eager by default: torch.compile costs a long warmup and needs Triton; "
+                   "enable with --compile or ENABLE_COMPILE=1")
+
+
+class PlanBuilder:
+    def __init__(self, shape: ModelShape, overrides: PlanOverrides, chunk: int, chunk_why: str,
+                 ignored: frozenset[str] = frozenset()) -> None:
+        self.shape, self.overrides = shape, overrides
+        self.chunk, self.chunk_why = chunk, chunk_why
+        self.ignored = ignored  # forced fields that have no effect on this kind of plan (not listed as forced)
+        self.reasons: dict[str, str] = {}
+
+    def forced(self, field: str, value: str) -> str:
+        """'<value>, forced by --flag x' for a reason."""
+        return f"{value}, {describe(self.overrides, field)}"
+
+    @property
+    def activation_context(self) -> int:
+        """The context the activation peak is sized for: the forced one, else the largest the plan may choose."""
+        return self.overrides.max_context or context_limits(self.shape)[1]
+
+    def choose_dtype(self, default: str, why: str) -> str:
+        """The forced dtype, else `default`; records the reason."""
+        if self.overrides.dtype is not None:
+            self.reasons["dtype"] = self.forced("dtype", self.overrides.dtype)
+            return self.overrides.dtype
+        self.reasons["dtype"] = f"{default}: {why}"
+        return default
+
+    def explain_quantization(self, quantized: bool, why: str) -> None:
+        """The quantization reason: the forced value, else `why`."""
+        if self.overrides.quantization is not None:
+            self.reasons["quantization"] = self.forced("quantization", "NF4" if quantized else "none")
+        else:
+            self.reasons["quantization"] = why
+
+    def _size_kv_cache(self, kv_room: int, kv_per_token: int) -> tuple[int, int, int]:
+        """(batch, context, KV tokens) for what is left after weights and reserve."""
+        tokens = max(0, kv_room) // kv_per_token
+        batch, ctx, why_b, why_c = choose_batch_context(tokens, self.shape, self.overrides)
+        kv_tokens = batch * ctx
+        self.reasons["max_batch"] = f"{batch}: {why_b}"
+        self.reasons["max_context"] = f"{ctx}: {why_c}"
+        self.reasons["kv_cache_tokens"] = (
+            f"{batch} × {ctx} = {kv_tokens} tokens × {kv_per_token} B/token = {fb(kv_tokens * kv_per_token)}, "
+            f"out of {fb(kv_room)} left after weights and reserve"
+        )
+        return batch, ctx, kv_tokens
+
+    def _explain_compile(self) -> bool:
+        compile_ = self.overrides.compile
+        if compile_ is not None:
+            self.reasons["compile"] = self.forced("compile", "torch.compile on" if compile_ else "eager")
+        else:
+            self.reasons["compile"] = COMPILE_DEFAULT
+        self.reasons["prefill_chunk"] = f"{self.chunk} prompt tokens per step: {self.chunk_why}"
+        return bool(compile_)
+
+    def overridden(self) -> list[str]:
+        """Every field a flag or env var forced, in PlanOverrides order, less those this plan ignores."""
+        return [f for f in FIELDS if getattr(self.overrides, f) is not None and f not in self.ignored]
+
+    def build(self, *, device: str, dtype: str, quantized: bool, weights_bytes: int, kv_room: int,
+              kv_per_token: int, reserve_bytes: int, budget_bytes: int, max_memory=None, **fields) -> ServingPlan:
+        """Size the KV cache from `kv_room`, then the ServingPlan. `max_memory` may be a function of the KV
+        cache bytes (a whole-GPU plan gives accelerate what the KV cache leaves); `fields` are the rest
+        (offload, device_map, offload_bytes, cuda_graphs, kv_dtype, cpu_format_ms)."""
+        batch, ctx, kv_tokens = self._size_kv_cache(kv_room, kv_per_token)
+        compile_ = self._explain_compile()
+        kv_cache_bytes = kv_tokens * kv_per_token
+        if callable(max_memory):
+            max_memory = max_memory(kv_cache_bytes)
+        return ServingPlan(
+            device=device, dtype=dtype, quantization="nf4" if quantized else None, double_quant=quantized,
+            max_batch=batch, max_context=ctx, kv_cache_tokens=kv_tokens, weights_bytes=weights_bytes,
+            compile=compile_, prefill_chunk=self.chunk, reasons=self.reasons, overridden=self.overridden(),
+            max_memory=max_memory, kv_bytes_per_token=kv_per_token, kv_cache_bytes=kv_cache_bytes,
+            reserve_bytes=reserve_bytes, budget_bytes=budget_bytes, total_params=self.shape.total_params,
+            model=self.shape.name, **{"offload": False, "device_map": None, **fields},
+        )

@@ -1,0 +1,129 @@
+"""Pure byte arithmetic for a plan: weights, KV cache, activation peak, reserves. No decisions here.
+
+All sizes in bytes (GiB = 2^30), from parameter counts and the machine profile only:
+- Weights = parameters × dtype bytes; NF4 weights = b × (embeddings + untied lm_head + norms/biases)
+  + 0.516 × decoder linear params (bitsandbytes quantizes only the decoder's nn.Linear weights).
+- KV bytes per token = 2 × layers × kv_heads × head_dim × (2, or 4 for float32).
+- Activation peak of one prefill chunk of C tokens, in compute dtype bytes b:
+  C × (2h + (heads + 2·kv_heads)·head_dim + heads·head_dim + m·intermediate) × b   (residual + norm,
+  qkv, attention output, MLP with m = 3 gated / 2 plain), plus one layer's attention scores
+  heads × C × context × 4 (the SDPA math fallback materializes them in fp32), plus fp32 logits
+  for the last position of a full decode batch (16 × vocab × 4), plus, under NF4, one linear
+  weight dequantized to 16-bit (hidden × intermediate × 2). Layers run one at a time, so the peak
+  of one layer is the peak of the model.
+- GPU budget = total × 0.90 (or × --gpu-memory-fraction), capped by the free memory NVML reports.
+  Out of it come a reserve of 1 GiB (CUDA context, cuBLAS workspaces, fragmentation) plus the
+  activation peak, then the weights; what is left is the KV cache. Together with the 10% this is
+  HARDWARE-NOTES' "10% of total + 1 GiB", plus activations stated separately.
+- CPU budget = available RAM (cgroup-capped). Reserve max(2 GiB, 20%) for the OS, the frontend
+  process and the tokenizer, plus the activation peak.
+"""
+from __future__ import annotations
+
+import math
+
+from hardware.profile import GiB, GpuInfo
+from model.shape import TWO_MATRIX_MLP, ModelShape
+from planning.batch import MAX_BATCH, PREFERRED_BATCH, context_limits
+from planning.dtypes import dtype_bytes
+
+GPU_FRACTION = 0.90
+GPU_OVERHEAD = 1 * GiB
+CPU_RESERVE_FRACTION, CPU_RESERVE_MIN = 0.20, 2 * GiB
+NF4_BYTES_PER_PARAM = 0.516  # 4-bit codes + double-quantized absmax per 64 weights
+
+
+def weight_bytes(shape: ModelShape, dtype: str, quantized: bool) -> int:
+    """Resident weight bytes for the whole model in `dtype`, or NF4 with `dtype` for the rest."""
+    b = dtype_bytes(dtype)
+    if not quantized:
+        return shape.total_params * b
+    kept = shape.embedding_params + shape.lm_head_params + shape.other_params
+    return kept * b + math.ceil(NF4_BYTES_PER_PARAM * shape.decoder_linear_params)
+
+
+def kv_bytes_per_token(shape: ModelShape, dtype: str) -> int:
+    """K and V for every layer; NF4 computes (and caches) in 16-bit, so 2 bytes unless float32."""
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes(dtype)
+
+
+def activation_peak_bytes(shape: ModelShape, chunk: int, context: int, dtype: str, quantized: bool) -> int:
+    """Peak transient memory of one prefill chunk (see the module docstring for each term)."""
+    b = dtype_bytes(dtype)
+    h, hd = shape.hidden_size, shape.head_dim
+    mlp_mats = 2 if shape.architecture in TWO_MATRIX_MLP else 3
+    per_token = 2 * h + (shape.num_attention_heads + 2 * shape.num_kv_heads) * hd
+    per_token += shape.num_attention_heads * hd + mlp_mats * shape.intermediate_size
+    scores = shape.num_attention_heads * chunk * context * 4
+    logits = MAX_BATCH * shape.vocab_size * 4
+    dequant = h * shape.intermediate_size * 2 if quantized else 0
+    return chunk * per_token * b + scores + logits + dequant
+
+
+def layer_split(shape: ModelShape) -> tuple[int, int]:
+    """(linear, other) params of one decoder layer."""
+    linear = shape.decoder_linear_params // shape.num_layers
+    return linear, max(0, shape.layer_params - linear)
+
+
+def layer_bytes(shape: ModelShape, dtype: str, quantized: bool) -> int:
+    """One decoder layer's weights as loaded on the compute device (NF4 quantizes its linears)."""
+    linear, other = layer_split(shape)
+    if quantized:
+        return other * dtype_bytes(dtype) + math.ceil(NF4_BYTES_PER_PARAM * linear)
+    return shape.layer_params * dtype_bytes(dtype)
+
+
+def head_params(shape: ModelShape, embed: bool, lm_head: bool) -> int:
+    """Parameters of the embedding table and/or the untied lm_head (0 when tied)."""
+    return (shape.embedding_params if embed else 0) + (shape.lm_head_params if lm_head else 0)
+
+
+def outside_layers_bytes(shape: ModelShape, dtype: str, moved_params: int = 0) -> int:
+    """Weights outside the decoder layers (embeddings, lm_head, final norm) at `dtype`, less `moved_params`
+    placed on another device."""
+    layers_other = shape.num_layers * layer_split(shape)[1]
+    heads = head_params(shape, True, True)
+    return (heads - moved_params + max(0, shape.other_params - layers_other)) * dtype_bytes(dtype)
+
+
+def gpu_budget(gpu: GpuInfo, fraction: float) -> int:
+    """Device memory a GPU plan may use: total × fraction, capped by what is free."""
+    return min(int(gpu.total_bytes * fraction), gpu.free_bytes)
+
+
+def gpu_reserve(shape: ModelShape, chunk: int, context: int, dtype: str, quantized: bool) -> int:
+    """Kept free on the GPU: CUDA context and workspaces + the activation peak."""
+    return GPU_OVERHEAD + activation_peak_bytes(shape, chunk, context, dtype, quantized)
+
+
+def ram_reserve(available: int) -> int:
+    """RAM kept for the OS, the frontend process and the tokenizer: max(2 GiB, 20% of available)."""
+    return max(CPU_RESERVE_MIN, int(CPU_RESERVE_FRACTION * available))
+
+
+class Candidate:
+    """One way to hold the weights on one device: dtype + quantization, and what it costs."""
+
+    def __init__(self, shape: ModelShape, dtype: str, quantized: bool, budget: int, reserve: int,
+                 kv_dtype: str | None = None) -> None:
+        self.dtype, self.quantized, self.reserve = dtype, quantized, reserve
+        self.weights = weight_bytes(shape, dtype, quantized)
+        self.kv_per_token = kv_bytes_per_token(shape, kv_dtype or dtype)
+        self.kv_room = budget - reserve - self.weights
+        lo, _ = context_limits(shape)
+        self.fits = self.kv_room >= self.kv_per_token * lo
+        self.headroom = self.kv_room >= self.kv_per_token * lo * PREFERRED_BATCH
+        self.needed_min = self.weights + reserve + self.kv_per_token * lo
+
+    @property
+    def label(self) -> str:
+        return f"NF4 (+{self.dtype})" if self.quantized else self.dtype
+
+
+def pick(cands: list[Candidate]) -> Candidate | None:
+    """First candidate with room for 4 minimum-context sequences, else the most compact that fits at all."""
+    for c in cands:
+        if c.headroom:
+            return c
+    return cands[-1] if cands and cands[-1].fits else None
