@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -69,7 +70,8 @@ def run_engine(*, input_address: str, output_address: str, model_path: str, mode
         io.close()
         log.error("cannot plan: %s", exc)
         return 2
-    io.start(EngineHello(engine_id=engine_id, pid=os.getpid(), device=plan.device, model=model_name, plan=plan))
+    io.start(EngineHello(engine_id=engine_id, pid=os.getpid(), device=plan.device, model=model_name, plan=plan,
+                         node=os.environ.get("KILN_NODE") or socket.gethostname()))
     if io.wait_welcome(HANDSHAKE_TIMEOUT_S) is None:
         log.error("no answer from a frontend at %s within %.0f s: is it running there, and is the secret the "
                   "same on both sides?", input_address, HANDSHAKE_TIMEOUT_S)

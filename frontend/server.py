@@ -64,6 +64,8 @@ class ServeConfig:
     devices: list[int | None] = field(default_factory=lambda: [None])  # one engine each; None = CPU
     overrides: PlanOverrides = field(default_factory=PlanOverrides)
     engine_port: int | None = None  # also accept engines over tcp on this port and the next, on `host`
+    engine_host: str | None = None  # where the tcp engine sockets listen, when not `host` (--ray: this node's IP)
+    ray: object | None = None  # frontend.ray_engines.RayOptions: engines are Ray actors (serve --ray)
     secret: str | None = None
     api_key: str | None = None  # clients must send `Authorization: Bearer <key>`
     max_restarts: int = 5  # restarts of one engine in a row before the frontend gives up (exits non-zero)
@@ -92,12 +94,18 @@ class Server:
             model=source.name, model_path=source.path, pid=os.getpid(), url=f"http://{config.host}:{config.port}")
         inputs, outputs = [self.info.input], [self.info.output]
         if config.engine_port is not None:
-            self.info.tcp_input = f"tcp://{config.host}:{config.engine_port}"
-            self.info.tcp_output = f"tcp://{config.host}:{config.engine_port + 1}"
+            engine_host = config.engine_host or config.host
+            self.info.tcp_input = f"tcp://{engine_host}:{config.engine_port}"
+            self.info.tcp_output = f"tcp://{engine_host}:{config.engine_port + 1}"
             inputs.append(self.info.tcp_input)
             outputs.append(self.info.tcp_output)
         self.client = EngineClient(inputs, outputs, source.name, config.secret)
-        self.supervisor = EngineSupervisor(self.client, self.launch_engine, config.max_restarts)
+        if config.ray is not None:  # engines as Ray actors; its watch() places them
+            from frontend.ray_engines import RaySupervisor
+
+            self.supervisor = RaySupervisor(self.client, config, config.overrides)
+        else:
+            self.supervisor = EngineSupervisor(self.client, self.launch_engine, config.max_restarts)
         self.client.on_engine_lost = self.supervisor.on_engine_lost
 
     def launch_engine(self, engine_id: str, gpu: int | None) -> subprocess.Popen:
@@ -216,14 +224,21 @@ class Server:
 
 def serve(config: ServeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s frontend %(levelname)s %(message)s")
+    if config.ray is not None:
+        from frontend.ray_engines import connect
+
+        if problem := connect(config):  # joins (or starts) the cluster; chooses the engine socket
+            print(f"kiln: {problem}", file=sys.stderr)
+            return 2
     if config.engine_port is not None and not config.secret:
         print("kiln: --engine-port accepts engines from other machines; it needs --secret (or KILN_SECRET) "
               "so that strangers cannot attach or inject requests", file=sys.stderr)
         return 2
-    for port, what in [(config.port, "--port")] + ([(config.engine_port, "--engine-port"),
-                                                     (config.engine_port + 1, "--engine-port")]
-                                                    if config.engine_port is not None else []):
-        if problem := port_problem(config.host, port, what):
+    engine_host = config.engine_host or config.host
+    for host, port, what in [(config.host, config.port, "--port")] + (
+            [(engine_host, config.engine_port, "--engine-port"), (engine_host, config.engine_port + 1, "--engine-port")]
+            if config.engine_port is not None else []):
+        if problem := port_problem(host, port, what):
             print(f"kiln: {problem}", file=sys.stderr)
             return 2
     try:

@@ -73,6 +73,7 @@ class EngineHandle:
             "id": self.engine_id,
             "pid": self.hello.pid,
             "device": self.hello.device,
+            "node": self.hello.node,
             "ready": self.ready,
             "running": self.stats.running,
             "waiting": self.stats.waiting,

@@ -87,6 +87,7 @@ class EngineHello(msgspec.Struct, tag="hello", array_like=True, kw_only=True):
     device: str
     model: str
     plan: ServingPlan
+    node: str = ""  # the machine it runs on (env KILN_NODE, else the hostname); older engines send none
 
 
 class EngineReady(msgspec.Struct, tag="ready", array_like=True, kw_only=True):
