@@ -64,6 +64,25 @@ def test_seeded_sampling_is_independent_of_the_batch():
     assert alone[0] == batched[2]
 
 
+def test_penalties_follow_openai_and_hf_rules():
+    """presence/frequency: subtract per generated occurrence; repetition: divide positive logits, multiply
+    negative ones, for prompt and output tokens; logit_bias adds; min_tokens masks end of sequence."""
+    logits = torch.tensor([[4.0, 3.0, -1.0, 0.5, 2.0]])
+    def seq(**params):
+        s = Sequence("r", [2], SamplingParams(max_new_tokens=9, temperature=0.0, **params))
+        s.output_ids = [0, 0, 1]
+        return s
+    process = Sampler(torch.device("cpu"))._process
+    out = process(logits, [seq(presence_penalty=0.5, frequency_penalty=1.0)], set())
+    assert out.tolist() == [[4.0 - 0.5 - 2.0, 3.0 - 0.5 - 1.0, -1.0, 0.5, 2.0]]
+    out = process(logits, [seq(repetition_penalty=2.0)], set())
+    assert out.tolist() == [[2.0, 1.5, -2.0, 0.5, 2.0]]
+    out = process(logits, [seq(logit_bias={3: 10.0}, min_tokens=4)], {4})
+    assert out.tolist() == [[4.0, 3.0, -1.0, 10.5, float("-inf")]]
+    assert process(logits, [seq(min_tokens=3)], {4}) is logits  # 3 tokens out already: nothing to do
+    assert logits.tolist() == [[4.0, 3.0, -1.0, 0.5, 2.0]]  # processing never touches the raw logits
+
+
 def test_top_p_and_top_k_keep_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     params = [SamplingParams(1, top_p=0.7), SamplingParams(1, top_k=3), SamplingParams(1, top_p=0.85, top_k=1)]
