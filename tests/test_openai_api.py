@@ -17,9 +17,9 @@ async def _post(url: str, path: str, body) -> tuple[int, dict]:
         return await post_json(session, url + path, body)
 
 
-async def _stream(url: str, path: str, body: dict) -> list:
+async def _stream(url: str, path: str, body: dict, max_events: int | None = None) -> list:
     async with aiohttp.ClientSession() as session:
-        return await stream_events(session, url + path, body)
+        return await stream_events(session, url + path, body, max_events)
 
 
 def test_completions_match_generate(server):
@@ -92,12 +92,224 @@ HARMLESS = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier"
 @pytest.mark.parametrize("path, extra", [
     ("/v1/completions", {**HARMLESS, "logprobs": None, "echo": False, "best_of": 1, "suffix": None}),
     ("/v1/chat/completions", {**HARMLESS, "logprobs": False, "top_logprobs": 0, "tool_choice": "none",
-                              "parallel_tool_calls": True, "response_format": {"type": "text"}}),
+                              "tools": [], "parallel_tool_calls": True, "response_format": {"type": "text"},
+                              "modalities": ["text"], "presence_penalty": None, "temperature": None}),
 ])
 def test_optional_harmless_fields_are_accepted(server, path, extra):
     prompt = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}
     status, body = run(_post(server.url, path, {**prompt, "max_tokens": 2, **extra}))
     assert status == 200, body
+
+
+def _texts(body: dict) -> list[str]:
+    return [c["text"] for c in sorted(body["choices"], key=lambda c: c["index"])]
+
+
+def test_list_prompts_and_n_give_one_choice_each(server, default_model_path):
+    """A list of prompts answers one choice per prompt (index = prompt_index * n + i), each the same as the
+    prompt sent alone; token-id prompts and lists of them too; usage sums (prompts counted once each)."""
+    from tokenizers import Tokenizer
+
+    prompts = [PROMPT, "The capital of France is", "1, 2, 3,"]
+    request = {"max_tokens": 6, "temperature": 0}
+    singles = [run(_post(server.url, "/v1/completions", {**request, "prompt": p}))[1] for p in prompts]
+    status, body = run(_post(server.url, "/v1/completions", {**request, "prompt": prompts, "n": 2}))
+    assert status == 200, body
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    assert _texts(body) == [s["choices"][0]["text"] for s in singles for _ in range(2)]
+    assert body["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in singles)
+    assert body["usage"]["completion_tokens"] == sum(2 * s["usage"]["completion_tokens"] for s in singles)
+
+    tokenizer = Tokenizer.from_file(f"{default_model_path}/tokenizer.json")
+    ids = [tokenizer.encode(p).ids for p in prompts]
+    status, by_ids = run(_post(server.url, "/v1/completions", {**request, "prompt": ids}))
+    assert status == 200, by_ids
+    assert _texts(by_ids) == [s["choices"][0]["text"] for s in singles]
+
+    chat = {"messages": CHAT, "max_tokens": 6, "temperature": 0}
+    _, alone = run(_post(server.url, "/v1/chat/completions", chat))
+    status, body = run(_post(server.url, "/v1/chat/completions", {**chat, "n": 3}))
+    assert status == 200, body
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert {c["message"]["content"] for c in body["choices"]} == {alone["choices"][0]["message"]["content"]}
+    assert body["usage"]["prompt_tokens"] == alone["usage"]["prompt_tokens"]
+
+
+def test_seeded_choices_differ_and_repeat(server):
+    """With `seed`, choice i is seeded seed + i: the choices differ from each other, and the request repeats."""
+    request = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0, "seed": 7, "n": 4,
+               "ignore_eos": True}
+    first = run(_post(server.url, "/v1/completions", request))[1]
+    second = run(_post(server.url, "/v1/completions", request))[1]
+    assert _texts(first) == _texts(second)
+    assert len(set(_texts(first))) > 1
+
+
+def test_streamed_choices_interleave_by_index(server):
+    prompts = ["def add(a, b):", "Roses are red,"]
+    request = {"prompt": prompts, "n": 2, "max_tokens": 8, "temperature": 0}
+    _, whole = run(_post(server.url, "/v1/completions", request))
+    events = run(_stream(server.url, "/v1/completions", {**request, "stream": True,
+                                                          "stream_options": {"include_usage": True}}))
+    assert events[-1] == "[DONE]"
+    *chunks, usage = events[:-1]
+    assert all(len(c["choices"]) == 1 for c in chunks)
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert [texts[i] for i in range(4)] == _texts(whole)
+    finals = [c["choices"][0] for c in chunks if c["choices"][0]["finish_reason"] is not None]
+    assert sorted(c["index"] for c in finals) == [0, 1, 2, 3]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+
+    events = run(_stream(server.url, "/v1/chat/completions", {"messages": CHAT, "n": 2, "max_tokens": 6,
+                                                               "temperature": 0, "stream": True}))
+    chunks = events[:-1]
+    assert [c["choices"][0]["delta"].get("role") for c in chunks[:2]] == ["assistant", "assistant"]
+    assert {c["choices"][0]["index"] for c in chunks} == {0, 1}
+
+
+def test_completion_logprobs(server):
+    request = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 3}
+    status, body = run(_post(server.url, "/v1/completions", request))
+    assert status == 200, body
+    (choice,) = body["choices"]
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == body["usage"]["completion_tokens"] == 8
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+        assert logprob <= 0 and len(top) in (3, 4) and top[token] == logprob
+        assert logprob == pytest.approx(max(top.values()))  # greedy: the sampled token is the most likely
+    assert logprobs["text_offset"][0] == len(PROMPT)  # offsets count from the start of the prompt
+    assert [b - a for a, b in zip(logprobs["text_offset"], logprobs["text_offset"][1:])] == \
+        [len(t) for t in logprobs["tokens"][:-1]]
+
+    # echo: the prompt's tokens first, the first with no logprob; the completion as before
+    status, echoed = run(_post(server.url, "/v1/completions", {**request, "echo": True}))
+    assert status == 200, echoed
+    (echo_choice,) = echoed["choices"]
+    assert echo_choice["text"] == PROMPT + choice["text"]
+    echo_logprobs = echo_choice["logprobs"]
+    n_prompt = body["usage"]["prompt_tokens"]
+    assert len(echo_logprobs["tokens"]) == n_prompt + 8
+    assert "".join(echo_logprobs["tokens"][:n_prompt]) == PROMPT
+    assert echo_logprobs["token_logprobs"][0] is None and echo_logprobs["top_logprobs"][0] is None
+    assert all(lp <= 0 for lp in echo_logprobs["token_logprobs"][1:])
+    assert echo_logprobs["tokens"][n_prompt:] == logprobs["tokens"]
+    assert echo_logprobs["token_logprobs"][n_prompt:] == pytest.approx(logprobs["token_logprobs"], abs=1e-4)
+    assert echo_logprobs["text_offset"][0] == 0 and echo_logprobs["text_offset"][n_prompt:] == logprobs["text_offset"]
+
+    # lm-eval-harness's loglikelihood request: score the prompt, generate nothing
+    status, scored = run(_post(server.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True,
+                                                                "logprobs": 1, "temperature": 0}))
+    assert status == 200, scored
+    (scored_choice,) = scored["choices"]
+    assert scored_choice["text"] == PROMPT and scored["usage"]["completion_tokens"] == 0
+    assert scored_choice["logprobs"]["token_logprobs"] == pytest.approx(
+        echo_logprobs["token_logprobs"][:n_prompt], abs=1e-4)
+    events = run(_stream(server.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True,
+                                                          "logprobs": 1, "stream": True}))
+    (chunk,) = events[:-1]
+    assert chunk["choices"][0]["text"] == PROMPT and chunk["choices"][0]["finish_reason"] == "length"
+    assert len(chunk["choices"][0]["logprobs"]["tokens"]) == n_prompt
+
+    # streamed: each chunk carries its own tokens' logprobs
+    events = run(_stream(server.url, "/v1/completions", {**request, "stream": True}))
+    streamed = [c["choices"][0]["logprobs"] for c in events[:-1]]
+    assert [t for lp in streamed for t in lp["tokens"]] == logprobs["tokens"]
+    assert [o for lp in streamed for o in lp["text_offset"]] == logprobs["text_offset"]
+
+
+def test_chat_logprobs(server):
+    request = {"messages": CHAT, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    status, body = run(_post(server.url, "/v1/chat/completions", request))
+    assert status == 200, body
+    (choice,) = body["choices"]
+    content = choice["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"]
+    assert "".join(entry["token"] for entry in content).startswith(choice["message"]["content"])
+    for entry in content:
+        assert entry["logprob"] <= 0 and bytes(entry["bytes"]).decode("utf-8", "replace") == entry["token"]
+        assert len(entry["top_logprobs"]) == 2 and entry["top_logprobs"][0]["token"] == entry["token"]
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])
+    status, plain = run(_post(server.url, "/v1/chat/completions", {**request, "logprobs": False, "top_logprobs": 0}))
+    assert plain["choices"][0]["logprobs"] is None
+    status, bare = run(_post(server.url, "/v1/chat/completions", {**request, "top_logprobs": None}))
+    assert all(entry["top_logprobs"] == [] for entry in bare["choices"][0]["logprobs"]["content"])
+
+    events = run(_stream(server.url, "/v1/chat/completions", {**request, "stream": True}))
+    streamed = [entry for c in events[1:-1] if c["choices"][0]["logprobs"]
+                for entry in c["choices"][0]["logprobs"]["content"]]
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in content], abs=1e-4)
+
+
+REPETITIVE = "The cat. The cat. The cat. The cat."
+
+
+def _greedy(server, **extra) -> dict:
+    status, body = run(_post(server.url, "/v1/completions", {"prompt": REPETITIVE, "max_tokens": 12,
+                                                              "temperature": 0, "logprobs": 0, **extra}))
+    assert status == 200, body
+    return body["choices"][0]
+
+
+def test_penalties_and_logit_bias_steer_greedy_output(server, default_model_path):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(f"{default_model_path}/tokenizer.json")
+    plain = _greedy(server)
+    assert plain["text"].count("cat") >= 3  # the model repeats itself without a penalty
+    for name, value in (("frequency_penalty", 2.0), ("presence_penalty", 2.0), ("repetition_penalty", 2.0)):
+        steered = _greedy(server, **{name: value})
+        assert steered["text"].count("cat") < plain["text"].count("cat"), (name, steered["text"])
+        if name != "repetition_penalty":  # OpenAI's penalties count generated tokens only: the first is free
+            assert steered["logprobs"]["tokens"][0] == plain["logprobs"]["tokens"][0]
+            # and logprobs are of the raw logits, before penalties
+            assert steered["logprobs"]["token_logprobs"][0] == pytest.approx(
+                plain["logprobs"]["token_logprobs"][0], abs=1e-4)
+    forced = tokenizer.token_to_id(" banana") or tokenizer.encode(" banana").ids[0]
+    biased = _greedy(server, logit_bias={str(forced): 100})
+    assert biased["logprobs"]["tokens"] == [tokenizer.decode([forced])] * 12
+    first = tokenizer.encode(plain["logprobs"]["tokens"][0]).ids[0]
+    banned = _greedy(server, logit_bias={str(first): -100})
+    assert banned["logprobs"]["tokens"][0] != plain["logprobs"]["tokens"][0]
+
+
+def test_min_tokens_holds_off_end_of_sequence(server, default_model_path):
+    """With end of sequence pushed to the top, a request ends at once; min_tokens keeps it going."""
+    import json
+
+    eos = json.load(open(f"{default_model_path}/config.json"))["eos_token_id"]
+    request = {"prompt": "Hello", "max_tokens": 10, "temperature": 0, "logit_bias": {str(eos): 100}}
+    _, ended = run(_post(server.url, "/v1/completions", request))
+    assert ended["choices"][0]["finish_reason"] == "stop" and ended["usage"]["completion_tokens"] <= 1
+    for path, body in (("/v1/completions", request),
+                       ("/v1/chat/completions", {**request, "prompt": None, "messages": CHAT})):
+        body = {k: v for k, v in body.items() if v is not None}
+        status, held = run(_post(server.url, path, {**body, "min_tokens": 4}))
+        assert status == 200, held
+        assert held["usage"]["completion_tokens"] >= 4, held
+
+
+def test_every_choice_is_freed(server):
+    """n choices hold n slots; finished, failed or abandoned, all of them are released."""
+    request = {"prompt": "Tell me a very long story.", "max_tokens": 300, "ignore_eos": True, "n": 3,
+               "stream": True}
+    events = run(_stream(server.url, "/v1/completions", request, max_events=4))  # then the client goes away
+    assert len(events) == 4
+    # the first prompts' choices are submitted before the last prompt is refused: they are aborted too
+    status, body = run(_post(server.url, "/v1/completions", {"prompt": ["a", "b", "word " * 5000], "n": 2,
+                                                              "max_tokens": 300, "ignore_eos": True}))
+    assert status == 400 and body["error"]["param"] == "prompt[2]", body
+
+    def idle():
+        engine = server.info()["engines"][0]
+        return engine["running"] == 0 and engine["kv_slots_used"] == 0 and server.info()["requests_in_flight"] == 0
+
+    from tests.polling import wait_for
+    wait_for(idle, 30, "every choice's slot to be freed")
 
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
@@ -109,22 +321,19 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
     ("/v1/chat/completions", {"functions": [TOOL["function"]]}, "functions"),
     ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
-    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
-    ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("/v1/chat/completions", {"frequency_penalty": -1}, "frequency_penalty"),
-    ("/v1/chat/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
-    ("/v1/chat/completions", {"n": 2}, "n"),
+    ("/v1/chat/completions", {"tools": [TOOL], "tool_choice": "auto"}, "tools"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+    ("/v1/chat/completions", {"audio": {"voice": "alloy"}}, "audio"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ("/v1/chat/completions", {"frobnicate": 1}, "frobnicate"),
+    ("/v1/chat/completions", {"echo": True}, "echo"),
     ("/v1/chat/completions", {"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
-    ("/v1/completions", {"logprobs": 1}, "logprobs"),
-    ("/v1/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"best_of": 2}, "best_of"),
     ("/v1/completions", {"suffix": "end"}, "suffix"),
-    ("/v1/completions", {"n": 3}, "n"),
-    ("/v1/completions", {"presence_penalty": 1}, "presence_penalty"),
-    ("/v1/completions", {"logit_bias": {"1": 5}}, "logit_bias"),
     ("/v1/completions", {"tools": [TOOL]}, "tools"),
+    ("/v1/completions", {"response_format": {"type": "text"}}, "response_format"),
 ])
 def test_unsupported_fields_are_refused_by_name(server, path, extra, param):
     prompt = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}
@@ -164,13 +373,29 @@ def test_chat_completions_use_the_chat_template(server):
      400, "messages[0].tool_calls"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "audio": {}}]}, 400,
      "messages[0].audio"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, "a"]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": [[1, 2]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], "a"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, 400, "prompt[1]"),
+    ("/v1/completions", {"prompt": [[1, 2], [10**9]]}, 400, "prompt[1]"),
     ("/v1/completions", {"prompt": [-1]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt[1]"),
+    ("/v1/completions", {"prompt": ["a"] * 65}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 5, "n": 16}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {str(10**9): 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21, "logprobs": True},
+     400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
