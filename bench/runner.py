@@ -35,9 +35,9 @@ from bench.report import ratio_line, table, write_json, write_plot
 from bench.server_proc import ServerFailed, free_port, naive_command, ours_command, running_server
 from bench.stats import figures
 from bench.workload import DEFAULT_SET, load_prompts
+from planning.dtypes import DTYPE_ALIASES as _DTYPE_ALIASES
 
 BASELINES = ("naive", "llama.cpp")
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
 def fetch_info(url: str) -> dict | None:

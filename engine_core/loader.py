@@ -5,13 +5,10 @@ import logging
 
 import torch
 
+from planning.dtypes import torch_dtype
 from planning.plan import ServingPlan, accelerate_max_memory
 
 log = logging.getLogger("kiln.engine")
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def load_model(path: str, plan: ServingPlan) -> torch.nn.Module:

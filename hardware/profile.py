@@ -302,6 +302,20 @@ def detect_gpus() -> tuple[list[GpuInfo], str]:
         return [], f"none ({why}; torch.cuda failed: {e})"
 
 
+def visible_gpu_indices() -> list[int]:
+    """Indices of the GPUs this process can use (CUDA order)."""
+    return [gpu.index for gpu in detect_gpus()[0]]
+
+
+def missing_gpus(chosen: Sequence[int]) -> str | None:
+    """None when every index in `chosen` is a visible GPU, else 'no GPU [2] on this machine (visible: [0, 1])'."""
+    visible = visible_gpu_indices()
+    missing = sorted(set(chosen) - set(visible))
+    if not missing:
+        return None
+    return f"no GPU {missing[0] if len(missing) == 1 else missing} on this machine (visible: {visible or 'none'})"
+
+
 def detect_hardware(shape: ModelShape | None = None) -> HardwareProfile:
     """The machine we are on; with `shape`, also its cached CPU format timings for that model."""
     total, available = detect_ram()

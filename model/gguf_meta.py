@@ -27,7 +27,6 @@ class GGUFError(ValueError):
 class GGUFTensor(msgspec.Struct, frozen=True):
     name: str
     shape: tuple[int, ...]  # GGUF order: fastest-varying dimension first
-    ggml_type: int
 
     @property
     def numel(self) -> int:
@@ -110,8 +109,7 @@ def read_gguf_metadata(path: str | Path) -> GGUFMetadata:
             name = cur.string()
             ndim = cur.unpack("I")
             shape = tuple(cur.unpack("Q") for _ in range(ndim))
-            ggml_type = cur.unpack("I")
-            cur.unpack("Q")  # data offset
-            tensors.append(GGUFTensor(name=name, shape=shape, ggml_type=ggml_type))
+            cur.pos += 4 + 8  # ggml type (uint32) and data offset (uint64): the planner needs neither
+            tensors.append(GGUFTensor(name=name, shape=shape))
     fields = {k: v for k, v in fields.items() if v is not None}
     return GGUFMetadata(version=version, fields=fields, array_lengths=lengths, tensors=tensors)

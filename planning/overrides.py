@@ -7,18 +7,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from planning.dtypes import normalize_dtype
 from planning.plan import PlanOverrides
 
 _QUANT = {
     "nf4": "nf4", "4bit": "nf4", "4-bit": "nf4", "bnb-4bit": "nf4", "bnb4": "nf4", "int4": "nf4",
     "none": "none", "no": "none", "off": "none", "16bit": "none", "false": "none", "0": "none",
 }
-_DTYPE = {
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "float32": "float32", "fp32": "float32", "float": "float32",
-}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+QUANTIZATIONS = ("nf4", "4bit", "none")  # what --quantization offers (QUANTIZATION accepts every alias above)
+# Bounds of the numeric overrides, (min, max or None), inclusive: the click options in cli.py and the
+# checks here both read them. max_batch may exceed the planner's own cap (16) when forced.
+BOUNDS: dict[str, tuple[int | float, int | float | None]] = {
+    "max_batch": (1, 256),
+    "max_context": (16, None),
+    "gpu_memory_fraction": (0.05, 1.0),
+    "gpu_layers": (0, None),
+}
 FIELDS = ("dtype", "quantization", "max_batch", "max_context", "gpu_memory_fraction", "cpu_offload", "compile",
           "gpu_layers")
 
@@ -31,11 +36,12 @@ def normalize_quantization(value: str) -> str:
     return _QUANT[key]
 
 
-def normalize_dtype(value: str) -> str:
-    key = value.strip().lower().removeprefix("torch.")
-    if key not in _DTYPE:
-        raise ValueError(f"unknown dtype {value!r}: use bfloat16, float16 or float32")
-    return _DTYPE[key]
+def check_bounds(field: str, value: int | float | None, name: str) -> None:
+    """ValueError naming `name` when `value` is outside BOUNDS[field]; None passes."""
+    lo, hi = BOUNDS[field]
+    if value is None or (lo <= value and (hi is None or value <= hi)):
+        return
+    raise ValueError(f"{name} must be at least {lo}" if hi is None else f"{name} must be in [{lo}, {hi}]")
 
 
 def overrides_from_env(environ: Mapping[str, str]) -> PlanOverrides:
@@ -49,6 +55,7 @@ def overrides_from_env(environ: Mapping[str, str]) -> PlanOverrides:
     if (g := environ.get("GPU_LAYERS", "").strip()):
         if not g.isdigit():
             raise ValueError(f"GPU_LAYERS={g!r}: use a layer count (0 or more)")
+        check_bounds("gpu_layers", int(g), "GPU_LAYERS")
         fields["gpu_layers"] = int(g)
         sources["gpu_layers"] = f"GPU_LAYERS={g}"
     if (c := environ.get("ENABLE_COMPILE", "").strip().lower()):
@@ -71,14 +78,9 @@ def overrides_from_flags(
     gpu_layers: int | None = None,
 ) -> PlanOverrides:
     """CLI flag values (None = flag not given), validated; sources read '--flag'."""
-    if max_batch is not None and max_batch < 1:
-        raise ValueError("--max-batch must be at least 1")
-    if max_context is not None and max_context < 1:
-        raise ValueError("--max-context must be at least 1")
-    if gpu_memory_fraction is not None and not 0.0 < gpu_memory_fraction <= 1.0:
-        raise ValueError("--gpu-memory-fraction must be in (0, 1]")
-    if gpu_layers is not None and gpu_layers < 0:
-        raise ValueError("--gpu-layers must be at least 0")
+    for field, value in (("max_batch", max_batch), ("max_context", max_context),
+                         ("gpu_memory_fraction", gpu_memory_fraction), ("gpu_layers", gpu_layers)):
+        check_bounds(field, value, "--" + field.replace("_", "-"))
     values = {
         "dtype": normalize_dtype(dtype) if dtype is not None else None,
         "quantization": normalize_quantization(quantization) if quantization is not None else None,
