@@ -28,16 +28,21 @@ def plan_overrides(compile_=None, **flags) -> PlanOverrides:
 
 
 def plan_options(command):
+    """The plan flags; their choices and bounds come from planning (one source for click and the checks there)."""
+    from planning.dtypes import DTYPES
+    from planning.overrides import BOUNDS, QUANTIZATIONS
+
     options = [
-        click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="weight dtype"),
-        click.option("--quantization", type=click.Choice(["nf4", "4bit", "none"]),
+        click.option("--dtype", type=click.Choice(DTYPES), help="weight dtype"),
+        click.option("--quantization", type=click.Choice(QUANTIZATIONS),
                      help="nf4/4bit: bitsandbytes NF4 + double quant; none: 16-bit (env QUANTIZATION)"),
-        click.option("--max-batch", type=click.IntRange(1, 256), help="concurrent sequences"),
-        click.option("--max-context", type=click.IntRange(16), help="context window in tokens"),
-        click.option("--gpu-memory-fraction", type=click.FloatRange(0.05, 1.0), help="share of GPU memory to use"),
+        click.option("--max-batch", type=click.IntRange(*BOUNDS["max_batch"]), help="concurrent sequences"),
+        click.option("--max-context", type=click.IntRange(*BOUNDS["max_context"]), help="context window in tokens"),
+        click.option("--gpu-memory-fraction", type=click.FloatRange(*BOUNDS["gpu_memory_fraction"]),
+                     help="share of GPU memory to use"),
         click.option("--cpu-offload/--no-cpu-offload", default=None, help="force or forbid CPU offload"),
         click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile (env ENABLE_COMPILE=1)"),
-        click.option("--gpu-layers", type=click.IntRange(0), default=None,
+        click.option("--gpu-layers", type=click.IntRange(*BOUNDS["gpu_layers"]), default=None,
                      help="decoder layers kept on the GPU (on CPU: in RAM), the rest offloaded (env GPU_LAYERS)"),
     ]
     for option in reversed(options):
@@ -112,72 +117,35 @@ def main(args: list[str] | None = None) -> int:
               help="clients must send `Authorization: Bearer KEY` (env KILN_API_KEY); /health and /metrics stay open")
 @click.option("--max-restarts", type=click.IntRange(0), default=5, show_default=True,
               help="restarts of a lost engine in a row (with backoff) before the server exits non-zero")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
-              help="engines as Ray actors: on the cluster at ADDRESS (e.g. HEAD_IP:6379), or a local one started "
-                   "for this run when no ADDRESS is given (needs `pip install -e .[ray]`)")
-@click.option("--engines-per-node", type=click.IntRange(1, 64), default=None,
-              help="with --ray: engines on every node, joining ones included (default: one per GPU; "
-                   "1 CPU engine per node on a cluster without GPUs)")
 @click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
               help="on SIGTERM, seconds open streams may run on (new requests get 503 at once)")
 @plan_options
-def serve(model, host, port, gpus, engines, engine_port, secret, api_key, max_restarts, ray_address,
-          engines_per_node, drain_timeout, **plan_flags) -> None:
+def serve(model, host, port, gpus, engines, engine_port, secret, api_key, max_restarts, drain_timeout,
+          **plan_flags) -> None:
     from frontend.server import ServeConfig, serve as run_server
 
-    ray = None
-    if ray_address is not None:
-        ray, secret, devices = ray_options(ray_address, model, gpus, engines, engines_per_node, secret)
-    elif engines_per_node is not None:
-        raise click.UsageError("--engines-per-node places engines on a Ray cluster: it needs --ray")
-    else:
-        devices = engine_devices(gpus, engines)
-    config = ServeConfig(model=model, host=host, port=port, overrides=plan_overrides(**plan_flags), ray=ray,
-                         devices=devices, engine_port=engine_port, secret=secret,
+    config = ServeConfig(model=model, host=host, port=port, overrides=plan_overrides(**plan_flags),
+                         devices=engine_devices(gpus, engines), engine_port=engine_port, secret=secret,
                          api_key=api_key, max_restarts=max_restarts, drain_timeout=drain_timeout)
     sys.exit(run_server(config))
 
 
-def ray_options(address: str, model, gpus, engines, engines_per_node, secret):
-    """(RayOptions, the secret, no local devices) for `serve --ray`: the engines are Ray actors, which dial
-    the frontend over tcp with the secret (generated for this run when none is given)."""
-    import secrets
-
-    from frontend.ray_engines import RayOptions, RayUnavailable, import_ray
-
-    if gpus:
-        raise click.UsageError("--gpus chooses local GPUs; with --ray, Ray places one engine per GPU on each node")
-    if engines is not None and engines_per_node is not None:
-        raise click.UsageError("--engines K spreads K CPU engines over the cluster, --engines-per-node N puts N on "
-                               "every node: choose one")
-    try:
-        import_ray()
-    except RayUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
-    options = RayOptions(address=address or None, engines=engines, engines_per_node=engines_per_node,
-                         model=model or os.environ.get("BASE_MODEL") or None)
-    return options, secret or secrets.token_urlsafe(24), []
-
-
 def engine_devices(gpus: str | None, engines: int | None) -> list[int | None]:
     """One engine per chosen GPU; all visible GPUs by default; CPU engines where there is none."""
-    from hardware.profile import detect_gpus
+    from hardware.profile import missing_gpus, visible_gpu_indices
 
     if engines is not None:
         if gpus:
             raise click.UsageError("--gpus and --engines (CPU engines) exclude each other")
         return [None] * engines
-    visible = [gpu.index for gpu in detect_gpus()[0]]
     if gpus is None:
-        return visible or [None]
+        return visible_gpu_indices() or [None]
     try:
         chosen = [int(g) for g in gpus.split(",") if g.strip()]
     except ValueError:
         raise click.BadParameter(f"{gpus!r}: expected GPU indices like 0,1", param_hint="--gpus") from None
-    missing = sorted(set(chosen) - set(visible))
-    if missing:
-        raise click.BadParameter(f"no GPU {missing} on this machine (visible: {visible or 'none'})",
-                                 param_hint="--gpus")
+    if (missing := missing_gpus(chosen)) is not None:
+        raise click.BadParameter(missing, param_hint="--gpus")
     return chosen
 
 
@@ -228,12 +196,10 @@ def engine(gpu, cpu, frontend, model, secret, engine_id, **plan_flags) -> None:
     if cpu == (gpu is not None):
         raise click.UsageError("choose one device: --gpu N or --cpu")
     if gpu is not None:
-        from hardware.profile import detect_gpus
+        from hardware.profile import missing_gpus
 
-        visible = [g.index for g in detect_gpus()[0]]
-        if gpu not in visible:
-            raise click.BadParameter(f"no GPU {gpu} on this machine (visible: {visible or 'none'})",
-                                     param_hint="--gpu")
+        if (missing := missing_gpus([gpu])) is not None:
+            raise click.BadParameter(missing, param_hint="--gpu")
     try:
         input_address, output_address, local = find_frontend(frontend)
     except FrontendNotFound as exc:
