@@ -117,17 +117,51 @@ def main(args: list[str] | None = None) -> int:
               help="clients must send `Authorization: Bearer KEY` (env KILN_API_KEY); /health and /metrics stay open")
 @click.option("--max-restarts", type=click.IntRange(0), default=5, show_default=True,
               help="restarts of a lost engine in a row (with backoff) before the server exits non-zero")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="engines as Ray actors: on the cluster at ADDRESS (e.g. HEAD_IP:6379), or a local one started "
+                   "for this run when no ADDRESS is given (needs `pip install -e .[ray]`)")
+@click.option("--engines-per-node", type=click.IntRange(1, 64), default=None,
+              help="with --ray: engines on every node, joining ones included (default: one per GPU; "
+                   "1 CPU engine per node on a cluster without GPUs)")
 @click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
               help="on SIGTERM, seconds open streams may run on (new requests get 503 at once)")
 @plan_options
-def serve(model, host, port, gpus, engines, engine_port, secret, api_key, max_restarts, drain_timeout,
-          **plan_flags) -> None:
+def serve(model, host, port, gpus, engines, engine_port, secret, api_key, max_restarts, ray_address,
+          engines_per_node, drain_timeout, **plan_flags) -> None:
     from frontend.server import ServeConfig, serve as run_server
 
-    config = ServeConfig(model=model, host=host, port=port, overrides=plan_overrides(**plan_flags),
-                         devices=engine_devices(gpus, engines), engine_port=engine_port, secret=secret,
+    ray = None
+    if ray_address is not None:
+        ray, secret, devices = ray_options(ray_address, model, gpus, engines, engines_per_node, secret)
+    elif engines_per_node is not None:
+        raise click.UsageError("--engines-per-node places engines on a Ray cluster: it needs --ray")
+    else:
+        devices = engine_devices(gpus, engines)
+    config = ServeConfig(model=model, host=host, port=port, overrides=plan_overrides(**plan_flags), ray=ray,
+                         devices=devices, engine_port=engine_port, secret=secret,
                          api_key=api_key, max_restarts=max_restarts, drain_timeout=drain_timeout)
     sys.exit(run_server(config))
+
+
+def ray_options(address: str, model, gpus, engines, engines_per_node, secret):
+    """(RayOptions, the secret, no local devices) for `serve --ray`: the engines are Ray actors, which dial
+    the frontend over tcp with the secret (generated for this run when none is given)."""
+    import secrets
+
+    from frontend.ray_engines import RayOptions, RayUnavailable, import_ray
+
+    if gpus:
+        raise click.UsageError("--gpus chooses local GPUs; with --ray, Ray places one engine per GPU on each node")
+    if engines is not None and engines_per_node is not None:
+        raise click.UsageError("--engines K spreads K CPU engines over the cluster, --engines-per-node N puts N on "
+                               "every node: choose one")
+    try:
+        import_ray()
+    except RayUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    options = RayOptions(address=address or None, engines=engines, engines_per_node=engines_per_node,
+                         model=model or os.environ.get("BASE_MODEL") or None)
+    return options, secret or secrets.token_urlsafe(24), []
 
 
 def engine_devices(gpus: str | None, engines: int | None) -> list[int | None]:
