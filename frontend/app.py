@@ -172,7 +172,7 @@ def build_app(client: EngineClient, tokenizer: Tokenizer, model_name: str,
     app[PROMPT_ENCODER] = PromptEncoder(tokenizer)
     app[MODEL_NAME] = model_name
     app[REQUEST_IDS] = itertools.count()
-    app[METRICS] = Metrics(client)
+    app[METRICS] = Metrics(client, model_name)
     app.router.add_post("/generate", generate)
     app.router.add_post("/generate_stream", generate_stream)
     app.router.add_get("/health", health)

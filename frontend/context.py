@@ -118,7 +118,7 @@ async def api_errors(request: web.Request, handler):
             raise
         log.exception("unexpected error in %s %s (request id %s)", request.method, request.path, request_id(request))
         error = ApiError(500, "internal server error", kind="internal_error")
-    request.app[METRICS].refused.labels(error.kind).inc()
+    request.app[METRICS].refuse(error.status, error.kind)
     response = json_response(error.body(openai=is_openai_route(request)), error.status)
     response.headers.update(error.headers)
     if error.status in (408, 413):

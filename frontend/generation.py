@@ -123,7 +123,8 @@ class Generation:
         self.closed = True
         timings = self.timings()
         self.metrics.observe(self.finish_reason or "abort", len(self.prompt_ids), len(self.token_ids),
-                             timings.ttft_s, timings.total_s)
+                             timings.ttft_s, timings.total_s, engine=self.stream.engine_id,
+                             timing=self.engine_timing, max_tokens=self.body.max_new_tokens)
         await self.client.abort(self.request_id)
 
     @property

@@ -294,8 +294,8 @@ def test_oversized_input_names_the_limit(server):
         status, body = run(_post(server.url, route, bad))
         assert status == 400 and "UTF-8" in body["error"]["message"], (route, body)
     metrics = _metrics(server.url)
-    assert metrics['kiln_refused_requests_total{reason="request_too_large"}'] >= 1
-    assert metrics['kiln_refused_requests_total{reason="invalid_request"}'] >= 6
+    assert metrics['kiln_refused_requests_total{reason="request_too_large",status="413"}'] >= 1
+    assert metrics['kiln_refused_requests_total{reason="invalid_request",status="400"}'] >= 6
 
 
 @pytest.mark.slow
