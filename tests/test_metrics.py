@@ -104,9 +104,12 @@ def test_vllm_series_with_model_and_engine_labels(server):
         assert delta(name + "_bucket", le="+Inf", **ENGINE) == 8, name
         assert delta(name + "_sum", **ENGINE) == pytest.approx(delta("vllm:request_decode_time_seconds_sum",
                                                                      **ENGINE))
-    # queue and prefill series exist per engine; they count requests whose engine reported its timing
-    for name in ("vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds"):
-        assert has(after, name + "_count", **ENGINE)
+    # the engine's own queue and prefill durations arrive with each request's first output
+    for name in ("vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds",
+                 "vllm:request_inference_time_seconds", "vllm:time_per_prefill_token_request_seconds"):
+        assert delta(name + "_count", **ENGINE) == 2, name
+    assert 0 < delta("vllm:request_prefill_time_seconds_sum", **ENGINE) < delta(
+        "vllm:time_to_first_token_seconds_sum", **ENGINE)  # prefill is part of time to first token
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:gpu_cache_usage_perc"):
         assert has(after, name, **ENGINE), name
