@@ -193,7 +193,7 @@ def cpu_format_cache_key(shape: ModelShape) -> dict:
 
 
 def cpu_format_cache_path(shape: ModelShape, cache_root: Path | None = None) -> Path:
-    """<cache>/cpu-formats/<hash of the key>.json; `cache_root` defaults to model_source.cache_dir()."""
+    """<cache>/cpu-formats/<hash of the key>.json; `cache_root` defaults to model.source.cache_dir()."""
     from model.source import cache_dir
 
     key = json.dumps(cpu_format_cache_key(shape), sort_keys=True)

@@ -249,7 +249,7 @@ def load_model_shape(path: str | os.PathLike) -> ModelShape:
         if not p.is_file():
             raise ModelConfigError(f"GGUF file not found: {p}")
         meta = read_gguf_metadata(p)
-        return shape_from_gguf(meta, name=p.stem, source=str(p))  # the name model_source reports
+        return shape_from_gguf(meta, name=p.stem, source=str(p))  # the name model.source reports
     if p.is_dir():
         cfg_path = p / "config.json"
         name = p.resolve().name
