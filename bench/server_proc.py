@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from ipc.ports import free_port  # noqa: F401  (re-exported: the benches take it from here)
+
 REPO = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 15.0
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -31,12 +32,6 @@ TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 class ServerFailed(RuntimeError):
     """The server exited or never became healthy; the message carries its log tail."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ours_command(port: int, model: str | None) -> list[str]:

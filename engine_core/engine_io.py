@@ -24,7 +24,15 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from ipc.messages import EngineHello, EngineStats, Heartbeat, Welcome, engine_input_codec, engine_output_codec
+from ipc.messages import (
+    EngineHello,
+    EngineStats,
+    Heartbeat,
+    Welcome,
+    engine_input_codec,
+    engine_output_codec,
+    hello_codec,
+)
 from ipc.discovery import RUNTIME_PREFIX, FrontendInfo
 from ipc.security import CurveKeys
 
@@ -149,13 +157,13 @@ class EngineIO:
                 os._exit(FRONTEND_GONE_EXIT_CODE)
 
     def _input_loop(self, hello: EngineHello) -> None:
-        encoder, _ = engine_output_codec()
+        hello_encoder, _ = hello_codec()
         _, decoder = engine_input_codec()
         sock = self._socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.engine_id.encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.input_address)
-        sock.send(encoder.encode(hello))
+        sock.send(hello_encoder.encode(hello))
         while not self.stopped.is_set():
             frame = sock.recv(copy=False)
             try:

@@ -23,7 +23,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ipc.ports import free_port_pair
 
 log = logging.getLogger("kiln.frontend")
 
@@ -86,19 +87,6 @@ def overrides_as_flags(overrides) -> list[str]:
         if value is not None:
             flags.append(("--" if value else "--no-") + name.replace("_", "-"))
     return flags
-
-
-def free_port_pair(host: str) -> int:
-    """A port P on host with P + 1 free too (engines use P for requests, P + 1 for outputs)."""
-    while True:
-        with socket.socket() as first, socket.socket() as second:
-            first.bind((host, 0))
-            port = first.getsockname()[1]
-            try:
-                second.bind((host, port + 1))
-            except OSError:
-                continue
-            return port
 
 
 def connect(config) -> str | None:

@@ -156,6 +156,11 @@ class EngineFailed(msgspec.Struct, tag="failed", array_like=True, kw_only=True):
 EngineOutput = EngineHello | EngineReady | StepOutputs | Heartbeat | EngineFailed
 
 
+def hello_codec() -> tuple[msgspec.msgpack.Encoder, msgspec.msgpack.Decoder]:
+    """The handshake's first frame, on the engine's request socket: its own codec, not either direction's."""
+    return msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(EngineHello)
+
+
 def engine_input_codec() -> tuple[msgspec.msgpack.Encoder, msgspec.msgpack.Decoder]:
     return msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(EngineInput)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,30 +13,9 @@ from pathlib import Path
 import pytest
 
 from engine_core.engine_io import pid_alive  # noqa: F401  (the tests' process checks: one definition)
+from ipc.ports import free_port, free_port_pair  # noqa: F401  (one definition, shared with bench and serve --ray)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port(avoid: tuple[int, ...] = ()) -> int:
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in avoid:
-            return port
-
-
-def free_port_pair() -> int:
-    """A port P with P + 1 free too (serve --engine-port P binds both)."""
-    while True:
-        with socket.socket() as first, socket.socket() as second:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            try:
-                second.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
 
 
 def get_json(url: str, timeout: float = 10.0):
