@@ -38,7 +38,7 @@ from frontend.metrics import Metrics
 from frontend.openai_api import add_openai_routes
 from frontend.prompt_encoder import PromptEncoder
 from frontend.supervisor import EngineSupervisor
-from ipc.engine_client import EngineClient
+from frontend.router import EngineClient
 
 log = logging.getLogger("kiln.frontend")
 

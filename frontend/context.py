@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from frontend.api import ApiError
 from frontend.metrics import Metrics
 from frontend.prompt_encoder import PromptEncoder
-from ipc.engine_client import EngineClient
+from frontend.router import EngineClient
 
 log = logging.getLogger("kiln.frontend")
 

@@ -15,7 +15,7 @@ from frontend.api import ApiError, GenerateRequest, Timings, Usage
 from frontend.chat_template import PromptPiece
 from frontend.context import CLIENT, METRICS, PROMPT_ENCODER, REQUEST_IDS, TOKENIZER
 from frontend.detokenizer import IncrementalDetokenizer
-from ipc.engine_client import NoEngineAvailable
+from frontend.router import NoEngineAvailable
 from ipc.messages import FinishReason, RequestTiming, TokenLogprobs
 
 

@@ -39,7 +39,7 @@ from frontend.supervisor import EngineSupervisor
 from model.source import ModelNotFound, ModelSource, resolve_model
 from planning.plan import PlanOverrides
 from ipc.discovery import RUNTIME_PREFIX, FrontendInfo
-from ipc.engine_client import EngineClient
+from frontend.router import EngineClient
 
 log = logging.getLogger("kiln.frontend")
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ipc.engine_client import EngineClient
+from frontend.router import EngineClient
 
 log = logging.getLogger("kiln.frontend")
 

@@ -1,12 +1,18 @@
-"""The frontend's side of the engines: sockets, handshake, routing, per-request streams, liveness.
+"""The frontend's engine management: which engines there are, which one gets a request, and what
+happens to requests when one is lost.
 
-One ROUTER socket talks with each engine's DEALER (hello and welcome, then requests and aborts,
-addressed by engine id); one PULL socket receives step outputs and heartbeats. Both live on the
-frontend's event loop through zmq.asyncio, so the loop never blocks. Each request gets an
-asyncio.Queue of `RequestOutput`s. An engine that exits, falls silent, stops making progress or
-fails step after step is dropped: its requests that have no token yet go to another engine, the
-others end with an explicit error, never a hang. Silence is measured on a clock that leaves out
-the time the event loop itself was stalled, so a busy frontend never drops a healthy engine.
+`EngineClient` keeps an `EngineHandle` per attached engine (its hello, latest stats, the requests
+it holds) and a `RequestStream` per open request (an asyncio.Queue of `RequestOutput`s). It
+welcomes or refuses engines, routes each request to the engine with the least outstanding work,
+says no early when every engine is full (429), and shapes each engine's `/info` entry.
+
+An engine that exits, falls silent, stops making progress or fails step after step is dropped:
+its requests that have no token yet go to another engine, the others end with an explicit error,
+never a hang. Silence is measured on a clock that leaves out the time the event loop itself was
+stalled, so a busy frontend never drops a healthy engine. The timeouts are constructor arguments
+(today's values below are the defaults) so tests can use short ones.
+
+The sockets and codecs underneath are ipc/engine_link.py's; this module holds the policy.
 """
 from __future__ import annotations
 
@@ -16,11 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import zmq
-import zmq.asyncio
-
-from ipc.security import CurveKeys
-from ipc.stall_clock import StallFreeClock
+from frontend.stall_clock import StallFreeClock
+from ipc.engine_link import EngineLink
 from ipc.messages import (
     Abort,
     FinishReason,
@@ -35,8 +38,6 @@ from ipc.messages import (
     SamplingParams,
     Shutdown,
     StepOutputs,
-    engine_input_codec,
-    engine_output_codec,
 )
 
 log = logging.getLogger("kiln.frontend")
@@ -111,46 +112,30 @@ class RequestStream:
 
 class EngineClient:
     def __init__(self, input_addresses: list[str], output_addresses: list[str], model_name: str,
-                 secret: str | None = None, on_engine_lost: Callable[[str, str, bool], None] | None = None):
-        self.input_addresses = input_addresses  # e.g. ipc:// for local engines, tcp:// for other machines
-        self.output_addresses = output_addresses
+                 secret: str | None = None, on_engine_lost: Callable[[str, str, bool], None] | None = None, *,
+                 heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+                 loading_heartbeat_timeout_s: float = LOADING_HEARTBEAT_TIMEOUT_S,
+                 progress_timeout_s: float = PROGRESS_TIMEOUT_S, liveness_tick_s: float = LIVENESS_TICK_S):
+        self.link = EngineLink(input_addresses, output_addresses, secret)
         self.model_name = model_name
-        self.keys = CurveKeys(secret) if secret else None
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.loading_heartbeat_timeout_s = loading_heartbeat_timeout_s
+        self.progress_timeout_s = progress_timeout_s
+        self.liveness_tick_s = liveness_tick_s
         self.engines: dict[str, EngineHandle] = {}
         self.failures: deque[str] = deque(maxlen=20)  # why engines were refused or failed, newest last
         self.streams: dict[str, RequestStream] = {}
-        self._context = zmq.asyncio.Context()
-        self._encoder, _ = engine_input_codec()
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()  # fire-and-forget sends, referenced until done
         self._dropped: set[str] = set()  # engines dropped for silence; if they speak again, they are sent away
         self.engine_ready = asyncio.Event()
         self.on_engine_lost = on_engine_lost  # (engine id, why, was ready): the supervisor restarts its engines
-        self.clock = StallFreeClock(LIVENESS_TICK_S)
+        self.clock = StallFreeClock(liveness_tick_s)
 
     async def start(self) -> None:
-        if self.keys is not None:
-            from zmq.auth.asyncio import AsyncioAuthenticator
-
-            self._auth = AsyncioAuthenticator(self._context)
-            self._auth.start()
-            self._auth.configure_curve_callback(domain="*", credentials_provider=self.keys)
-        self._router = self._bind(zmq.ROUTER, self.input_addresses)
-        self._pull = self._bind(zmq.PULL, self.output_addresses)
+        await self.link.start()
         self._tasks = [asyncio.create_task(loop()) for loop in (self._hello_loop, self._receive_loop,
                                                                    self._liveness_loop)]
-
-    def _bind(self, kind: int, addresses: list[str]) -> zmq.asyncio.Socket:
-        sock = self._context.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        if kind == zmq.ROUTER:
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished engine raises, never vanishes
-            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted engine takes its name back from the old route
-        if self.keys is not None:
-            self.keys.as_server(sock)
-        for address in addresses:
-            sock.bind(address)
-        return sock
 
     async def close(self) -> None:
         for engine_id in list(self.engines):
@@ -159,11 +144,7 @@ class EngineClient:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._router.close()
-        self._pull.close()
-        if self.keys is not None:
-            self._auth.stop()
-        self._context.term()
+        self.link.close()
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -247,28 +228,14 @@ class EngineClient:
             engine.requests.discard(stream.request_id)
 
     async def _send(self, engine_id: str, message) -> bool:
-        try:
-            await self._router.send_multipart([engine_id.encode(), self._encoder.encode(message)])
-            return True
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: the engine's socket is gone
-            log.warning("cannot reach engine %s: %s", engine_id, exc)
-            return False
+        return await self.link.send(engine_id, message)
 
     # ---- engine messages ------------------------------------------------------------------
 
     async def _hello_loop(self) -> None:
         """Engines say hello on the ROUTER; the answer goes straight back on the same route."""
-        _, decoder = engine_output_codec()
         while True:
-            identity, payload = await self._router.recv_multipart()
-            try:
-                hello = decoder.decode(payload)
-            except Exception as exc:
-                log.warning("dropping undecodable hello: %s", exc)
-                continue
-            if not isinstance(hello, EngineHello) or hello.engine_id.encode() != identity:
-                log.warning("dropping an unexpected %s on the request socket", type(hello).__name__)
-                continue
+            hello = await self.link.next_hello()
             reason = self._refusal(hello)
             if reason:
                 log.error("refusing engine %s: %s", hello.engine_id, reason)
@@ -293,15 +260,8 @@ class EngineClient:
         return ""
 
     async def _receive_loop(self) -> None:
-        _, decoder = engine_output_codec()
         while True:
-            frame = await self._pull.recv(copy=False)
-            try:
-                message = decoder.decode(frame.buffer)
-            except Exception as exc:
-                log.warning("dropping undecodable engine message: %s", exc)
-                continue
-            self._handle(message)
+            self._handle(await self.link.next_message())
 
     def _handle(self, message) -> None:
         if isinstance(message, StepOutputs):
@@ -394,18 +354,18 @@ class EngineClient:
 
     async def _liveness_loop(self) -> None:
         while True:
-            await asyncio.sleep(LIVENESS_TICK_S)
+            await asyncio.sleep(self.liveness_tick_s)
             stalled = self.clock.tick()
             if stalled:
                 log.warning("the event loop was stalled for %.1f s; not counted against engines' heartbeats",
                             stalled)
             now = self.clock.now()
             for engine in list(self.engines.values()):
-                timeout = HEARTBEAT_TIMEOUT_S if engine.ready else LOADING_HEARTBEAT_TIMEOUT_S
+                timeout = self.heartbeat_timeout_s if engine.ready else self.loading_heartbeat_timeout_s
                 if now - engine.last_seen > timeout:
                     self._dropped.add(engine.engine_id)
                     self.engine_lost(engine.engine_id, f"no heartbeat for {now - engine.last_seen:.1f} s")
-                elif engine.requests and now - engine.last_progress > PROGRESS_TIMEOUT_S:
+                elif engine.requests and now - engine.last_progress > self.progress_timeout_s:
                     self.engine_lost(engine.engine_id, f"no step finished in {now - engine.last_progress:.0f} s "
                                                        "while it held requests (hung)")
                     await self._send(engine.engine_id, Shutdown())
