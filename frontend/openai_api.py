@@ -69,8 +69,8 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Bias] | None = None  # token id (as a JSON key) -> bias added to its logit
-    ignore_eos: bool = False  # extensions, as in vLLM
-    min_tokens: MinTokens = 0
+    ignore_eos: bool | None = False  # extensions, as in vLLM
+    min_tokens: MinTokens | None = 0
     repetition_penalty: RepetitionPenalty | None = None
     # optional and harmless: accepted, ignored
     user: str | None = None
@@ -113,7 +113,7 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             prompt=prompt, max_new_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, stop=stop, seed=seed,
-            ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            ignore_eos=bool(self.ignore_eos), min_tokens=self.min_tokens or 0,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0, logit_bias=self._logit_bias(),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs)

@@ -86,7 +86,7 @@ def test_chat_takes_text_parts_and_null_assistant_content(server):
 
 HARMLESS = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "seed": 3,
             "stream_options": {"include_usage": False}, "presence_penalty": 0, "frequency_penalty": 0.0,
-            "logit_bias": {}, "n": 1}
+            "logit_bias": {}, "n": 1, "ignore_eos": None, "min_tokens": None, "stop": None}
 
 
 @pytest.mark.parametrize("path, extra", [
