@@ -1,4 +1,5 @@
-"""HTTP routes: /generate, /generate_stream (SSE), /health, /info, /metrics (+ the OpenAI-style /v1 routes).
+"""HTTP routes: /generate, /generate_stream (SSE), /health, /info, /metrics (+ the OpenAI-style /v1 routes,
+and TGI's dialect: POST /, and TGI bodies on /generate and /generate_stream).
 
 A handler validates, tokenizes, hands the request to an engine and turns the engine's token ids
 into text as they arrive. Leaving a handler for any reason (client gone, stop string, error)
@@ -36,6 +37,7 @@ from frontend.generation import EngineError, Generation
 from frontend.chat_template import ChatTemplate
 from frontend.metrics import Metrics
 from frontend.openai_api import add_openai_routes
+from frontend.tgi_api import add_tgi_routes, handle_tgi, is_tgi_body
 from frontend.prompt_encoder import PromptEncoder
 from frontend.supervisor import EngineSupervisor
 from frontend.router import EngineClient
@@ -46,12 +48,11 @@ SUPERVISOR = web.AppKey("supervisor", EngineSupervisor)
 DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: refuse new work, let open streams end
 
 
-async def read_generation(request: web.Request) -> Generation:
-    return Generation(request.app, parse_generate_request(await read_body(request)))
-
-
-async def generate(request: web.Request) -> web.Response:
-    generation = await read_generation(request)
+async def generate(request: web.Request) -> web.StreamResponse:
+    body = await read_body(request)
+    if is_tgi_body(body):  # the body's shape picks the dialect: TGI's has `inputs`
+        return await handle_tgi(request, body, "/generate")
+    generation = Generation(request.app, parse_generate_request(body))
     try:
         await generation.start()
         async for _ in generation.pieces():
@@ -71,7 +72,10 @@ async def generate(request: web.Request) -> web.Response:
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
-    generation = await read_generation(request)
+    body = await read_body(request)
+    if is_tgi_body(body):
+        return await handle_tgi(request, body, "/generate_stream")
+    generation = Generation(request.app, parse_generate_request(body))
     try:
         await generation.start()  # errors before the stream starts are plain 4xx JSON
         async with sse_response(request, allow_all_methods=True) as sse:
@@ -179,4 +183,5 @@ def build_app(client: EngineClient, tokenizer: Tokenizer, model_name: str,
     app.router.add_get("/info", info)
     app.router.add_get("/metrics", metrics)
     add_openai_routes(app, chat_template)
+    add_tgi_routes(app)  # POST /; /generate and /generate_stream also take TGI's body
     return app
