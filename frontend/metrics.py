@@ -67,6 +67,9 @@ LENGTH_BUCKETS = build_1_2_5_buckets(1_000_000)
 # kiln's request outcomes (str(FinishReason), "abort" for a client gone, "error" for an engine failure):
 # each engine's vllm:request_success_total has all of them from its first request on, as vLLM's has.
 OUTCOMES = ("stop", "length", "abort", "error")
+COMMON_REFUSALS = ((400, "invalid_request"), (401, "unauthorized"), (404, "not_found"), (404, "model_not_found"),
+                   (413, "request_too_large"), (429, "overloaded"), (500, "engine_error"), (500, "internal_error"),
+                   (503, "unavailable"), (503, "shutting_down"))
 
 
 class WeightedHistogram:
@@ -243,6 +246,10 @@ class Metrics:
                                "404 not_found or model_not_found, 413, 429 overloaded, 503 unavailable or "
                                "shutting_down, ...) and engine failures during it (500 engine_error, also when "
                                "it reaches a stream as an error event)", ["status", "reason"], registry=r)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        for status, reason in COMMON_REFUSALS:  # at 0 from the start, so rate() sees their first increase
+            self.refused.labels(str(status), reason)
         self.prompt_tokens = Counter("kiln_prompt_tokens", "prompt tokens processed", registry=r)
         self.generated_tokens = Counter("kiln_generation_tokens", "tokens generated", registry=r)
         self.ttft = Histogram("kiln_time_to_first_token_seconds", "time to first token", registry=r,

@@ -100,6 +100,11 @@ def numbers(url: str, promql: str) -> list[float] | None:
     return values or None
 
 
+def positive(url: str, promql: str) -> list[float] | None:
+    values = numbers(url, promql)
+    return values if values and values[0] > 0 else None
+
+
 @pytest.fixture(scope="module")
 def loaded(server, prometheus):
     """A short load once Prometheus scrapes: a few requests, a stream, a refusal."""
@@ -114,16 +119,21 @@ def loaded(server, prometheus):
 
 def test_request_rate_ttft_and_kv_usage_in_promql(loaded):
     model = f'model_name="{MODEL}"'
-    rate = _wait(lambda: numbers(loaded, f"sum(rate(vllm:request_success_total{{{model}}}[{WINDOW}]))"),
+    # Prometheus scrapes every second: wait until the load's last samples are in, not just any sample
+    rate = _wait(lambda: positive(loaded, f"sum(rate(vllm:request_success_total{{{model}}}[{WINDOW}]))"),
                  "a request rate")
     assert rate[0] > 0
-    ttft = _wait(lambda: numbers(loaded, "histogram_quantile(0.5, sum by(le) (rate("
-                                         f"vllm:time_to_first_token_seconds_bucket{{{model}}}[{WINDOW}])))"),
+    ttft = _wait(lambda: positive(loaded, "histogram_quantile(0.5, sum by(le) (rate("
+                                          f"vllm:time_to_first_token_seconds_bucket{{{model}}}[{WINDOW}])))"),
                  "a TTFT p50")
     assert ttft[0] > 0
     usage = _wait(lambda: numbers(loaded, f'vllm:kv_cache_usage_perc{{{model},engine="engine-0"}}'),
                   "the KV-cache usage")
     assert 0 <= usage[0] <= 1
+    # the dashboard's error rate counts refusals (the load had one 400), so a 429 storm cannot read 0
+    (expr,) = [e for _, title, e in dashboard_queries() if title == "Error Rate"]
+    errors = _wait(lambda: positive(loaded, expr.replace("$__rate_interval", WINDOW)), "an error rate above 0")
+    assert 0 < errors[0] < 1
 
 
 def dashboard_queries() -> list[tuple[str, str, str]]:
