@@ -12,19 +12,41 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Callable
+from typing import Annotated
 
 import msgspec
 from aiohttp import web
 from aiohttp_sse import sse_response
 from tokenizers import Tokenizer
 
-from frontend.api import (MAX_LOGPROBS, MAX_SEED, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, ApiError, GenerateRequest,
-                          MaxTokens, NumLogprobs, Penalty, RepetitionPenalty, Seed, Temperature, TopK, TopP,
-                          decode_body)
-from frontend.chat_template import ChatTemplate, ChatTemplateError, PromptPiece
-from frontend.context import CLIENT, JSON, MODEL_NAME, TOKENIZER, json_response, read_body
+from frontend.api import (
+    MAX_LOGPROBS,
+    MAX_SEED,
+    MAX_STOP_STRINGS,
+    MAX_TOKENS_LIMIT,
+    ApiError,
+    GenerateRequest,
+    MaxTokens,
+    NumLogprobs,
+    Penalty,
+    RepetitionPenalty,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+    decode_body,
+)
+from frontend.chat_template import ChatTemplate, ChatTemplateError
+from frontend.context import (
+    CLIENT,
+    JSON,
+    MODEL_NAME,
+    TOKENIZER,
+    json_response,
+    read_body,
+)
 from frontend.generation import EngineError, Generation
 from ipc.messages import TokenLogprobs
 
@@ -418,7 +440,7 @@ async def _respond(request: web.Request, choices: list[Choice], stream: bool, ob
                     new_logprobs = generation.logprobs[-len(ids):] if ids and generation.logprobs else []
                     queue.put_nowait((choice, text, ids, new_logprobs))
                 queue.put_nowait((choice, None, None, None))
-            except EngineError as exc:
+            except Exception as exc:  # passed on, so that the stream ends instead of waiting for this choice
                 queue.put_nowait((choice, exc, None, None))
 
         async with sse_response(request, allow_all_methods=True) as sse:
@@ -433,7 +455,7 @@ async def _respond(request: web.Request, choices: list[Choice], stream: bool, ob
             failed = None
             while running and failed is None:
                 choice, text, ids, new_logprobs = await queue.get()
-                if isinstance(text, EngineError):
+                if isinstance(text, Exception):
                     failed = text
                 elif text is None:  # this choice is done
                     running -= 1
@@ -442,6 +464,9 @@ async def _respond(request: web.Request, choices: list[Choice], stream: bool, ob
                 else:
                     await send(shape(choice, text, ids, new_logprobs, False))
             if failed is not None:
+                if not isinstance(failed, EngineError):
+                    log.error("a choice of %s failed", request_id, exc_info=failed)
+                    failed = EngineError("internal error")
                 await sse.send(JSON.encode(ApiError(500, str(failed), kind="engine_error").body(openai=True)).decode())
             elif include_usage:
                 await sse.send(JSON.encode({**chunk_envelope, "choices": [], "usage": _usage(choices)}).decode())

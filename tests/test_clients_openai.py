@@ -201,14 +201,14 @@ def reference(default_model_path):
 def _check_position(logprobs, position: int, token_id: int, got: float, top: dict[str, float], decode) -> None:
     row = logprobs[position - 1]  # the logits at position - 1 predict the token at position
     assert got == pytest.approx(row[token_id].item(), abs=1e-4)
-    values, ids = row.topk(len(top))
+    values = row.topk(len(top)).values
     assert sorted(top.values(), reverse=True) == pytest.approx(values.tolist(), abs=1e-4)
     assert set(top) <= {decode(i) for i in row.topk(len(top) + 1).indices.tolist()}
 
 
 def test_logprobs_equal_transformers(client, reference):
     tokenizer, greedy_logprobs = reference
-    decode = lambda i: tokenizer.decode([i])  # noqa: E731
+    decode = lambda i: tokenizer.decode([i])
     prompt_ids = tokenizer(PROMPT).input_ids
     new_tokens = 8
     ids, logprobs = greedy_logprobs(prompt_ids, new_tokens)

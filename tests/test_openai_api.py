@@ -208,6 +208,15 @@ def test_completion_logprobs(server):
     assert scored_choice["text"] == PROMPT and scored["usage"]["completion_tokens"] == 0
     assert scored_choice["logprobs"]["token_logprobs"] == pytest.approx(
         echo_logprobs["token_logprobs"][:n_prompt], abs=1e-4)
+    # lm-eval-harness batches prompts (and asks for one token more): one choice per prompt, each scored
+    status, batch = run(_post(server.url, "/v1/completions", {"prompt": ["The sky is", PROMPT], "max_tokens": 1,
+                                                               "echo": True, "logprobs": 1, "temperature": 0}))
+    assert status == 200, batch
+    second = batch["choices"][1]["logprobs"]
+    assert len(second["tokens"]) == n_prompt + 1 and second["tokens"][:n_prompt] == echo_logprobs["tokens"][:n_prompt]
+    assert second["token_logprobs"][:n_prompt + 1] == pytest.approx(echo_logprobs["token_logprobs"][:n_prompt + 1],
+                                                                    abs=1e-4)
+    assert batch["choices"][0]["text"].startswith("The sky is")
     events = run(_stream(server.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True,
                                                           "logprobs": 1, "stream": True}))
     (chunk,) = events[:-1]
@@ -281,7 +290,8 @@ def test_min_tokens_holds_off_end_of_sequence(server, default_model_path):
     """With end of sequence pushed to the top, a request ends at once; min_tokens keeps it going."""
     import json
 
-    eos = json.load(open(f"{default_model_path}/config.json"))["eos_token_id"]
+    with open(f"{default_model_path}/config.json") as config:
+        eos = json.load(config)["eos_token_id"]
     request = {"prompt": "Hello", "max_tokens": 10, "temperature": 0, "logit_bias": {str(eos): 100}}
     _, ended = run(_post(server.url, "/v1/completions", request))
     assert ended["choices"][0]["finish_reason"] == "stop" and ended["usage"]["completion_tokens"] <= 1
