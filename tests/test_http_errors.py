@@ -75,7 +75,7 @@ def test_chunked_body_too_large_is_a_json_413(server):
 
 
 def test_openai_routes_use_openai_error_types(server):
-    status, _, body = run(_request("POST", server.url + "/v1/completions", data=b'{"prompt": "x", "n": 2}'))
+    status, _, body = run(_request("POST", server.url + "/v1/completions", data=b'{"prompt": "x", "n": 17}'))
     assert status == 400
     assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == "n"
     assert body["error"]["code"] == "invalid_request"
