@@ -7,7 +7,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import ServerProcess, pid_alive
+from tests.conftest import ServerProcess, get_json, pid_alive
 from tests.http_client import generate, post_json, run, stream_events
 
 pytestmark = pytest.mark.slow
@@ -167,6 +167,8 @@ def test_prompt_longer_than_context_is_refused(server):
 
 
 def test_health_and_info(server):
+    health = get_json(server.url + "/health")  # a status other than 200 raises here
+    assert health["status"] == "ok" and health["engines"] == 1, health
     info = server.info()
     assert info["model"] == "SmolLM2-135M-Instruct"
     engine = info["engines"][0]
