@@ -370,7 +370,7 @@ class Choice:
     index: int
     generation: Generation
     start: dict = field(default_factory=dict)  # Generation.start's keyword arguments
-    counts_prompt: bool = True  # its prompt counts in usage (the first choice of each prompt)
+    counts_prompt: bool = True  # the first choice of its prompt (counted in usage; the next ones follow it)
     echo: str | None = None  # completions `echo`: the prompt text, sent before the completion
     offset: int = 0  # completions logprobs: the text offset of the next token
     opened: bool = False  # streaming: its first chunk has been sent
@@ -414,8 +414,14 @@ async def _respond(request: web.Request, choices: list[Choice], stream: bool, ob
     whichever way this returns or raises, a client gone away included."""
     tasks: list[asyncio.Task] = []
     try:
+        first_of_prompt = None
         for choice in choices:
-            await choice.generation.start(**choice.start)
+            if choice.counts_prompt:
+                first_of_prompt = choice
+                await choice.generation.start(**choice.start)
+            else:  # another choice of the same prompt: its tokens as they are, not tokenized again
+                await choice.generation.start(field=choice.start["field"],
+                                              prompt_ids=first_of_prompt.generation.prompt_ids)
         request_id = f"{'chatcmpl' if 'chat' in object_name else 'cmpl'}-{choices[0].generation.request_id}"
         envelope = {"id": request_id, "object": object_name, "created": int(time.time()),
                     "model": request.app[MODEL_NAME]}
