@@ -1,4 +1,5 @@
-"""Time each CPU weight format on the model's own linear shapes, so the plan picks by measurement.
+"""Time each CPU weight format (fp32, bf16, int8 weight-only) on the model's own linear shapes, so the
+plan picks by measurement.
 
 CPU flags do not say which format is fastest: bf16 halves the bytes a decode step streams but is
 emulated without avx512_bf16/AMX, and the balance moves with the shapes, the cores and the memory.
@@ -23,6 +24,7 @@ from pathlib import Path
 import msgspec
 import torch
 
+from engine_core.int8_weights import ACTIVATION_DTYPE, kernel_available
 from model.shape import ModelShape
 from planning.plan import PlanOverrides
 from planning.cpu_dtype import CPU_WEIGHT_FORMATS
@@ -38,9 +40,11 @@ PROBE_THREADS = 1
 PROBE_ROUNDS, MIN_ROUNDS = 6, 3  # up to 6 rounds, at least 3 however long they take
 TIME_BUDGET_S = 0.5  # no round starts past this (after the minimum): a few hundred ms at first start
 DEFAULT_LLC_BYTES = 32 << 20
+MAX_SCALE_ROWS = 1 << 20  # more output rows than any linear is timed on at once
 MAX_POOL_ELEMENTS = 64 << 20  # 256 MiB in fp32: enough to exceed any LLC this runs on
 RANDOM_TILE = 1 << 20  # random values generated once and tiled: torch.rand of the whole pool costs ~0.1 s
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+INT8_RANGE = 127  # the pool's random values in [-0.5, 0.5) scaled to int8 weights
 
 
 def last_level_cache_bytes() -> int:
@@ -59,10 +63,20 @@ def last_level_cache_bytes() -> int:
 
 
 class WeightPool:
-    """Flat random weights handed out as consecutive (rows, in) views, wrapping around, so none is cache-warm."""
+    """Flat random weights handed out as consecutive (rows, in) views, wrapping around, so none is cache-warm.
+    An int8 pool also holds one bf16 scale per row, as engine_core/int8_weights.py stores them."""
 
     def __init__(self, flat: torch.Tensor) -> None:
         self.flat, self.offset = flat, 0
+        self.scales = torch.full((MAX_SCALE_ROWS,), 1 / INT8_RANGE, dtype=ACTIVATION_DTYPE)
+
+    @property
+    def int8(self) -> bool:
+        return self.flat.dtype == torch.int8
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        return ACTIVATION_DTYPE if self.int8 else self.flat.dtype
 
     def take(self, rows: int, in_features: int) -> torch.Tensor:
         n = rows * in_features
@@ -88,7 +102,10 @@ def time_linear(pool: WeightPool, x: torch.Tensor, in_features: int, out_feature
     rows = min(out_features, max(1, pool.flat.numel() // (2 * in_features)))
     weight = pool.take(rows, in_features)
     start = time.perf_counter()
-    torch.nn.functional.linear(x, weight)
+    if pool.int8:
+        torch.ops.aten._weight_int8pack_mm(x, weight, pool.scales[:rows])
+    else:
+        torch.nn.functional.linear(x, weight)
     return (time.perf_counter() - start) * out_features / rows
 
 
@@ -99,7 +116,7 @@ def step_linears(shape: ModelShape) -> list[tuple[int, int]]:
 
 def time_linears(pool: WeightPool, shape: ModelShape, batch: int) -> list[float]:
     """Seconds for each of step_linears(shape) at `batch` rows, in order."""
-    dtype = pool.flat.dtype
+    dtype = pool.activation_dtype
     inputs = {i: torch.rand(batch, i).to(dtype) for i, _ in step_linears(shape)}
     return [time_linear(pool, inputs[i], i, o) for i, o in step_linears(shape)]
 
@@ -119,7 +136,9 @@ def measure_cpu_formats(shape: ModelShape, formats=CPU_WEIGHT_FORMATS, batches=P
     linear's fastest call drops it, and drops calls a busy neighbour slowed down."""
     started = time.perf_counter()
     flat = random_flat(pool_elements(last_level_cache_bytes()))
-    pools = {fmt: WeightPool(flat.to(DTYPES[fmt])) for fmt in formats}
+    formats = [f for f in formats if f != "int8" or kernel_available()]
+    pools = {fmt: WeightPool((flat * INT8_RANGE).to(torch.int8) if fmt == "int8" else flat.to(DTYPES[fmt]))
+             for fmt in formats}
     fastest: dict[str, list[float]] = {}
     with torch_threads(threads):
         for done in range(rounds):

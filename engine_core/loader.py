@@ -38,6 +38,10 @@ def load_model(path: str, plan: ServingPlan) -> torch.nn.Module:
         kwargs["device_map"] = {"": plan.device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
+    if plan.quantization == "int8":
+        from engine_core.int8_weights import quantize_linears
+
+        log.info(quantize_linears(model))
     if plan.quantization == "nf4" and plan.offload:
         cast_offloaded_weights(model, dtype)
     if names := cpu_resident_modules(plan):

@@ -160,7 +160,7 @@ def detect_cpu_bf16() -> bool:
 # ---------------------------------------------------------------- CPU weight-format timings (cached)
 
 # Bump when the probe's method changes, so timings measured the old way are not reused.
-CPU_FORMAT_PROBE_VERSION = 1
+CPU_FORMAT_PROBE_VERSION = 2  # 2: int8 weight-only joined the formats
 
 
 def decoder_linear_shapes(shape: ModelShape) -> list[tuple[int, int]]:

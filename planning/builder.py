@@ -75,17 +75,20 @@ class PlanBuilder:
         return [f for f in FIELDS if getattr(self.overrides, f) is not None and f not in self.ignored]
 
     def build(self, *, device: str, dtype: str, quantized: bool, weights_bytes: int, kv_room: int,
-              kv_per_token: int, reserve_bytes: int, budget_bytes: int, max_memory=None, **fields) -> ServingPlan:
-        """Size the KV cache from `kv_room`, then the ServingPlan. `max_memory` may be a function of the KV
-        cache bytes (a whole-GPU plan gives accelerate what the KV cache leaves); `fields` are the rest
-        (offload, device_map, offload_bytes, cuda_graphs, kv_dtype, cpu_format_ms)."""
+              kv_per_token: int, reserve_bytes: int, budget_bytes: int, max_memory=None, int8: bool = False,
+              **fields) -> ServingPlan:
+        """Size the KV cache from `kv_room`, then the ServingPlan. `quantized`: NF4; `int8`: int8 weight-only
+        linears (CPU). `max_memory` may be a function of the KV cache bytes (a whole-GPU plan gives
+        accelerate what the KV cache leaves); `fields` are the rest (offload, device_map, offload_bytes,
+        cuda_graphs, kv_dtype, cpu_format_ms)."""
         batch, ctx, kv_tokens = self._size_kv_cache(kv_room, kv_per_token)
         compile_ = self._explain_compile()
         kv_cache_bytes = kv_tokens * kv_per_token
         if callable(max_memory):
             max_memory = max_memory(kv_cache_bytes)
         return ServingPlan(
-            device=device, dtype=dtype, quantization="nf4" if quantized else None, double_quant=quantized,
+            device=device, dtype=dtype, quantization="nf4" if quantized else "int8" if int8 else None,
+            double_quant=quantized,
             max_batch=batch, max_context=ctx, kv_cache_tokens=kv_tokens, weights_bytes=weights_bytes,
             compile=compile_, prefill_chunk=self.chunk, reasons=self.reasons, overridden=self.overridden(),
             max_memory=max_memory, kv_bytes_per_token=kv_per_token, kv_cache_bytes=kv_cache_bytes,

@@ -6,8 +6,8 @@ from hardware.profile import HardwareProfile, format_bytes as fb
 from model.shape import ModelShape
 from planning.batch import context_limits
 from planning.builder import PlanBuilder
-from planning.cpu_dtype import CPU_KV_DTYPE, cpu_dtype_default, cpu_plan_fields
-from planning.memory import Candidate, activation_peak_bytes, pick, ram_reserve, weight_bytes
+from planning.cpu_dtype import CPU_KV_DTYPE, INT8_COMPUTE_DTYPE, cpu_dtype_default, cpu_plan_fields
+from planning.memory import Candidate, activation_peak_bytes, int8_weight_bytes, pick, ram_reserve, weight_bytes
 from planning.offload import plan_disk_offload
 from planning.overrides import describe
 from planning.plan import PlanError, PlanOverrides, ServingPlan
@@ -47,7 +47,7 @@ def _refusal(shape: ModelShape, cands: list[Candidate], budget: int) -> PlanErro
     )
 
 
-def _explain(builder: PlanBuilder, chosen: Candidate, dtype: str, budget: int) -> None:
+def _explain(builder: PlanBuilder, chosen: Candidate, dtype: str, budget: int, int8: bool) -> None:
     shape, o, reasons = builder.shape, builder.overrides, builder.reasons
     if chosen.dtype != dtype:
         reasons["dtype"] = (f"{chosen.dtype}: {dtype} weights ({fb(weight_bytes(shape, dtype, False))}) leave too "
@@ -55,7 +55,10 @@ def _explain(builder: PlanBuilder, chosen: Candidate, dtype: str, budget: int) -
     builder.explain_quantization(chosen.quantized, (
         f"NF4 with double quantization: 16-bit weights ({fb(weight_bytes(shape, chosen.dtype, False))}) do not fit "
         f"{fb(budget)} RAM with room for a KV cache; bitsandbytes' CPU 4-bit kernels are slow (memory tool, not speed)"
-    ) if chosen.quantized else f"none: {chosen.dtype} weights ({fb(chosen.weights)}) fit in RAM with room for a KV cache")
+    ) if chosen.quantized else (
+        f"int8 weight-only linears, {fb(int8_weight_bytes(shape, dtype))} (the measured fastest format, see dtype); "
+        "the RAM budget is sized as for bf16 weights; --quantization none or --dtype turns it off"
+    ) if int8 else f"none: {chosen.dtype} weights ({fb(chosen.weights)}) fit in RAM with room for a KV cache")
     if o.cpu_offload is not None:
         reasons["offload"] = (f"none: weights are already in RAM; {describe(o, 'cpu_offload')} has no effect without "
                               "a GPU (disk offload is too slow to serve)")
@@ -74,16 +77,20 @@ def plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverrid
     builder.reasons["device"] = f"cpu: no GPU ({profile.source}); {profile.cpu_cores} cores, {fb(budget)} RAM available"
     if overrides.gpu_memory_fraction is not None:
         builder.reasons["device"] += f"; gpu_memory_fraction ignored ({describe(overrides, 'gpu_memory_fraction')})"
-    dtype = builder.choose_dtype(*cpu_dtype_default(profile))
+    fmt, why = cpu_dtype_default(profile)
+    dtype = builder.choose_dtype(INT8_COMPUTE_DTYPE if fmt == "int8" else fmt, why)
+    int8 = fmt == "int8" and overrides.dtype is None and overrides.quantization is None
     if overrides.gpu_layers is not None and overrides.gpu_layers < shape.num_layers:
         return plan_disk_offload(builder, profile, dtype, budget, _reserve(builder, budget, dtype, False))
     cands = _candidates(builder, dtype, budget)
     chosen = pick(cands)
     if chosen is None:
         raise _refusal(shape, cands, budget)
-    _explain(builder, chosen, dtype, budget)
+    int8 = int8 and chosen.dtype == dtype and not chosen.quantized
+    _explain(builder, chosen, dtype, budget, int8)
     return builder.build(
-        device="cpu", dtype=chosen.dtype, quantized=chosen.quantized, weights_bytes=chosen.weights,
+        device="cpu", dtype=chosen.dtype, quantized=chosen.quantized, int8=int8,
+        weights_bytes=int8_weight_bytes(shape, dtype) if int8 else chosen.weights,
         kv_room=chosen.kv_room, kv_per_token=chosen.kv_per_token, reserve_bytes=chosen.reserve, budget_bytes=budget,
         offload_bytes=0, **cpu_plan_fields(builder.reasons, profile),
     )

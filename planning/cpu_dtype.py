@@ -10,8 +10,10 @@ CPU_KV_DTYPE = "float32"
 CPU_KV_REASON = ("float32 on CPU: torch's CPU attention kernels are several times slower in bf16 than in fp32 at "
                  "decode, so K/V stay fp32 whatever the weight dtype")
 # Weight formats the CPU loader can use, in order of preference on a tie; measured by engine_core/cpu_formats.py.
-# int8 dynamic quantization is left out: not exact (activations quantized per step) and the loader has no path for it.
-CPU_WEIGHT_FORMATS = ("float32", "bfloat16")
+# "int8": int8 weight-only linears (one scale per row) with bf16 activations (engine_core/int8_weights.py); int8
+# dynamic quantization (activations quantized per step) is left out: less exact, and no faster at decode sizes.
+CPU_WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+INT8_COMPUTE_DTYPE = "bfloat16"  # the dtype of everything an int8 plan keeps unquantized, and of its activations
 CPU_FORMAT_MARGIN = 0.90  # another format replaces float32 only when it takes ≤ 90% of float32's time
 
 
@@ -62,15 +64,17 @@ def describe_cpu_formats(ms: dict[str, float]) -> str:
 
 
 def cpu_dtype_default(profile: HardwareProfile) -> tuple[str, str]:
-    """(dtype, why) for CPU weights: the measured fastest format, else a guess from the CPU flags."""
+    """(format, why) for CPU weights: the measured fastest of CPU_WEIGHT_FORMATS, else a guess from the CPU
+    flags (float32 or bfloat16: int8 is only ever chosen by measurement)."""
     measured = fastest_cpu_format(profile.cpu_format_ms)
     if measured is not None:
         summary = _timings_summary(format_timings(profile.cpu_format_ms))
         if measured == "float32":
             return "float32", (f"measured on this CPU at this model's shapes, no other format is {1 - CPU_FORMAT_MARGIN:.0%} "
                                f"faster at every batch size, and fp32 is exact: {summary}")
-        return measured, (f"measured on this CPU at this model's shapes, at least {1 - CPU_FORMAT_MARGIN:.0%} faster "
-                          f"than float32 at every batch size: {summary}")
+        what = "int8 weight-only linears (one scale per row) computing in bf16, " if measured == "int8" else ""
+        return measured, (f"{what}measured on this CPU at this model's shapes, the fastest and at least "
+                          f"{1 - CPU_FORMAT_MARGIN:.0%} faster than float32 at every batch size: {summary}")
     guess = "not measured yet, so a guess from the CPU flags (the engine measures at its first start)"
     if profile.cpu_bf16:
         return "bfloat16", (f"{guess}: this CPU computes bf16 natively (avx512_bf16/amx_bf16), and bf16 weights are "

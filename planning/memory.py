@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from hardware.profile import GiB, GpuInfo
+from hardware.profile import GiB, GpuInfo, decoder_linear_shapes
 from model.shape import TWO_MATRIX_MLP, ModelShape
 from planning.batch import MAX_BATCH, PREFERRED_BATCH, context_limits
 from planning.dtypes import dtype_bytes
@@ -40,6 +40,19 @@ def weight_bytes(shape: ModelShape, dtype: str, quantized: bool) -> int:
         return shape.total_params * b
     kept = shape.embedding_params + shape.lm_head_params + shape.other_params
     return kept * b + math.ceil(NF4_BYTES_PER_PARAM * shape.decoder_linear_params)
+
+
+INT8_SCALE_BYTES = 2  # one bf16 scale per output row
+
+
+def int8_weight_bytes(shape: ModelShape, dtype: str) -> int:
+    """int8 weight-only linears (decoder layers and LM head; a tied head gets its own int8 copy), the rest
+    (embeddings, norms) in `dtype`."""
+    b = dtype_bytes(dtype)
+    head = shape.vocab_size * shape.hidden_size
+    rows = shape.num_layers * sum(out for _, out in decoder_linear_shapes(shape)) + shape.vocab_size
+    kept = shape.embedding_params + shape.other_params
+    return kept * b + shape.decoder_linear_params + head + rows * INT8_SCALE_BYTES
 
 
 def kv_bytes_per_token(shape: ModelShape, dtype: str) -> int:

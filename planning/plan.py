@@ -32,7 +32,7 @@ class PlanOverrides(msgspec.Struct, omit_defaults=True, frozen=True):
 class ServingPlan(msgspec.Struct, kw_only=True):
     device: str  # "cuda:0", "cpu", ...
     dtype: str  # "bfloat16" | "float16" | "float32"
-    quantization: str | None  # "nf4" or None
+    quantization: str | None  # "nf4", "int8" (CPU, chosen by measurement) or None
     double_quant: bool
     offload: bool
     device_map: dict[str, str | int] | None

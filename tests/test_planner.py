@@ -254,6 +254,43 @@ def test_measurement_beats_the_flags():
     assert make_plan(shape("starcoder2-3b"), cpu_machine(False, AVX512_BF16_FAST)).dtype == "bfloat16"
 
 
+# int8 weight-only as measured on two kinds of CPU: a fast kernel (avx512, half of bf16's bytes) and an AVX2 one
+# where torch's int8 kernel has no fast path
+AVX512_INT8_FAST = {**AVX512_BF16_FAST, "int8@1": 10.0, "int8@8": 16.0}
+AVX2_INT8_SLOW = {**AVX2_BF16_SLOW, "int8@1": 160.0, "int8@8": 1400.0}
+
+
+def test_int8_is_chosen_where_it_measures_fastest_and_sized_as_int8():
+    model = shape("starcoder2-3b")
+    plan = make_plan(model, cpu_machine(True, AVX512_INT8_FAST))
+    assert plan.quantization == "int8" and plan.dtype == "bfloat16" and plan.kv_dtype == "float32"
+    assert "int8 weight-only" in plan.reasons["dtype"] and "int8 10.0 / 16.0" in plan.reasons["dtype"]
+    assert "int8" in plan.reasons["quantization"]
+    assert model.total_params < plan.weights_bytes < model.total_params * 2  # 1 byte per linear weight, 2 for the rest
+    assert "int8 weight-only" in format_plan_table(plan, width=200)
+
+
+def test_int8_is_not_chosen_where_it_measures_slow():
+    plan = make_plan(shape("starcoder2-3b"), cpu_machine(False, AVX2_INT8_SLOW))
+    assert plan.dtype == "float32" and plan.quantization is None
+
+
+def test_among_formats_that_beat_float32_everywhere_the_fastest_overall_wins():
+    # int8 behind bf16 at batch 8 but ahead overall (40 vs 47 ms summed): int8
+    mixed = {**AVX512_BF16_FAST, "int8@1": 10.0, "int8@8": 30.0}
+    assert make_plan(shape("starcoder2-3b"), cpu_machine(True, mixed)).quantization == "int8"
+    # int8 not 10% faster than float32 at batch 8 (60 vs 64 ms): out, whatever its batch-1 time; bf16 wins
+    plan = make_plan(shape("starcoder2-3b"), cpu_machine(True, {**AVX512_BF16_FAST, "int8@1": 5.0, "int8@8": 60.0}))
+    assert plan.quantization is None and plan.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("flags", [{"dtype": "bf16"}, {"dtype": "fp32"}, {"quantization": "none"}])
+def test_a_forced_dtype_or_no_quantization_turns_int8_off(flags):
+    plan = make_plan(shape("starcoder2-3b"), cpu_machine(True, AVX512_INT8_FAST), overrides_from_flags(**flags))
+    assert plan.quantization is None and plan.dtype == flags.get("dtype", "bf16").replace("bf16", "bfloat16").replace(
+        "fp32", "float32")
+
+
 @pytest.mark.parametrize("bf16", [
     {"bfloat16@1": 11.0, "bfloat16@8": 42.0},  # under 10% faster: a near-tie keeps the exact format
     {"bfloat16@1": 6.0, "bfloat16@8": 50.0},  # faster at batch 1, slower at batch 8
