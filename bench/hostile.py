@@ -42,7 +42,9 @@ def hostile_payloads() -> list[tuple[str, bytes]]:
         for name in names:
             payloads += [(route, json.dumps({**base, name: value}).encode()) for value in huge]
         payloads += [(route, json.dumps({**base, "temperature": value}).encode()) for value in (1e308, -1, "x")]
-        payloads += [(route, json.dumps({**base, "top_p": value}).encode()) for value in (2, -0.0, None)]
+        # null is OpenAI's "use the default" (its fields are nullable), so it is hostile only on the native routes
+        bad_top_p = (2, -0.0) if route.startswith("/v1/") else (2, -0.0, None)
+        payloads += [(route, json.dumps({**base, "top_p": value}).encode()) for value in bad_top_p]
         payloads += [
             (route, b'{"prompt": "\xff\xfe", "messages": [{"role": "user", "content": "\xc3"}]}'),
             (route, b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b', "prompt": "hi"}'),
