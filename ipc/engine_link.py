@@ -15,7 +15,7 @@ import logging
 import zmq
 import zmq.asyncio
 
-from ipc.messages import EngineHello, engine_input_codec, engine_output_codec
+from ipc.messages import EngineHello, engine_input_codec, engine_output_codec, hello_codec
 from ipc.security import CurveKeys
 
 log = logging.getLogger("kiln.frontend")
@@ -28,7 +28,7 @@ class EngineLink:
         self.keys = CurveKeys(secret) if secret else None
         self._context = zmq.asyncio.Context()
         self._encoder, _ = engine_input_codec()
-        _, self._hello_decoder = engine_output_codec()  # one decoder per socket
+        _, self._hello_decoder = hello_codec()  # the ROUTER carries hellos only, in their own codec
         _, self._output_decoder = engine_output_codec()
 
     async def start(self) -> None:
@@ -76,11 +76,11 @@ class EngineLink:
             identity, payload = await self._router.recv_multipart()
             try:
                 hello = self._hello_decoder.decode(payload)
-            except Exception as exc:
-                log.warning("dropping undecodable hello: %s", exc)
+            except Exception as exc:  # not a hello (or not one of ours): dropped
+                log.warning("dropping an undecodable or unexpected message on the request socket: %s", exc)
                 continue
-            if not isinstance(hello, EngineHello) or hello.engine_id.encode() != identity:
-                log.warning("dropping an unexpected %s on the request socket", type(hello).__name__)
+            if hello.engine_id.encode() != identity:
+                log.warning("dropping a hello from %s under the route of another engine", hello.engine_id)
                 continue
             return hello
 
