@@ -154,13 +154,14 @@ def run_benchmark(*, url: str | None = None, model: str | None = None, users: in
 
     ours = figures(runs["ours"])
     base = figures(runs[baseline]) if baseline in runs else None
+    quantization = ((info or {}).get("plan") or {}).get("quantization")
     config = {**msgspec.to_builtins(cfg), "model": (info or {}).get("model") or model, "url": url,
-              "dtype": dtype, "baseline": baseline, "prompt_set": DEFAULT_SET}
+              "dtype": dtype, "quantization": quantization, "baseline": baseline, "prompt_set": DEFAULT_SET}
     if setup is not None:
         config["llama_cpp"] = {"gguf": setup.gguf, "quant": setup.quant, "threads": llama_cpp.physical_cores()}
     print(f"\nkiln bench: {users} users x {'%gs' % duration if duration else f'{requests} requests'}, "
           f"{max_new_tokens} new tokens, {'stream' if stream else 'no stream'}, temperature {temperature}, "
-          f"dtype {dtype}" + (f"; llama.cpp {setup.quant} {setup.gguf}" if setup is not None else ""))
+          f"dtype {dtype}" + (f" ({quantization} weights)" if quantization else "") + (f"; llama.cpp {setup.quant} {setup.gguf}" if setup is not None else ""))
     print(table(ours, base, baseline_name=baseline or "baseline"))
     if base is not None:
         print("\n" + ratio_line(ours, base, baseline))

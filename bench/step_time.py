@@ -1,6 +1,6 @@
 """Decode step time of the engine's own runner, beside the memory-bandwidth roofline.
 
-`python -m bench.step_time --model DIR [--dtype bfloat16] [--quantization nf4] --batches 1,4,10,16`
+`python -m bench.step_time --model DIR [--dtype bfloat16] [--quantization nf4|none] --batches 1,4,10,16`
 
 The model is planned and loaded exactly as `serve` would (planner + loader), then the engine's
 `ModelRunner` (with CUDA graphs where the engine would use them) runs decode steps for B
@@ -58,7 +58,7 @@ def load(model: str, overrides, max_batch: int, context: int):
 
         print(compile_model(loaded), flush=True)
     weights = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else sum(
-        p.numel() * p.element_size() for p in loaded.parameters())
+        t.numel() * t.element_size() for t in (*loaded.parameters(), *loaded.buffers()))  # int8 weights are buffers
     kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
     runner = ModelRunner(loaded, max_batch, context, device, kv_dtype, cuda_graphs=plan.cuda_graphs)
     return plan, runner, weights

@@ -42,6 +42,7 @@ def load_model(path: str, plan: ServingPlan) -> torch.nn.Module:
         from engine_core.int8_weights import quantize_linears
 
         log.info(quantize_linears(model))
+        release_freed_memory()  # the 16-bit linears just replaced: ~0.2 GB of RSS for the default model
     if plan.quantization == "nf4" and plan.offload:
         cast_offloaded_weights(model, dtype)
     if names := cpu_resident_modules(plan):
@@ -49,6 +50,18 @@ def load_model(path: str, plan: ServingPlan) -> torch.nn.Module:
     if plan.device_map and plan.offload:
         log.info("offload: %s", describe_offload(model))
     return model
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed inside the process back to the OS (glibc keeps it in its arenas otherwise, and
+    the resident size would count weights that no longer exist); a no-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 CPU_PLACEABLE = ("model.embed_tokens", "lm_head")  # what a GPU plan may keep in RAM and run on CPU
