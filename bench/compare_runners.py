@@ -7,6 +7,7 @@ Used to show a runner rewrite does not regress (bench/RESULTS.md). Both runners 
 model, the same prompts and the same step driver (bench.step_time.time_decode); rounds alternate so a
 noisy machine slows both alike. Imports engine internals on purpose: it measures the step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,10 @@ def main(argv: list[str] | None = None) -> None:
                 times[(name, batch)] += time_decode(runner, batch, 128, 15)
     for batch in (1, 10):
         o, c = statistics.median(times[("other", batch)]), statistics.median(times[("current", batch)])
-        print(f"{args.dtype} threads={args.threads} batch {batch:>2}: other {o:6.1f} ms  current {c:6.1f} ms  "
-              f"(current/other {c / o:.2f})")
+        print(
+            f"{args.dtype} threads={args.threads} batch {batch:>2}: other {o:6.1f} ms  current {c:6.1f} ms  "
+            f"(current/other {c / o:.2f})"
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ per event and end at the event that carries `finish_reason`. OpenAI-style server
 with `stream_options.include_usage`, `usage` (on a final chunk with no choices, or on the last one for
 some servers: read from whichever chunk carries it), then `data: [DONE]`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -55,8 +56,9 @@ class Dialect(msgspec.Struct, frozen=True):
             tokens = len(ids) if isinstance(ids, list) else int(bool(msg.get("text")))
             return Chunk(tokens=tokens, finish_reason=msg.get("finish_reason"), usage=msg.get("usage"))
         choice = _first_choice(msg)
-        return Chunk(tokens=int(bool(choice.get("text"))), finish_reason=choice.get("finish_reason"),
-                     usage=msg.get("usage"))
+        return Chunk(
+            tokens=int(bool(choice.get("text"))), finish_reason=choice.get("finish_reason"), usage=msg.get("usage")
+        )
 
     def ends_at_finish(self) -> bool:
         """kiln's stream is over at `finish_reason`; OpenAI's may still send `usage`, then [DONE]."""
@@ -77,7 +79,19 @@ def _first_choice(msg: dict[str, Any]) -> dict:
     return choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
 
 
-NATIVE = Dialect(name="native", stream_path="/generate_stream", plain_path="/generate", openai=False,
-                 polls_info=True, keep_alive=True)
-OPENAI = Dialect(name="openai", stream_path="/v1/completions", plain_path="/v1/completions", openai=True,
-                 polls_info=False, keep_alive=False)
+NATIVE = Dialect(
+    name="native",
+    stream_path="/generate_stream",
+    plain_path="/generate",
+    openai=False,
+    polls_info=True,
+    keep_alive=True,
+)
+OPENAI = Dialect(
+    name="openai",
+    stream_path="/v1/completions",
+    plain_path="/v1/completions",
+    openai=True,
+    polls_info=False,
+    keep_alive=False,
+)

@@ -15,6 +15,7 @@ processes, so it holds no GPU memory that would shrink the plans or blur nvidia-
 `--cpu` runs the same code paths at CPU scale (tiny and default models, a simulated H100 for the
 planner searches) so CI keeps this script working between GPU runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,12 @@ MAX_LOG_FILES = 4
 SIMULATED_GPU = "H100:80GiB:9.0"  # --cpu: the planner searches run against this instead of a real GPU
 OFFLOAD_FRACTIONS = (0.3, 0.27, 0.25, 0.22, 0.2, 0.18, 0.15, 0.12, 0.1)  # largest first: fewest layers offloaded
 EMBED_CPU_FRACTIONS = (0.1, 0.09, 0.08, 0.075, 0.07, 0.065, 0.06, 0.055, 0.05)
-TINY_PROMPTS = ("def fibonacci(n):", "The capital of France is", "Once upon a time, in a land far away,",
-                "import numpy as np\nx = np.")
+TINY_PROMPTS = (
+    "def fibonacci(n):",
+    "The capital of France is",
+    "Once upon a time, in a land far away,",
+    "import numpy as np\nx = np.",
+)
 STEP_BATCHES = "1,4,10,16"
 LLAMA8B = "llama-3.1-8b-bf16"
 BENCH_MIN_S = 75  # two server starts and 10 x 128 tokens each: not worth starting with less
@@ -96,9 +101,16 @@ class Result:
         return bool(ok)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "status": self.status, "seconds": round(self.seconds, 1),
-                "checks": self.checks, "numbers": self.numbers, "notes": self.notes,
-                "error": self.error, "log_tail": self.log_tail}
+        return {
+            "name": self.name,
+            "status": self.status,
+            "seconds": round(self.seconds, 1),
+            "checks": self.checks,
+            "numbers": self.numbers,
+            "notes": self.notes,
+            "error": self.error,
+            "log_tail": self.log_tail,
+        }
 
 
 @dataclass
@@ -128,6 +140,7 @@ class Scenario:
 
 # --- child processes ---------------------------------------------------------------------------
 
+
 def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -143,8 +156,15 @@ def run_logged(cmd: list[str], log_path: Path, timeout_s: float) -> int:
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=child_env())
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=child_env(),
+        )
         try:
             return proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -168,6 +188,7 @@ def get_json(url: str, timeout: float = 10.0):
 
 # --- models --------------------------------------------------------------------------------------
 
+
 @dataclass
 class BackgroundBuild:
     proc: subprocess.Popen
@@ -184,16 +205,37 @@ def is_built(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
 
 
-def build_command(session: Session, key: str, config_dir: Path, dtype: str, init_std: float | None,
-                  device: str) -> list[str]:
-    cmd = [sys.executable, "-m", "bench.random_model", str(config_dir), str(model_dir(session, key)), "--dtype", dtype,
-           "--tokenizer", str(session.tokenizer_dir), "--device", device]
+def build_command(
+    session: Session, key: str, config_dir: Path, dtype: str, init_std: float | None, device: str
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.random_model",
+        str(config_dir),
+        str(model_dir(session, key)),
+        "--dtype",
+        dtype,
+        "--tokenizer",
+        str(session.tokenizer_dir),
+        "--device",
+        device,
+    ]
     return cmd + (["--init-std", str(init_std)] if init_std is not None else [])
 
 
-def build_model(session: Session, res: Result, key: str, config_dir: Path, deadline: Deadline, *,
-                dtype: str = "bfloat16", init_std: float | None = None, box_s: float = 120.0,
-                on_cpu: bool = False) -> Path:
+def build_model(
+    session: Session,
+    res: Result,
+    key: str,
+    config_dir: Path,
+    deadline: Deadline,
+    *,
+    dtype: str = "bfloat16",
+    init_std: float | None = None,
+    box_s: float = 120.0,
+    on_cpu: bool = False,
+) -> Path:
     """A random-weight model from `config_dir`, built once per run in a child: on the GPU when there is
     one (an 8B fill takes seconds there, a minute on CPU), on CPU for tiny models (no CUDA start-up).
     A build started in the background (start_background_build) is waited for instead."""
@@ -226,8 +268,15 @@ def start_background_build(session: Session, key: str, config_dir: Path, dtype: 
         cmd = build_command(session, key, config_dir, dtype, None, "cpu")
         out.write(f"$ {' '.join(cmd)}\n".encode())
         out.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=child_env())
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=child_env(),
+        )
     session.background[key] = BackgroundBuild(proc, log, time.monotonic())
     print(f"[bench.gpu] building {key} in the background (CPU)", flush=True)
 
@@ -278,6 +327,7 @@ def tiny_model(session: Session, res: Result, deadline: Deadline) -> Path:
 
 # --- the planner ---------------------------------------------------------------------------------
 
+
 def plan_json(session: Session, model: Path, flags: list[str], deadline: Deadline) -> dict | str:
     """`cli.py plan --json` on the real GPU (a simulated H100 with --cpu); the plan, or its error text."""
     cmd = [sys.executable, str(REPO / "cli.py"), "plan", "--json", "--model", str(model), *flags]
@@ -289,8 +339,15 @@ def plan_json(session: Session, model: Path, flags: list[str], deadline: Deadlin
     return json.loads(done.stdout)
 
 
-def search_fraction(session: Session, res: Result, model: Path, fractions: tuple[float, ...],
-                    wanted: Callable[[dict], bool], flags: list[str], deadline: Deadline) -> tuple[float, dict] | None:
+def search_fraction(
+    session: Session,
+    res: Result,
+    model: Path,
+    fractions: tuple[float, ...],
+    wanted: Callable[[dict], bool],
+    flags: list[str],
+    deadline: Deadline,
+) -> tuple[float, dict] | None:
     """The first (largest) --gpu-memory-fraction whose plan satisfies `wanted`; every try is recorded."""
     tried = []
     for fraction in fractions:
@@ -298,9 +355,15 @@ def search_fraction(session: Session, res: Result, model: Path, fractions: tuple
         if isinstance(plan, str):
             tried.append({"fraction": fraction, "error": plan[-200:]})
             continue
-        tried.append({"fraction": fraction, "offload": plan["offload"], "quantization": plan["quantization"],
-                      "embed": (plan.get("device_map") or {}).get("model.embed_tokens"),
-                      "offload_bytes": plan.get("offload_bytes")})
+        tried.append(
+            {
+                "fraction": fraction,
+                "offload": plan["offload"],
+                "quantization": plan["quantization"],
+                "embed": (plan.get("device_map") or {}).get("model.embed_tokens"),
+                "offload_bytes": plan.get("offload_bytes"),
+            }
+        )
         if wanted(plan):
             res.numbers["fraction_search"] = tried
             return fraction, plan
@@ -317,6 +380,7 @@ def plans_embeddings_on_cpu(plan: dict) -> bool:
 
 
 # --- serving ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class Server:
@@ -340,8 +404,15 @@ def serving(session: Session, res: Result, args: list[str], ready_timeout_s: flo
     with open(log, "wb") as out:
         out.write(f"$ {' '.join(cmd)}\n".encode())
         out.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=child_env())
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=child_env(),
+        )
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     try:
         t0 = time.monotonic()
@@ -388,8 +459,12 @@ class GpuMemorySampler:
 def nvidia_smi(fields: list[str]) -> list[list[str]]:
     """Rows of nvidia-smi's CSV for `fields`, one per GPU; [] without nvidia-smi."""
     try:
-        done = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=15)
+        done = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [[c.strip() for c in line.split(",")] for line in done.stdout.splitlines() if line.strip()]
@@ -401,8 +476,14 @@ def stream_load(url: str, users: int, max_new_tokens: int, timeout_s: float):
     from bench.records import LoadConfig
     from bench.workload import DEFAULT_SET, load_prompts
 
-    cfg = LoadConfig(users=users, requests=1, max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True,
-                     request_timeout_s=timeout_s)
+    cfg = LoadConfig(
+        users=users,
+        requests=1,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        ignore_eos=True,
+        request_timeout_s=timeout_s,
+    )
     coroutine = run_load(url, cfg, load_prompts(DEFAULT_SET), progress=False)
     try:
         return asyncio.run(asyncio.wait_for(coroutine, timeout_s))
@@ -411,13 +492,32 @@ def stream_load(url: str, users: int, max_new_tokens: int, timeout_s: float):
 
 
 def plan_numbers(plan: dict) -> dict:
-    keys = ("device", "dtype", "quantization", "offload", "max_batch", "max_context", "weights_bytes",
-            "kv_cache_bytes", "reserve_bytes", "budget_bytes", "offload_bytes", "max_memory")
+    keys = (
+        "device",
+        "dtype",
+        "quantization",
+        "offload",
+        "max_batch",
+        "max_context",
+        "weights_bytes",
+        "kv_cache_bytes",
+        "reserve_bytes",
+        "budget_bytes",
+        "offload_bytes",
+        "max_memory",
+    )
     numbers = {k: plan.get(k) for k in keys}
     device_map = plan.get("device_map") or {}
-    numbers["device_map"] = device_map if len(device_map) <= 8 else {
-        "entries": len(device_map), "cpu": sorted(k for k, v in device_map.items() if v == "cpu")[:12],
-        "model.embed_tokens": device_map.get("model.embed_tokens"), "lm_head": device_map.get("lm_head")}
+    numbers["device_map"] = (
+        device_map
+        if len(device_map) <= 8
+        else {
+            "entries": len(device_map),
+            "cpu": sorted(k for k, v in device_map.items() if v == "cpu")[:12],
+            "model.embed_tokens": device_map.get("model.embed_tokens"),
+            "lm_head": device_map.get("lm_head"),
+        }
+    )
     return numbers
 
 
@@ -437,12 +537,21 @@ def check_requests(res: Result, run, users: int, max_new_tokens: int) -> None:
     from bench.stats import figures
 
     figs = figures(run)
-    res.numbers["load"] = {"completed": figs.completed, "failed": figs.failed, "wall_s": round(figs.wall_s, 2),
-                           "output_tokens_per_s": figs.output_tokens_per_s, "ttft_p50_s": figs.ttft_p50,
-                           "itl_p50_s": figs.itl_p50, "peak_running": run.peak_running}
+    res.numbers["load"] = {
+        "completed": figs.completed,
+        "failed": figs.failed,
+        "wall_s": round(figs.wall_s, 2),
+        "output_tokens_per_s": figs.output_tokens_per_s,
+        "ttft_p50_s": figs.ttft_p50,
+        "itl_p50_s": figs.itl_p50,
+        "peak_running": run.peak_running,
+    }
     errors = [r.error for r in run.records if not r.ok]
-    res.check("all requests completed", figs.completed == users and not errors,
-              f"{figs.completed}/{users} ok" + (f"; first error: {errors[0]}" if errors else ""))
+    res.check(
+        "all requests completed",
+        figs.completed == users and not errors,
+        f"{figs.completed}/{users} ok" + (f"; first error: {errors[0]}" if errors else ""),
+    )
     short = [r.output_tokens for r in run.records if r.ok and r.output_tokens != max_new_tokens]
     res.check(f"each request gave {max_new_tokens} tokens", not short, f"short: {short[:5]}" if short else "")
 
@@ -461,8 +570,11 @@ def check_memory(session: Session, res: Result, info: dict, smi_mib: int | None)
     res.numbers["peak_over_plan"] = round(peak / expected, 3) if expected else None
     res.numbers["weights_measured_bytes"] = allocated - plan.get("kv_cache_bytes", 0) if allocated else None
     res.check("engine reports GPU memory", peak > 0, f"peak {gib(peak)}")
-    res.check("peak <= plan (weights on GPU + KV + reserve) x 1.05", 0 < peak <= expected * PEAK_SLACK,
-              f"peak {gib(peak)} vs plan {gib(expected)} ({peak / expected:.2f}x)")
+    res.check(
+        "peak <= plan (weights on GPU + KV + reserve) x 1.05",
+        0 < peak <= expected * PEAK_SLACK,
+        f"peak {gib(peak)} vs plan {gib(expected)} ({peak / expected:.2f}x)",
+    )
 
 
 def process_rss(pid) -> int | None:
@@ -474,8 +586,17 @@ def process_rss(pid) -> int | None:
         return None
 
 
-def serve_and_check(session: Session, res: Result, deadline: Deadline, args: list[str], *, users: int,
-                    max_new_tokens: int, ready_s: float = 150.0, load_s: float = 90.0) -> dict:
+def serve_and_check(
+    session: Session,
+    res: Result,
+    deadline: Deadline,
+    args: list[str],
+    *,
+    users: int,
+    max_new_tokens: int,
+    ready_s: float = 150.0,
+    load_s: float = 90.0,
+) -> dict:
     """Serve, send `users` concurrent streams, read /info: the checks every serve scenario shares."""
     with GpuMemorySampler(not session.cpu) as smi, serving(session, res, args, deadline.box(ready_s)) as server:
         run = stream_load(server.url, users, max_new_tokens, deadline.box(load_s))
@@ -491,6 +612,7 @@ def serve_and_check(session: Session, res: Result, deadline: Deadline, args: lis
 
 # --- scenarios ------------------------------------------------------------------------------------
 
+
 def sc2_3b(session: Session, res: Result, deadline: Deadline) -> Path:
     return build_model(session, res, "starcoder2-3b-bf16", FIXTURES / "starcoder2-3b", deadline)
 
@@ -498,38 +620,55 @@ def sc2_3b(session: Session, res: Result, deadline: Deadline) -> Path:
 def scenario_sc2_bf16(session: Session, res: Result, deadline: Deadline) -> None:
     model = sc2_3b(session, res, deadline)
     info = serve_and_check(session, res, deadline, ["--model", str(model)], users=10, max_new_tokens=128)
-    res.check("plan is bf16, not quantized", info["plan"]["dtype"] == "bfloat16" and not info["plan"]["quantization"],
-              f"{info['plan']['dtype']}, quantization {info['plan']['quantization']}")
+    res.check(
+        "plan is bf16, not quantized",
+        info["plan"]["dtype"] == "bfloat16" and not info["plan"]["quantization"],
+        f"{info['plan']['dtype']}, quantization {info['plan']['quantization']}",
+    )
 
 
 def scenario_sc2_nf4(session: Session, res: Result, deadline: Deadline) -> None:
     model = sc2_3b(session, res, deadline)
-    info = serve_and_check(session, res, deadline, ["--model", str(model), "--quantization", "nf4"],
-                           users=10, max_new_tokens=128)
+    info = serve_and_check(
+        session, res, deadline, ["--model", str(model), "--quantization", "nf4"], users=10, max_new_tokens=128
+    )
     res.check("plan is NF4", info["plan"]["quantization"] == "nf4", str(info["plan"]["quantization"]))
 
 
 def scenario_llama8b_offload(session: Session, res: Result, deadline: Deadline) -> None:
     config = FIXTURES / "llama-3.1-8b"
-    found = search_fraction(session, res, config, OFFLOAD_FRACTIONS, plans_offload, ["--quantization", "none"], deadline)
-    if not res.check("some --gpu-memory-fraction plans an offload", found is not None, "tried " + str(OFFLOAD_FRACTIONS)):
+    found = search_fraction(
+        session, res, config, OFFLOAD_FRACTIONS, plans_offload, ["--quantization", "none"], deadline
+    )
+    if not res.check(
+        "some --gpu-memory-fraction plans an offload", found is not None, "tried " + str(OFFLOAD_FRACTIONS)
+    ):
         return
     fraction, _ = found
     res.numbers["gpu_memory_fraction"] = fraction
     model = build_model(session, res, LLAMA8B, config, deadline, box_s=180)
-    info = serve_and_check(session, res, deadline, ["--model", str(model), "--gpu-memory-fraction", str(fraction),
-                                                    "--quantization", "none"], users=4, max_new_tokens=16,
-                           ready_s=200, load_s=120)
+    info = serve_and_check(
+        session,
+        res,
+        deadline,
+        ["--model", str(model), "--gpu-memory-fraction", str(fraction), "--quantization", "none"],
+        users=4,
+        max_new_tokens=16,
+        ready_s=200,
+        load_s=120,
+    )
     res.check("served plan offloads", bool(info["plan"]["offload"]), str(info["plan"]["reasons"].get("offload")))
 
 
 def scenario_small_gpu(session: Session, res: Result, deadline: Deadline) -> None:
     """llama-3.1-8b shapes with 4 layers: a 128256 x 4096 embedding the planner should move to RAM."""
     config = config_with(session, "llama-3.1-8b-4l", "llama-3.1-8b", num_hidden_layers=4)
-    found = search_fraction(session, res, config, EMBED_CPU_FRACTIONS, plans_embeddings_on_cpu,
-                            ["--quantization", "none"], deadline)
-    if not res.check("planned: some fraction puts model.embed_tokens on CPU", found is not None,
-                     "" if found else "not planned"):
+    found = search_fraction(
+        session, res, config, EMBED_CPU_FRACTIONS, plans_embeddings_on_cpu, ["--quantization", "none"], deadline
+    )
+    if not res.check(
+        "planned: some fraction puts model.embed_tokens on CPU", found is not None, "" if found else "not planned"
+    ):
         res.notes.append("not planned: no --gpu-memory-fraction gave device_map['model.embed_tokens'] == 'cpu'")
         return
     fraction, _ = found
@@ -538,17 +677,28 @@ def scenario_small_gpu(session: Session, res: Result, deadline: Deadline) -> Non
         res.notes.append(f"--cpu: planned against a simulated {SIMULATED_GPU}; not served")
         return
     model = build_model(session, res, "llama-3.1-8b-4l-bf16", config, deadline)
-    info = serve_and_check(session, res, deadline, ["--model", str(model), "--gpu-memory-fraction", str(fraction),
-                                                    "--quantization", "none"], users=3, max_new_tokens=16,
-                           ready_s=150, load_s=90)
-    res.check("served plan has the embeddings on CPU", plans_embeddings_on_cpu(info["plan"]),
-              str((info["plan"].get("device_map") or {}).get("model.embed_tokens")))
+    info = serve_and_check(
+        session,
+        res,
+        deadline,
+        ["--model", str(model), "--gpu-memory-fraction", str(fraction), "--quantization", "none"],
+        users=3,
+        max_new_tokens=16,
+        ready_s=150,
+        load_s=90,
+    )
+    res.check(
+        "served plan has the embeddings on CPU",
+        plans_embeddings_on_cpu(info["plan"]),
+        str((info["plan"].get("device_map") or {}).get("model.embed_tokens")),
+    )
 
 
 async def generate_all(url: str, bodies: list[dict], timeout_s: float) -> list[dict]:
     import aiohttp
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+
         async def one(body: dict) -> dict:
             async with http.post(url + "/generate", json=body) as resp:
                 return {"status": resp.status, **(await resp.json(content_type=None))}
@@ -575,8 +725,21 @@ def reference_generate(session: Session, res: Result, model: Path, deadline: Dea
     prompts_path.write_text(json.dumps(list(TINY_PROMPTS)))
     log = session.workdir / "tiny-reference.log"
     res.logs.append(log)
-    code = run_logged([sys.executable, "-m", "bench.gpu", "reference", str(model), str(prompts_path), str(out_path),
-                       "--max-new-tokens", "32"], log, deadline.box(120))
+    code = run_logged(
+        [
+            sys.executable,
+            "-m",
+            "bench.gpu",
+            "reference",
+            str(model),
+            str(prompts_path),
+            str(out_path),
+            "--max-new-tokens",
+            "32",
+        ],
+        log,
+        deadline.box(120),
+    )
     if code != 0:
         raise RuntimeError(f"reference generate failed (exit {code}):\n{tail(log)}")
     return json.loads(out_path.read_text())
@@ -586,23 +749,47 @@ def compare_with_reference(res: Result, answers: list[dict], reference: list[dic
     rows = []
     for prompt, answer, ref in zip(TINY_PROMPTS, answers, reference):
         ours = answer.get("token_ids") or []
-        first_diff = next((i for i, (a, b) in enumerate(zip(ours, ref["token_ids"])) if a != b),
-                          None if len(ours) == len(ref["token_ids"]) else min(len(ours), len(ref["token_ids"])))
-        rows.append({"prompt": prompt, "status": answer["status"], "tokens": len(ours),
-                     "first_mismatch": first_diff, "device": ref["device"]})
+        first_diff = next(
+            (i for i, (a, b) in enumerate(zip(ours, ref["token_ids"])) if a != b),
+            None if len(ours) == len(ref["token_ids"]) else min(len(ours), len(ref["token_ids"])),
+        )
+        rows.append(
+            {
+                "prompt": prompt,
+                "status": answer["status"],
+                "tokens": len(ours),
+                "first_mismatch": first_diff,
+                "device": ref["device"],
+            }
+        )
     res.numbers["prompts"] = rows
     res.check("HTTP 200 for every prompt", all(r["status"] == 200 for r in rows), str([r["status"] for r in rows]))
     bad = [r for r in rows if r["first_mismatch"] is not None]
-    res.check("greedy tokens equal transformers generate (fp32)", not bad and bool(rows),
-              "; ".join(f"{r['prompt'][:20]!r} differs at token {r['first_mismatch']}" for r in bad))
+    res.check(
+        "greedy tokens equal transformers generate (fp32)",
+        not bad and bool(rows),
+        "; ".join(f"{r['prompt'][:20]!r} differs at token {r['first_mismatch']}" for r in bad),
+    )
 
 
 def scenario_serve_default(session: Session, res: Result, deadline: Deadline) -> None:
     """--cpu: the embedded default model, a few concurrent streams, /info fields present."""
-    info = serve_and_check(session, res, deadline, ["--max-context", "512"], users=4, max_new_tokens=24,
-                           ready_s=150, load_s=90)
-    missing = [k for k in ("dtype", "max_batch", "max_context", "weights_bytes", "kv_cache_bytes", "reserve_bytes",
-                           "budget_bytes") if k not in (info.get("plan") or {})]
+    info = serve_and_check(
+        session, res, deadline, ["--max-context", "512"], users=4, max_new_tokens=24, ready_s=150, load_s=90
+    )
+    missing = [
+        k
+        for k in (
+            "dtype",
+            "max_batch",
+            "max_context",
+            "weights_bytes",
+            "kv_cache_bytes",
+            "reserve_bytes",
+            "budget_bytes",
+        )
+        if k not in (info.get("plan") or {})
+    ]
     res.check("/info plan has the sizing fields", not missing, f"missing {missing}" if missing else "")
     engine = (info.get("engines") or [{}])[0]
     res.check("/info engine has GPU memory fields", "gpu_peak_bytes" in engine and "gpu_allocated_bytes" in engine)
@@ -622,8 +809,9 @@ def scenario_speed(session: Session, res: Result, deadline: Deadline) -> None:
     run_bench(session, res, model, users, tokens, deadline)
 
 
-def run_step_time(session: Session, res: Result, model: Path, dtype: str, quantization: str | None,
-                  deadline: Deadline) -> None:
+def run_step_time(
+    session: Session, res: Result, model: Path, dtype: str, quantization: str | None, deadline: Deadline
+) -> None:
     key = f"step_time_{quantization or dtype}"
     if importlib.util.find_spec("bench.step_time") is None:
         res.numbers[key] = None
@@ -632,8 +820,19 @@ def run_step_time(session: Session, res: Result, model: Path, dtype: str, quanti
     out = session.workdir / f"{key}.json"
     log = session.workdir / f"{key}.log"
     res.logs.append(log)
-    cmd = [sys.executable, "-m", "bench.step_time", "--model", str(model), "--dtype", dtype,
-           "--batches", STEP_BATCHES if not session.cpu else "1,4", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.step_time",
+        "--model",
+        str(model),
+        "--dtype",
+        dtype,
+        "--batches",
+        STEP_BATCHES if not session.cpu else "1,4",
+        "--json",
+        str(out),
+    ]
     if quantization:
         cmd += ["--quantization", quantization]
     try:
@@ -641,7 +840,9 @@ def run_step_time(session: Session, res: Result, model: Path, dtype: str, quanti
     except OutOfTime as exc:
         res.check(f"{key} finished", False, str(exc))
         return
-    ok = res.check(f"{key} finished", code == 0 and out.is_file(), f"exit {code}" + ("" if code == 0 else f": {tail(log, 400)}"))
+    ok = res.check(
+        f"{key} finished", code == 0 and out.is_file(), f"exit {code}" + ("" if code == 0 else f": {tail(log, 400)}")
+    )
     res.numbers[key] = json.loads(out.read_text()) if ok else None
 
 
@@ -651,11 +852,29 @@ def run_bench(session: Session, res: Result, model: Path, users: int, tokens: in
         res.check("cli.py bench with naive baseline finished", False, f"not run: {deadline.left():.0f} s left")
         return
     res.logs.append(log)
-    cmd = [sys.executable, str(REPO / "cli.py"), "bench", "--model", str(model), "--users", str(users),
-           "--requests", "1", "--max-new-tokens", str(tokens), "--baseline", "naive", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "cli.py"),
+        "bench",
+        "--model",
+        str(model),
+        "--users",
+        str(users),
+        "--requests",
+        "1",
+        "--max-new-tokens",
+        str(tokens),
+        "--baseline",
+        "naive",
+        "--json",
+        str(out),
+    ]
     code = run_logged(cmd, log, deadline.box(240))
-    if not res.check("cli.py bench with naive baseline finished", code == 0 and out.is_file(),
-                     f"exit {code}" + ("" if code == 0 else f": {tail(log, 600)}")):
+    if not res.check(
+        "cli.py bench with naive baseline finished",
+        code == 0 and out.is_file(),
+        f"exit {code}" + ("" if code == 0 else f": {tail(log, 600)}"),
+    ):
         return
     report = json.loads(out.read_text())
     res.numbers["bench"] = {side: pick_figures(report.get(side)) for side in ("ours", "baseline")}
@@ -672,8 +891,9 @@ def pick_figures(figs: dict | None) -> dict | None:
 
 def scenario_plan_search(session: Session, res: Result, deadline: Deadline) -> None:
     """--cpu: the fraction searches the GPU run relies on, against a simulated H100."""
-    found = search_fraction(session, res, FIXTURES / "llama-3.1-8b", OFFLOAD_FRACTIONS, plans_offload,
-                            ["--quantization", "none"], deadline)
+    found = search_fraction(
+        session, res, FIXTURES / "llama-3.1-8b", OFFLOAD_FRACTIONS, plans_offload, ["--quantization", "none"], deadline
+    )
     res.numbers["offload_search"] = res.numbers.pop("fraction_search")
     res.check("llama-3.1-8b: some fraction plans an offload", found is not None, str(found and found[0]))
     scenario_small_gpu(session, res, deadline)
@@ -693,6 +913,7 @@ SCENARIOS = (
 
 
 # --- the run --------------------------------------------------------------------------------------
+
 
 def run_scenario(session: Session, scenario: Scenario) -> None:
     res = session.results[scenario.name]
@@ -734,14 +955,19 @@ def device_description(cpu: bool) -> dict:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     gpus = nvidia_smi(["name", "memory.total", "driver_version"]) if not cpu else []
-    return {"mode": "cpu" if cpu else "gpu", "gpus": [{"name": g[0], "memory_total_mib": g[1], "driver": g[2]}
-                                                      for g in gpus if len(g) == 3],
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "versions": versions}
+    return {
+        "mode": "cpu" if cpu else "gpu",
+        "gpus": [{"name": g[0], "memory_total_mib": g[1], "driver": g[2]} for g in gpus if len(g) == 3],
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
-def run_all(outdir: Path, *, cpu: bool, tokenizer: str | None, only: list[str] | None, budget_s: float,
-            workdir: str | None) -> int:
+def run_all(
+    outdir: Path, *, cpu: bool, tokenizer: str | None, only: list[str] | None, budget_s: float, workdir: str | None
+) -> int:
     from bench.random_model import default_tokenizer_dir
     from model.source import ModelNotFound
 
@@ -754,8 +980,9 @@ def run_all(outdir: Path, *, cpu: bool, tokenizer: str | None, only: list[str] |
     own_workdir = workdir is None
     work = Path(workdir or tempfile.mkdtemp(prefix="kiln-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
-    session = Session(outdir=outdir, workdir=work, cpu=cpu, budget=Deadline.after(budget_s),
-                      tokenizer_dir=tokenizer_dir)
+    session = Session(
+        outdir=outdir, workdir=work, cpu=cpu, budget=Deadline.after(budget_s), tokenizer_dir=tokenizer_dir
+    )
     session.device = device_description(cpu)
     chosen = [s for s in SCENARIOS if (s.cpu if cpu else s.gpu) and (not only or s.name in only)]
     unknown = sorted(set(only or []) - {s.name for s in SCENARIOS})
@@ -781,6 +1008,7 @@ def run_all(outdir: Path, *, cpu: bool, tokenizer: str | None, only: list[str] |
 
 # --- helpers run as children ----------------------------------------------------------------------
 
+
 def reference_main(argv: list[str]) -> None:
     """Greedy float32 `generate` per prompt; writes [{"prompt", "token_ids", "device"}] as JSON."""
     parser = argparse.ArgumentParser(prog="bench.gpu reference")
@@ -799,9 +1027,10 @@ def reference_main(argv: list[str]) -> None:
     for prompt in json.loads(Path(args.prompts).read_text()):
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                 do_sample=False)
-        rows.append({"prompt": prompt, "token_ids": out[0, ids.shape[1]:].tolist(), "device": device})
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=False
+            )
+        rows.append({"prompt": prompt, "token_ids": out[0, ids.shape[1] :].tolist(), "device": device})
     Path(args.out).write_text(json.dumps(rows))
 
 
@@ -833,8 +1062,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where random models go (default: a fresh temp dir)")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
-    return run_all(args.outdir, cpu=args.cpu, tokenizer=args.tokenizer, only=only, budget_s=args.budget_s,
-                   workdir=args.workdir)
+    return run_all(
+        args.outdir, cpu=args.cpu, tokenizer=args.tokenizer, only=only, budget_s=args.budget_s, workdir=args.workdir
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ or from PATH. Same weights: the embedded default is a Q4_1 GGUF that kiln dequan
 own `llama-quantize --allow-requantize ... F16` yields the same dequantized values in a file
 llama-server runs at F16 (made once, cached). Q4_1 runs the shipped file as it is.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,10 @@ def find_tool(name: str) -> str:
         return str(folder / name)
     if found := shutil.which(name):
         return found
-    raise LlamaCppUnavailable(f"llama.cpp's {name} not found: run `{INSTALL_HINT}` (compiles llama.cpp; "
-                              f"LLAMA_CPP_BUILD_JOBS=2), put it on PATH, or set {env_var}")
+    raise LlamaCppUnavailable(
+        f"llama.cpp's {name} not found: run `{INSTALL_HINT}` (compiles llama.cpp; "
+        f"LLAMA_CPP_BUILD_JOBS=2), put it on PATH, or set {env_var}"
+    )
 
 
 def package_bin_dir() -> Path | None:
@@ -93,8 +96,12 @@ def requantize(source: Path, quant: str, quantize: str) -> Path:
     tmp = str(out.with_name(f"{out.name}.{os.getpid()}.part"))
     print(f"requantizing {source.name} to {quant} once into {out} ...", file=sys.stderr, flush=True)
     try:
-        result = subprocess.run([quantize, "--allow-requantize", str(source), tmp, quant],
-                                stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        result = subprocess.run(
+            [quantize, "--allow-requantize", str(source), tmp, quant],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
             raise LlamaCppUnavailable(f"{QUANTIZE} failed (exit {result.returncode}): {tail[0]}")
@@ -119,8 +126,10 @@ def baseline_gguf(model: str | None, quant: str) -> tuple[Path, str]:
     path = Path(spec).expanduser()
     if spec.endswith(".gguf") and path.is_file():
         return path, "as given"
-    raise LlamaCppUnavailable(f"--baseline llama.cpp needs a .gguf file: {spec!r} is not one "
-                              "(pass --model FILE.gguf, or no --model for the embedded default)")
+    raise LlamaCppUnavailable(
+        f"--baseline llama.cpp needs a .gguf file: {spec!r} is not one "
+        "(pass --model FILE.gguf, or no --model for the embedded default)"
+    )
 
 
 def prepare(model: str | None, quant: str = DEFAULT_QUANT) -> LlamaCppSetup:
@@ -151,5 +160,19 @@ def physical_cores() -> int:
 
 def server_command(setup: LlamaCppSetup, port: int, *, users: int, context: int, threads: int) -> list[str]:
     """llama-server with one slot per user and continuous batching, on loopback."""
-    return [setup.server, "-m", setup.gguf, "--host", "127.0.0.1", "--port", str(port),
-            "-t", str(threads), "-np", str(users), "-cb", "-c", str(context)]
+    return [
+        setup.server,
+        "-m",
+        setup.gguf,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(threads),
+        "-np",
+        str(users),
+        "-cb",
+        "-c",
+        str(context),
+    ]

@@ -5,12 +5,13 @@ person (or an agent) in a chat, so latency under load and the batch the server r
 are both visible. Every request ends in exactly one record: a failure (HTTP error,
 connection error, error event, stream cut before the final event) is recorded, never dropped.
 """
+
 from __future__ import annotations
 
 import asyncio
-import os
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -45,8 +46,16 @@ def progress_bar(total: int | None, desc: str, enabled: bool = True, file=None) 
     seconds, as a line each time, instead of ten times a second."""
     file = file or sys.stderr
     tty = bool(getattr(file, "isatty", lambda: False)())
-    return tqdm(total=total, desc=desc, unit="tok", file=file, disable=not enabled, leave=False,
-                mininterval=0.1 if tty else 5.0, dynamic_ncols=tty)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="tok",
+        file=file,
+        disable=not enabled,
+        leave=False,
+        mininterval=0.1 if tty else 5.0,
+        dynamic_ncols=tty,
+    )
 
 
 def count_tokens(bar: tqdm, k: int) -> None:
@@ -59,8 +68,15 @@ def _no_progress(k: int) -> None:
     pass
 
 
-async def _stream_one(session: aiohttp.ClientSession, url: str, dialect: Dialect, body: dict,
-                      rec: RequestRecord, t_run: float, on_tokens=_no_progress) -> None:
+async def _stream_one(
+    session: aiohttp.ClientSession,
+    url: str,
+    dialect: Dialect,
+    body: dict,
+    rec: RequestRecord,
+    t_run: float,
+    on_tokens=_no_progress,
+) -> None:
     t0 = time.perf_counter()
     last: float | None = None
     counted = 0
@@ -112,8 +128,15 @@ async def _stream_one(session: aiohttp.ClientSession, url: str, dialect: Dialect
         rec.ok = True
 
 
-async def _generate_one(session: aiohttp.ClientSession, url: str, dialect: Dialect, body: dict,
-                        rec: RequestRecord, t_run: float, on_tokens=_no_progress) -> None:
+async def _generate_one(
+    session: aiohttp.ClientSession,
+    url: str,
+    dialect: Dialect,
+    body: dict,
+    rec: RequestRecord,
+    t_run: float,
+    on_tokens=_no_progress,
+) -> None:
     t0 = time.perf_counter()
     async with session.post(url + dialect.plain_path, json=body) as resp:
         rec.status = resp.status
@@ -186,8 +209,15 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress: bool = True,
-                   desc: str = "bench", dialect: Dialect = NATIVE) -> RunResult:
+async def run_load(
+    url: str,
+    cfg: LoadConfig,
+    prompts: list[Prompt],
+    *,
+    progress: bool = True,
+    desc: str = "bench",
+    dialect: Dialect = NATIVE,
+) -> RunResult:
     """Run the workload against `url` (e.g. http://127.0.0.1:8000) and return every request's record;
     `dialect` says whether the server speaks kiln's routes or OpenAI's /v1/completions."""
     url = url.rstrip("/")
@@ -201,6 +231,7 @@ async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress
 
     def on_tokens(k: int) -> None:
         count_tokens(bar, k)
+
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=auth_headers()) as session:
         t_run = time.perf_counter()
         deadline = None if cfg.duration is None else t_run + cfg.duration
@@ -209,13 +240,13 @@ async def run_load(url: str, cfg: LoadConfig, prompts: list[Prompt], *, progress
             index = 0
             while (index < cfg.requests) if deadline is None else (time.perf_counter() < deadline):
                 nonlocal done
-                rec = await _one(session, url, dialect, cfg, pick(prompts, cfg.seed, u, index), u, index, t_run,
-                                 on_tokens)
+                rec = await _one(
+                    session, url, dialect, cfg, pick(prompts, cfg.seed, u, index), u, index, t_run, on_tokens
+                )
                 records.append(rec)
                 done += 1
                 failed = sum(not r.ok for r in records)
-                bar.set_postfix_str(f"{done} requests done" + (f", {failed} failed" if failed else ""),
-                                    refresh=False)
+                bar.set_postfix_str(f"{done} requests done" + (f", {failed} failed" if failed else ""), refresh=False)
                 index += 1
 
         poller = asyncio.create_task(_poll_info(session, url, peak) if dialect.polls_info else asyncio.sleep(0))
@@ -235,7 +266,8 @@ async def warm_up(url: str, timeout_s: float = 300.0, dialect: Dialect = NATIVE)
     """One short request, not measured, so one-time costs (first-call allocation, lazy
     compilation) do not land in the first user's TTFT; failures here show up in the run itself."""
     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
-                                         headers=auth_headers()) as session:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout_s), headers=auth_headers()
+        ) as session:
             async with session.post(url.rstrip("/") + dialect.plain_path, json=dialect.warm_up_body()) as resp:
                 await resp.read()

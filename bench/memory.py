@@ -16,6 +16,7 @@ of 7-8B models, where the decoder linear layers are almost all of the parameters
 
 This file loads weights itself, so it imports torch/transformers; it does not import engine internals.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,7 +83,9 @@ def load(path: str, dtype, mode: str):
     kwargs: dict = {"dtype": dtype, "low_cpu_mem_usage": True}
     if mode != "16bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=(mode == "nf4+dq"),
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=(mode == "nf4+dq"),
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": "cpu"}
@@ -134,11 +137,15 @@ def measure(path: str, dtype_name: str) -> None:
             continue
         ratio = f"{row['16bit'] / row['nf4+dq']:.2f}x" if row["nf4+dq"] else "-"
         label = f"**{kind}**" if kind == "total" else kind
-        print(f"| {label} | {n / 1e6:.1f}M | {mib(row['16bit'])} | {mib(row['nf4'])} | {mib(row['nf4+dq'])} | {ratio} |")
+        print(
+            f"| {label} | {n / 1e6:.1f}M | {mib(row['16bit'])} | {mib(row['nf4'])} | {mib(row['nf4+dq'])} | {ratio} |"
+        )
     lin = params["decoder linear"]
     if lin:
-        print(f"\nbytes/param on decoder linear weights: NF4 {columns['nf4']['decoder linear'] / lin:.4f}, "
-              f"NF4+DQ {columns['nf4+dq']['decoder linear'] / lin:.4f} (16-bit: 2)")
+        print(
+            f"\nbytes/param on decoder linear weights: NF4 {columns['nf4']['decoder linear'] / lin:.4f}, "
+            f"NF4+DQ {columns['nf4+dq']['decoder linear'] / lin:.4f} (16-bit: 2)"
+        )
 
 
 def planner_table() -> None:
@@ -158,8 +165,10 @@ def planner_table() -> None:
         kept = s.embedding_params + s.lm_head_params + s.other_params
         nf4 = kept * 2 + math.ceil(NF4_PLAIN_BYTES_PER_PARAM * s.decoder_linear_params)
         g = 2**30
-        print(f"| {s.name} | {s.total_params / 1e9:.2f}B | {s.decoder_linear_params / s.total_params:.1%} | "
-              f"{fp32 / g:.2f} | {bf16 / g:.2f} | {nf4 / g:.2f} | {dq / g:.2f} | {fp32 / dq:.2f}x | {bf16 / dq:.2f}x |")
+        print(
+            f"| {s.name} | {s.total_params / 1e9:.2f}B | {s.decoder_linear_params / s.total_params:.1%} | "
+            f"{fp32 / g:.2f} | {bf16 / g:.2f} | {nf4 / g:.2f} | {dq / g:.2f} | {fp32 / dq:.2f}x | {bf16 / dq:.2f}x |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

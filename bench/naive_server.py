@@ -7,6 +7,7 @@ streamed from a generate() streamer. Same API as kiln (/health, /generate,
 
     python -m bench.naive_server --model-path FOLDER --dtype float32 --port 8001
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,8 +90,12 @@ class NaiveModel:
         try:
             if body.seed is not None:
                 torch.manual_seed(body.seed)
-            kwargs = dict(max_new_tokens=body.max_new_tokens, pad_token_id=self.pad, streamer=streamer,
-                          stopping_criteria=[_Cancelled(cancel)])
+            kwargs = dict(
+                max_new_tokens=body.max_new_tokens,
+                pad_token_id=self.pad,
+                streamer=streamer,
+                stopping_criteria=[_Cancelled(cancel)],
+            )
             if body.temperature == 0:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             else:
@@ -130,7 +135,7 @@ class _Text:
             end = len(text) - self.hold
             while end > self.sent and text[end - 1] == "\ufffd":
                 end -= 1
-        piece = text[self.sent:max(end, self.sent)]
+        piece = text[self.sent : max(end, self.sent)]
         self.sent = max(end, self.sent)
         return piece
 
@@ -183,8 +188,9 @@ class NaiveServer:
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
             cancel = threading.Event()
-            fut = loop.run_in_executor(self.executor, self.model.generate, body, ids,
-                                       _QueueStreamer(loop, queue), cancel)
+            fut = loop.run_in_executor(
+                self.executor, self.model.generate, body, ids, _QueueStreamer(loop, queue), cancel
+            )
             try:
                 while (item := await queue.get()) is not None:
                     yield item
@@ -215,12 +221,14 @@ class NaiveServer:
                 if text.stopped:
                     break
         out.append(text.add([], final=True) if not text.stopped else "")
-        return web.json_response({
-            "text": "".join(out),
-            "finish_reason": self._finish(text, body),
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(text.ids)},
-            "timings": {"ttft_s": ttft, "total_s": time.perf_counter() - t0},
-        })
+        return web.json_response(
+            {
+                "text": "".join(out),
+                "finish_reason": self._finish(text, body),
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(text.ids)},
+                "timings": {"ttft_s": ttft, "total_s": time.perf_counter() - t0},
+            }
+        )
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
         from aiohttp_sse import sse_response
@@ -238,9 +246,12 @@ class NaiveServer:
                         await resp.send(json.dumps({"text": text.add(new), "token_ids": new}))
                         if text.stopped:
                             break
-                final = {"text": text.add([], final=True) if not text.stopped else "",
-                         "token_ids": [], "finish_reason": self._finish(text, body),
-                         "usage": {"prompt_tokens": len(ids), "completion_tokens": len(text.ids)}}
+                final = {
+                    "text": text.add([], final=True) if not text.stopped else "",
+                    "token_ids": [],
+                    "finish_reason": self._finish(text, body),
+                    "usage": {"prompt_tokens": len(ids), "completion_tokens": len(text.ids)},
+                }
             except (ConnectionResetError, asyncio.CancelledError):
                 raise
             except Exception as e:  # the stream has started: report in-band, as kiln does

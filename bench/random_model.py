@@ -13,6 +13,7 @@ larger (llama-3.1: 128256) still loads, and ids past the tokenizer decode to not
 
 Imports torch lazily: `tiny_config` and the CLI's argument parsing stay cheap.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,16 @@ import shutil
 from pathlib import Path
 
 FIXTURE_CONFIGS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "configs"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 DEFAULT_VOCAB = 49152  # SmolLM2's tokenizer, the same size as starcoder2's
 NORM_MARKERS = ("norm", "ln_")  # parameter names of normalization layers: scales start at 1
 
@@ -30,19 +39,43 @@ NORM_MARKERS = ("norm", "ln_")  # parameter names of normalization layers: scale
 def tiny_config(arch: str = "llama") -> dict:
     """A few-layer float32 config that runs in milliseconds on CPU and fits the default tokenizer."""
     common = {
-        "vocab_size": DEFAULT_VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False,
-        "torch_dtype": "float32", "use_cache": True,
+        "vocab_size": DEFAULT_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "use_cache": True,
     }
     if arch == "llama":
-        return {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-                "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+        return {
+            **common,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+        }
     if arch == "starcoder2":
-        return {**common, "architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2",
-                "hidden_act": "gelu_pytorch_tanh", "norm_epsilon": 1e-5, "use_bias": True,
-                "sliding_window": 512, "rope_theta": 10000.0, "attention_dropout": 0.0,
-                "residual_dropout": 0.0, "embedding_dropout": 0.0}
+        return {
+            **common,
+            "architectures": ["Starcoder2ForCausalLM"],
+            "model_type": "starcoder2",
+            "hidden_act": "gelu_pytorch_tanh",
+            "norm_epsilon": 1e-5,
+            "use_bias": True,
+            "sliding_window": 512,
+            "rope_theta": 10000.0,
+            "attention_dropout": 0.0,
+            "residual_dropout": 0.0,
+            "embedding_dropout": 0.0,
+        }
     raise ValueError(f"tiny_config: unknown arch {arch!r} (llama or starcoder2)")
 
 
@@ -89,10 +122,18 @@ def _fill_random(model, std: float, seed: int) -> None:
                 param.zero_()
 
 
-def build_random_model(config_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
-                       num_layers: int | None = None, tokenizer_dir: str | Path | None = None,
-                       device: str = "cpu", overrides: dict | None = None, init_std: float | None = None,
-                       seed: int = 0) -> Path:
+def build_random_model(
+    config_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    num_layers: int | None = None,
+    tokenizer_dir: str | Path | None = None,
+    device: str = "cpu",
+    overrides: dict | None = None,
+    init_std: float | None = None,
+    seed: int = 0,
+) -> Path:
     """Build a random-weight model from `config_dir`/config.json and save it (safetensors +
     tokenizer) into `out_dir`; returns `out_dir`. `init_std` defaults to the config's
     initializer_range (0.02): larger values make greedy argmaxes clear-cut (exactness tests)."""
@@ -133,9 +174,16 @@ def main(argv: list[str] | None = None) -> None:
     config_dir = Path(args.config_dir)
     if not config_dir.is_dir() and (FIXTURE_CONFIGS / args.config_dir).is_dir():
         config_dir = FIXTURE_CONFIGS / args.config_dir
-    out = build_random_model(config_dir, args.out_dir, dtype=args.dtype, num_layers=args.num_layers,
-                             tokenizer_dir=args.tokenizer, device=args.device, init_std=args.init_std,
-                             overrides=json.loads(args.overrides) if args.overrides else None)
+    out = build_random_model(
+        config_dir,
+        args.out_dir,
+        dtype=args.dtype,
+        num_layers=args.num_layers,
+        tokenizer_dir=args.tokenizer,
+        device=args.device,
+        init_std=args.init_std,
+        overrides=json.loads(args.overrides) if args.overrides else None,
+    )
     print(out)
 
 

@@ -3,6 +3,7 @@
 Times are seconds. `start_s` and `token_times_s` are offsets from the run's start so a
 plot can bucket throughput over time; latencies are relative to the request's own start.
 """
+
 from __future__ import annotations
 
 import msgspec

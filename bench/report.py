@@ -3,6 +3,7 @@
 The JSON shape is a contract for scripts and CI: exactly
 {"config", "ours", "baseline" (or null), "ratios" (or null)}.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,12 @@ def ratio_line(ours: Figures, baseline: Figures, name: str) -> str:
     """The two headline ratios in one line: throughput, and how many times faster our first token is."""
     r = ratios(ours, baseline) or {}
     tp, tt = r.get("throughput"), r.get("ttft_p50")
-    return (f"vs {name}: throughput " + (f"x{tp:.2f}" if tp else "n/a")
-            + ", TTFT p50 " + (f"x{tt:.2f} faster" if tt else "n/a"))
+    return (
+        f"vs {name}: throughput "
+        + (f"x{tp:.2f}" if tp else "n/a")
+        + ", TTFT p50 "
+        + (f"x{tt:.2f} faster" if tt else "n/a")
+    )
 
 
 def to_json(config: dict, ours: Figures, baseline: Figures | None) -> dict:

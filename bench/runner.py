@@ -17,6 +17,7 @@ Defaults (what `python cli.py bench --stream --users 10` does with nothing else)
   native routes, llama-server on OpenAI's /v1/completions (bench/dialects.py); same prompts,
   same budgets, same sampling.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -61,8 +62,10 @@ def unreachable(url: str) -> str | None:
         return f"--url {url!r} is not a URL ({exc}); pass one like http://127.0.0.1:8000"
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        return (f"nothing answers at {url} ({reason}): start a server there (`python cli.py serve`), "
-                "or leave out --url to have bench start one")
+        return (
+            f"nothing answers at {url} ({reason}): start a server there (`python cli.py serve`), "
+            "or leave out --url to have bench start one"
+        )
 
 
 def plan_dtype(info: dict | None) -> str:
@@ -80,14 +83,15 @@ def _measure(url: str, cfg: LoadConfig, name: str, dialect: Dialect = NATIVE) ->
 
 def llama_cpp_command(setup: llama_cpp.LlamaCppSetup, port: int, cfg: LoadConfig) -> list[str]:
     """llama-server sized for this workload: a slot per user, each holding the longest prompt and the budget."""
-    context = llama_cpp.context_size(cfg.users, llama_cpp.prompt_token_bound(load_prompts(DEFAULT_SET)),
-                                     cfg.max_new_tokens)
-    return llama_cpp.server_command(setup, port, users=cfg.users, context=context,
-                                    threads=llama_cpp.physical_cores())
+    context = llama_cpp.context_size(
+        cfg.users, llama_cpp.prompt_token_bound(load_prompts(DEFAULT_SET)), cfg.max_new_tokens
+    )
+    return llama_cpp.server_command(setup, port, users=cfg.users, context=context, threads=llama_cpp.physical_cores())
 
 
-def _run_baseline(cfg: LoadConfig, *, model: str | None, dtype: str,
-                  setup: llama_cpp.LlamaCppSetup | None) -> RunResult:
+def _run_baseline(
+    cfg: LoadConfig, *, model: str | None, dtype: str, setup: llama_cpp.LlamaCppSetup | None
+) -> RunResult:
     """Start the baseline alone (ours has stopped), measure it with the same load, stop it:
     llama-server when `setup` is given, else the naive server in our plan's dtype."""
     port = free_port()
@@ -101,18 +105,30 @@ def _run_baseline(cfg: LoadConfig, *, model: str | None, dtype: str,
         return _measure(url, cfg, "naive")
 
 
-def run_benchmark(*, url: str | None = None, model: str | None = None, users: int = 10, requests: int = 2,
-                  duration: float | None = None, stream: bool = True, max_new_tokens: int = 64,
-                  temperature: float = 0.0, ignore_eos: bool = True, baseline: str | None = None,
-                  json_path: str | None = None, plot_path: str | None = None, seed: int = 0,
-                  port: int | None = None, llama_cpp_quant: str = llama_cpp.DEFAULT_QUANT) -> int:
+def run_benchmark(
+    *,
+    url: str | None = None,
+    model: str | None = None,
+    users: int = 10,
+    requests: int = 2,
+    duration: float | None = None,
+    stream: bool = True,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    ignore_eos: bool = True,
+    baseline: str | None = None,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    seed: int = 0,
+    port: int | None = None,
+    llama_cpp_quant: str = llama_cpp.DEFAULT_QUANT,
+) -> int:
     """Run the benchmark; return the exit code (0 ok, 1 a server failed or some request failed,
     2 bad arguments or a baseline that cannot run here, 130 interrupted). `url` benchmarks a running
     server instead of starting one; `port` picks the port of the one we start (default: a free one);
     `llama_cpp_quant` picks the GGUF llama-server runs for the embedded default model."""
     if users < 1 or requests < 1 or max_new_tokens < 1 or temperature < 0 or (duration is not None and duration <= 0):
-        print("bench: users, requests, max_new_tokens and duration must be positive, temperature >= 0",
-              file=sys.stderr)
+        print("bench: users, requests, max_new_tokens and duration must be positive, temperature >= 0", file=sys.stderr)
         return 2
     if baseline is not None and baseline not in BASELINES:
         print(f"bench: unknown baseline {baseline!r} (choose from {', '.join(BASELINES)})", file=sys.stderr)
@@ -124,8 +140,16 @@ def run_benchmark(*, url: str | None = None, model: str | None = None, users: in
         except llama_cpp.LlamaCppUnavailable as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return 2
-    cfg = LoadConfig(users=users, requests=requests, duration=duration, stream=stream,
-                     max_new_tokens=max_new_tokens, temperature=temperature, ignore_eos=ignore_eos, seed=seed)
+    cfg = LoadConfig(
+        users=users,
+        requests=requests,
+        duration=duration,
+        stream=stream,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        ignore_eos=ignore_eos,
+        seed=seed,
+    )
     runs: dict[str, RunResult] = {}
     try:
         if url is not None:
@@ -155,13 +179,24 @@ def run_benchmark(*, url: str | None = None, model: str | None = None, users: in
     ours = figures(runs["ours"])
     base = figures(runs[baseline]) if baseline in runs else None
     quantization = ((info or {}).get("plan") or {}).get("quantization")
-    config = {**msgspec.to_builtins(cfg), "model": (info or {}).get("model") or model, "url": url,
-              "dtype": dtype, "quantization": quantization, "baseline": baseline, "prompt_set": DEFAULT_SET}
+    config = {
+        **msgspec.to_builtins(cfg),
+        "model": (info or {}).get("model") or model,
+        "url": url,
+        "dtype": dtype,
+        "quantization": quantization,
+        "baseline": baseline,
+        "prompt_set": DEFAULT_SET,
+    }
     if setup is not None:
         config["llama_cpp"] = {"gguf": setup.gguf, "quant": setup.quant, "threads": llama_cpp.physical_cores()}
-    print(f"\nkiln bench: {users} users x {'%gs' % duration if duration else f'{requests} requests'}, "
-          f"{max_new_tokens} new tokens, {'stream' if stream else 'no stream'}, temperature {temperature}, "
-          f"dtype {dtype}" + (f" ({quantization} weights)" if quantization else "") + (f"; llama.cpp {setup.quant} {setup.gguf}" if setup is not None else ""))
+    print(
+        f"\nkiln bench: {users} users x {f'{duration:g}s' if duration else f'{requests} requests'}, "
+        f"{max_new_tokens} new tokens, {'stream' if stream else 'no stream'}, temperature {temperature}, "
+        f"dtype {dtype}"
+        + (f" ({quantization} weights)" if quantization else "")
+        + (f"; llama.cpp {setup.quant} {setup.gguf}" if setup is not None else "")
+    )
     print(table(ours, base, baseline_name=baseline or "baseline"))
     if base is not None:
         print("\n" + ratio_line(ours, base, baseline))

@@ -8,6 +8,7 @@ While a server runs, SIGTERM and SIGHUP raise SystemExit in the bench (their def
 end it at once, skipping the `finally` that stops the server), so a bench stopped by an orchestrator
 or a closed terminal leaves no server behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,12 +37,24 @@ class ServerFailed(RuntimeError):
 
 def ours_command(port: int, model: str | None) -> list[str]:
     return [sys.executable, str(REPO / "cli.py"), "serve", "--host", "127.0.0.1", "--port", str(port)] + (
-        ["--model", model] if model else [])
+        ["--model", model] if model else []
+    )
 
 
 def naive_command(port: int, model_path: str, dtype: str) -> list[str]:
-    return [sys.executable, "-m", "bench.naive_server", "--model-path", model_path, "--dtype", dtype,
-            "--host", "127.0.0.1", "--port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "bench.naive_server",
+        "--model-path",
+        model_path,
+        "--dtype",
+        dtype,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
 
 
 def _tail(path: Path, n: int = 40) -> str:
@@ -120,21 +133,26 @@ def _run_server(cmd: list[str], url: str, *, name: str, timeout_s: float) -> Ite
         log_path = Path(log.name)
     print(f"starting {name} server: {' '.join(cmd)} (log: {log_path})", file=sys.stderr, flush=True)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + timeout_s
         while not health_ok(url):
             if proc.poll() is not None:
-                raise ServerFailed(f"{name} server exited with code {proc.returncode} before it was ready:\n"
-                                   f"{_tail(log_path)}")
+                raise ServerFailed(
+                    f"{name} server exited with code {proc.returncode} before it was ready:\n{_tail(log_path)}"
+                )
             if time.monotonic() > deadline:
                 raise ServerFailed(f"{name} server not healthy after {timeout_s:.0f} s:\n{_tail(log_path)}")
             time.sleep(0.25)
         yield url
         if proc.poll() is not None:  # it died under load: the run's failures need its log
-            print(f"{name} server exited during the run with code {proc.returncode}; log {log_path}:\n"
-                  f"{_tail(log_path)}", file=sys.stderr, flush=True)
+            print(
+                f"{name} server exited during the run with code {proc.returncode}; log {log_path}:\n{_tail(log_path)}",
+                file=sys.stderr,
+                flush=True,
+            )
             return
     finally:
         with signals_held():

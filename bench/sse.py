@@ -6,6 +6,7 @@ and must see a cut stream as a failure, not silently retry it. The decoder follo
 WHATWG parsing rules: lines end in \\r\\n, \\n or \\r (a \\r\\n split across chunks included),
 `data` lines of one event are joined with \\n, `:` lines are comments, a blank line dispatches.
 """
+
 from __future__ import annotations
 
 import codecs

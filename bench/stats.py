@@ -3,6 +3,7 @@
 Only completed requests feed the latency and token figures; failures are counted apart
 (`failed`) so a server that drops work cannot look faster for it.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,11 @@ def figures(run: RunResult) -> Figures:
     e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
     itl = [g for r in ok for g in r.itl_s]
     # TPOT = (E2E - TTFT) / (n - 1): decode speed seen by one user, first token excluded.
-    tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok
-            if r.output_tokens > 1 and r.e2e_s is not None and r.ttft_s is not None]
+    tpot = [
+        (r.e2e_s - r.ttft_s) / (r.output_tokens - 1)
+        for r in ok
+        if r.output_tokens > 1 and r.e2e_s is not None and r.ttft_s is not None
+    ]
     tokens = sum(r.output_tokens for r in ok)
     wall = run.wall_s
     return Figures(

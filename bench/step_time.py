@@ -9,6 +9,7 @@ The roofline is the time to read every weight byte once per step at the copy ban
 on this device just before: a decode step cannot be faster than that. This benchmark imports the
 engine's internals on purpose: it measures the step, not the server (`cli.py bench` does that).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,11 @@ def load(model: str, overrides, max_batch: int, context: int):
         from engine_core.loader import compile_model
 
         print(compile_model(loaded), flush=True)
-    weights = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else sum(
-        t.numel() * t.element_size() for t in (*loaded.parameters(), *loaded.buffers()))  # int8 weights are buffers
+    weights = (
+        (torch.cuda.memory_allocated(device) - before)
+        if device.type == "cuda"
+        else sum(t.numel() * t.element_size() for t in (*loaded.parameters(), *loaded.buffers()))
+    )  # int8 weights are buffers
     kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
     runner = ModelRunner(loaded, max_batch, context, device, kv_dtype, cuda_graphs=plan.cuda_graphs)
     return plan, runner, weights
@@ -109,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
     batches = [int(b) for b in args.batches.split(",")]
     forced = {"dtype": args.dtype, "quantization": args.quantization}
-    overrides = PlanOverrides(**{k: v for k, v in forced.items() if v is not None}, compile=args.compile or None,
-                              max_batch=max(batches), max_context=args.context)
+    overrides = PlanOverrides(
+        **{k: v for k, v in forced.items() if v is not None},
+        compile=args.compile or None,
+        max_batch=max(batches),
+        max_context=args.context,
+    )
     plan, runner, weights = load(args.model, overrides, max(batches), args.context)
     if plan.compile:  # compile every decode shape before timing (capture needs it done outside the graph)
         for batch in batches:
@@ -118,20 +126,35 @@ def main(argv: list[str] | None = None) -> int:
     graphs = runner.graphs.capture_all() if runner.graphs is not None else "eager (no CUDA graphs on this plan)"
     bandwidth = copy_bandwidth(runner.device)
     roofline_ms = weights / bandwidth * 1000 if bandwidth else None
-    result = {"model": args.model, "device": plan.device, "dtype": plan.dtype, "quantization": plan.quantization,
-              "weights_bytes_measured": weights, "weights_bytes_planned": plan.weights_bytes,
-              "copy_bandwidth_bytes_per_s": bandwidth, "roofline_ms": roofline_ms, "graphs": graphs,
-              "prompt_tokens": args.prompt, "steps": {}}
+    result = {
+        "model": args.model,
+        "device": plan.device,
+        "dtype": plan.dtype,
+        "quantization": plan.quantization,
+        "weights_bytes_measured": weights,
+        "weights_bytes_planned": plan.weights_bytes,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "roofline_ms": roofline_ms,
+        "graphs": graphs,
+        "prompt_tokens": args.prompt,
+        "steps": {},
+    }
     if runner.device.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(runner.device)
     for batch in batches:
         times = time_decode(runner, batch, args.prompt, args.steps)
         median = statistics.median(times)
-        result["steps"][str(batch)] = {"ms_p50": median, "ms_min": min(times), "tokens_per_s": batch * 1000 / median,
-                                       "roofline_fraction": roofline_ms / median if roofline_ms else None}
-        print(f"batch {batch:>2}: {median:7.2f} ms/step (min {min(times):.2f})"
-              + (f", {roofline_ms / median:.0%} of the roofline {roofline_ms:.2f} ms" if roofline_ms else ""),
-              flush=True)
+        result["steps"][str(batch)] = {
+            "ms_p50": median,
+            "ms_min": min(times),
+            "tokens_per_s": batch * 1000 / median,
+            "roofline_fraction": roofline_ms / median if roofline_ms else None,
+        }
+        print(
+            f"batch {batch:>2}: {median:7.2f} ms/step (min {min(times):.2f})"
+            + (f", {roofline_ms / median:.0%} of the roofline {roofline_ms:.2f} ms" if roofline_ms else ""),
+            flush=True,
+        )
     print(f"{graphs}; weights {weights / 2**30:.2f} GiB measured, {plan.weights_bytes / 2**30:.2f} GiB planned")
     if args.json:
         with open(args.json, "w") as f:

@@ -3,6 +3,7 @@
 Ours and the baseline must see the exact same workload, so a prompt depends only on
 (seed, user, index), never on timing or on how many requests other users have sent.
 """
+
 from __future__ import annotations
 
 import json

@@ -10,6 +10,7 @@ All tokens of a step are flattened into one sequence ([1, n, ...]), so every lin
 once per step. Everything here is device work with no host synchronisation, so a decode step can
 be captured in a CUDA graph and replayed with new contents in the same tensors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -91,8 +92,9 @@ class StepContext:
 def _attend(q, k, v, mask, scale, softcap, causal=False):
     """SDPA, or the explicit form when the model caps its attention logits (Gemma 2)."""
     if not softcap:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                              scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=True
+        )
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
@@ -128,8 +130,19 @@ def _attend_decode(ctx: StepContext, q, cache_k, cache_v, window, scale, softcap
     return o.reshape(batch, heads, dim).to(q.dtype)
 
 
-def kiln_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-                   softcap=None, kiln_step: StepContext | None = None, **kwargs):
+def kiln_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    sliding_window=None,
+    softcap=None,
+    kiln_step: StepContext | None = None,
+    **kwargs,
+):
     """transformers' attention signature: q [1, heads, n, d], k/v [1, kv_heads, n, d] (rotated) in,
     [1, n, heads, d] out. The model's own mask is ignored: the layout in `kiln_step` defines it.
 

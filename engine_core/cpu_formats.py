@@ -13,6 +13,7 @@ the pool are timed on a slice of their rows and scaled (time is linear in output
 are interleaved round by round and each linear keeps its fastest call: a noisy neighbour slows a
 call, never speeds one up.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,10 +26,10 @@ import msgspec
 import torch
 
 from engine_core.int8_weights import ACTIVATION_DTYPE, kernel_available
-from model.shape import ModelShape
-from planning.plan import PlanOverrides
-from planning.cpu_dtype import CPU_WEIGHT_FORMATS
 from hardware.profile import HardwareProfile, decoder_linear_shapes, write_cpu_format_ms
+from model.shape import ModelShape
+from planning.cpu_dtype import CPU_WEIGHT_FORMATS
+from planning.plan import PlanOverrides
 
 log = logging.getLogger("kiln.engine")
 
@@ -82,7 +83,7 @@ class WeightPool:
         n = rows * in_features
         if self.offset + n > self.flat.numel():
             self.offset = 0
-        view = self.flat[self.offset:self.offset + n].view(rows, in_features)
+        view = self.flat[self.offset : self.offset + n].view(rows, in_features)
         self.offset += n
         return view
 
@@ -127,9 +128,14 @@ def step_ms(shape: ModelShape, seconds: list[float]) -> float:
     return (sum(layer) * shape.num_layers + lm_head) * 1e3
 
 
-def measure_cpu_formats(shape: ModelShape, formats=CPU_WEIGHT_FORMATS, batches=PROBE_BATCHES,
-                        rounds: int = PROBE_ROUNDS, budget_s: float = TIME_BUDGET_S,
-                        threads: int = PROBE_THREADS) -> dict[str, float]:
+def measure_cpu_formats(
+    shape: ModelShape,
+    formats=CPU_WEIGHT_FORMATS,
+    batches=PROBE_BATCHES,
+    rounds: int = PROBE_ROUNDS,
+    budget_s: float = TIME_BUDGET_S,
+    threads: int = PROBE_THREADS,
+) -> dict[str, float]:
     """{"<format>@<batch>": ms per decode step}, each linear at its fastest of the interleaved rounds.
 
     The first round doubles as warm-up (oneDNN/MKL prepare kernels on first use); keeping each
@@ -137,8 +143,10 @@ def measure_cpu_formats(shape: ModelShape, formats=CPU_WEIGHT_FORMATS, batches=P
     started = time.perf_counter()
     flat = random_flat(pool_elements(last_level_cache_bytes()))
     formats = [f for f in formats if f != "int8" or kernel_available()]
-    pools = {fmt: WeightPool((flat * INT8_RANGE).to(torch.int8) if fmt == "int8" else flat.to(DTYPES[fmt]))
-             for fmt in formats}
+    pools = {
+        fmt: WeightPool((flat * INT8_RANGE).to(torch.int8) if fmt == "int8" else flat.to(DTYPES[fmt]))
+        for fmt in formats
+    }
     fastest: dict[str, list[float]] = {}
     with torch_threads(threads):
         for done in range(rounds):
@@ -168,8 +176,9 @@ def needs_measurement(profile: HardwareProfile, overrides: PlanOverrides) -> boo
     return not profile.gpus and not profile.cpu_format_ms and not chosen_by_user
 
 
-def with_measured_cpu_formats(profile: HardwareProfile, shape: ModelShape, overrides: PlanOverrides,
-                              cache_root: Path | None = None) -> HardwareProfile:
+def with_measured_cpu_formats(
+    profile: HardwareProfile, shape: ModelShape, overrides: PlanOverrides, cache_root: Path | None = None
+) -> HardwareProfile:
     """`profile` with this machine's format timings, measured and cached now if needed.
 
     A failed probe is logged and leaves the profile as it was: the planner then falls back to
@@ -182,8 +191,11 @@ def with_measured_cpu_formats(profile: HardwareProfile, shape: ModelShape, overr
     except Exception:
         log.warning("timing CPU weight formats failed; the dtype falls back to the CPU-flags guess", exc_info=True)
         return profile
-    log.info("CPU weight formats timed in %.2f s: %s", time.perf_counter() - started,
-             ", ".join(f"{k} {v:.1f} ms" for k, v in timings.items()))
+    log.info(
+        "CPU weight formats timed in %.2f s: %s",
+        time.perf_counter() - started,
+        ", ".join(f"{k} {v:.1f} ms" for k, v in timings.items()),
+    )
     try:
         log.info("format timings cached in %s", write_cpu_format_ms(shape, timings, cache_root))
     except OSError as exc:

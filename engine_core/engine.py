@@ -4,6 +4,7 @@ ZeroMQ and msgspec release the GIL, so socket I/O and (de)serialization overlap 
 the loop itself only touches two queues. Nothing a request carries can stop the loop: a step that
 raises fails the requests in it and the loop goes on.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,12 +16,12 @@ from typing import NamedTuple
 import msgspec
 import torch
 
+from engine_core.engine_io import HEARTBEAT_SECONDS, EngineIO
 from engine_core.loader import torch_dtype
 from engine_core.model_runner import ModelRunner
 from engine_core.sampler import Sampler, token_logprobs
 from engine_core.scheduler import ScheduledChunk, Scheduler
 from engine_core.thread_policy import ThreadTuner
-from engine_core.engine_io import HEARTBEAT_SECONDS, EngineIO
 from ipc.messages import (
     Abort,
     FinishReason,
@@ -50,8 +51,9 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.scheduler = Scheduler(plan.max_batch, plan.prefill_chunk, plan.max_context, eos_token_ids)
         kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
-        self.runner = ModelRunner(model, plan.max_batch, plan.max_context, device, kv_dtype,
-                                  cuda_graphs=plan.cuda_graphs)  # the planner's call: whole model on one GPU
+        self.runner = ModelRunner(
+            model, plan.max_batch, plan.max_context, device, kv_dtype, cuda_graphs=plan.cuda_graphs
+        )  # the planner's call: whole model on one GPU
         self.sampler = Sampler(device)
         self.device = device
         # CPU: the thread count each step size runs with is measured, not guessed (thread_policy.py)
@@ -137,8 +139,9 @@ class Engine:
             failed = []
             for chunk in chunks:
                 if self.scheduler.abort(chunk.seq.request_id) is not None:
-                    failed.append(RequestOutput(chunk.seq.request_id, [], FinishReason.ERROR,
-                                                f"engine step failed: {exc}"))
+                    failed.append(
+                        RequestOutput(chunk.seq.request_id, [], FinishReason.ERROR, f"engine step failed: {exc}")
+                    )
             self._publish(failed)
             return None
         self.stats.steps += 1
@@ -169,8 +172,9 @@ class Engine:
                 continue  # aborted mid-step: it never emits another token
             first = chunk.is_prefill
             new = [token] if seq.params.max_new_tokens > 0 else []
-            output = RequestOutput(seq.request_id, new, seq.finish_reason,
-                                   logprobs=[logprobs] if logprobs is not None and new else None)
+            output = RequestOutput(
+                seq.request_id, new, seq.finish_reason, logprobs=[logprobs] if logprobs is not None and new else None
+            )
             if first:
                 output.timing = RequestTiming(seq.scheduled_at - seq.arrived_at, now - seq.scheduled_at)
                 if seq.params.prompt_logprobs is not None:

@@ -11,6 +11,7 @@ loop is doing (a long step, a send blocked on a full queue): once the frontend i
 will read what this engine produces, so it removes the frontend's runtime folder (the frontend
 had no chance to) and exits at once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,6 +25,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
+from ipc.discovery import RUNTIME_PREFIX, FrontendInfo
 from ipc.messages import (
     EngineHello,
     EngineStats,
@@ -33,7 +35,6 @@ from ipc.messages import (
     engine_output_codec,
     hello_codec,
 )
-from ipc.discovery import RUNTIME_PREFIX, FrontendInfo
 from ipc.security import CurveKeys
 
 log = logging.getLogger("kiln.engine")
@@ -62,7 +63,7 @@ def runtime_dir_of(address: str, frontend_pid: int) -> Path | None:
     """The local frontend's private socket folder, if `address` is one of its ipc:// sockets."""
     if not address.startswith("ipc://"):
         return None
-    folder = Path(address[len("ipc://"):]).parent
+    folder = Path(address[len("ipc://") :]).parent
     if not folder.name.startswith(RUNTIME_PREFIX):
         return None
     try:
@@ -73,8 +74,14 @@ def runtime_dir_of(address: str, frontend_pid: int) -> Path | None:
 
 
 class EngineIO:
-    def __init__(self, engine_id: str, input_address: str, output_address: str,
-                 watch_pid: int | None = None, keys: CurveKeys | None = None):
+    def __init__(
+        self,
+        engine_id: str,
+        input_address: str,
+        output_address: str,
+        watch_pid: int | None = None,
+        keys: CurveKeys | None = None,
+    ):
         self.engine_id = engine_id
         self.input_address = input_address
         self.output_address = output_address

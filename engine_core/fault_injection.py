@@ -2,6 +2,7 @@
 of an engine raise after its warm-up, as a broken device or a corrupted model would. Unset (the
 normal case) it changes nothing. It lives apart from the engine so the engine has no test hooks.
 """
+
 from __future__ import annotations
 
 import logging

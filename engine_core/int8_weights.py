@@ -8,6 +8,7 @@ no zero point, no per-step activation quantization, the activations stay bf16. W
 fastest format on a given CPU is measured (engine_core/cpu_formats.py), never assumed: where the
 kernel has no fast path it loses, and the plan keeps bf16 or fp32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,11 @@ class Int8Linear(nn.Module):
         q, scale = quantize_rows(linear.weight)
         self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(ACTIVATION_DTYPE),
-                                                                  requires_grad=False)
+        self.bias = (
+            None
+            if linear.bias is None
+            else nn.Parameter(linear.bias.detach().to(ACTIVATION_DTYPE), requires_grad=False)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

@@ -1,4 +1,5 @@
 """The KV cache: one slot per running sequence, each a full context window, allocated once."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Load the model exactly the way the plan says: dtype, bitsandbytes NF4, device map, compile."""
+
 from __future__ import annotations
 
 import logging
@@ -110,8 +111,7 @@ def keep_resident_on_cpu(model: torch.nn.Module, names: list[str]) -> None:
                 source = next((t for h in hooks if (t := _offloaded_weight(h, pname)) is not None), None)
                 if source is None:
                     raise RuntimeError(f"{name}.{pname} is on meta and no offload hook holds its weights")
-            module._parameters[pname] = torch.nn.Parameter(source.detach().to("cpu", param.dtype),
-                                                           requires_grad=False)
+            module._parameters[pname] = torch.nn.Parameter(source.detach().to("cpu", param.dtype), requires_grad=False)
         remove_hook_from_module(module, recurse=True)
         add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
     if set(CPU_PLACEABLE) <= set(names) and getattr(model.config, "tie_word_embeddings", False):
@@ -176,12 +176,13 @@ def offload_folder(path: str):
 def describe_offload(model: torch.nn.Module) -> str:
     """For the log: how many decoder layers hold their weights on `meta` (offloaded, read in per forward)."""
     layers = list(getattr(getattr(model, "model", None), "layers", []) or [])
-    offloaded = [i for i, layer in enumerate(layers)
-                 if any(p.device.type == "meta" for p in layer.parameters())]
+    offloaded = [i for i, layer in enumerate(layers) if any(p.device.type == "meta" for p in layer.parameters())]
     where = getattr(model, "hf_device_map", None) or {}
     kinds = sorted({str(v) for v in where.values()})
-    return (f"{len(offloaded)} of {len(layers)} decoder layers offloaded (weights loaded per forward by "
-            f"accelerate hooks); devices in the map: {', '.join(kinds)}")
+    return (
+        f"{len(offloaded)} of {len(layers)} decoder layers offloaded (weights loaded per forward by "
+        f"accelerate hooks); devices in the map: {', '.join(kinds)}"
+    )
 
 
 def compile_model(model: torch.nn.Module) -> str:

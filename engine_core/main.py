@@ -4,6 +4,7 @@ Started by `cli.py serve` (one per device, as children) or by `cli.py engine` (o
 attaching to a running frontend, possibly from another machine). Usage:
 python -m engine_core.main --input ADDR --output ADDR --model PATH --model-name NAME --engine-id ID
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_plan(model_path: str, gpu: int | None, overrides: PlanOverrides) -> ServingPlan:
     """The plan for this engine; a CPU engine first times the weight formats unless the cache has them."""
+    from hardware.profile import detect_hardware
     from model.shape import load_model_shape
     from planning.planner import make_plan
-    from hardware.profile import detect_hardware
 
     shape = load_model_shape(model_path)
     profile = detect_hardware(shape)
@@ -51,9 +52,18 @@ def build_plan(model_path: str, gpu: int | None, overrides: PlanOverrides) -> Se
     return make_plan(shape, profile, overrides, gpu_index=gpu)
 
 
-def run_engine(*, input_address: str, output_address: str, model_path: str, model_name: str, engine_id: str,
-               gpu: int | None = None, overrides: PlanOverrides = PlanOverrides(), watch_pid: int | None = None,
-               secret: str | None = None) -> int:
+def run_engine(
+    *,
+    input_address: str,
+    output_address: str,
+    model_path: str,
+    model_name: str,
+    engine_id: str,
+    gpu: int | None = None,
+    overrides: PlanOverrides = PlanOverrides(),
+    watch_pid: int | None = None,
+    secret: str | None = None,
+) -> int:
     """The whole life of an engine; returns the process exit code."""
     from engine_core.engine_io import EngineIO
     from ipc.messages import EngineFailed, EngineHello, EngineReady
@@ -70,11 +80,23 @@ def run_engine(*, input_address: str, output_address: str, model_path: str, mode
         io.close()
         log.error("cannot plan: %s", exc)
         return 2
-    io.start(EngineHello(engine_id=engine_id, pid=os.getpid(), device=plan.device, model=model_name, plan=plan,
-                         node=os.environ.get("KILN_NODE") or socket.gethostname()))
+    io.start(
+        EngineHello(
+            engine_id=engine_id,
+            pid=os.getpid(),
+            device=plan.device,
+            model=model_name,
+            plan=plan,
+            node=os.environ.get("KILN_NODE") or socket.gethostname(),
+        )
+    )
     if io.wait_welcome(HANDSHAKE_TIMEOUT_S) is None:
-        log.error("no answer from a frontend at %s within %.0f s: is it running there, and is the secret the "
-                  "same on both sides?", input_address, HANDSHAKE_TIMEOUT_S)
+        log.error(
+            "no answer from a frontend at %s within %.0f s: is it running there, and is the secret the "
+            "same on both sides?",
+            input_address,
+            HANDSHAKE_TIMEOUT_S,
+        )
         return 5
     from planning.report import format_plan_table
 
@@ -124,9 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.engine_id)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend stops its engines itself
     return run_engine(
-        input_address=args.input, output_address=args.output, model_path=args.model, model_name=args.model_name,
-        engine_id=args.engine_id, gpu=args.gpu, watch_pid=args.watch_pid,
-        overrides=msgspec.json.decode(args.overrides, type=PlanOverrides), secret=os.environ.get("KILN_SECRET"),
+        input_address=args.input,
+        output_address=args.output,
+        model_path=args.model,
+        model_name=args.model_name,
+        engine_id=args.engine_id,
+        gpu=args.gpu,
+        watch_pid=args.watch_pid,
+        overrides=msgspec.json.decode(args.overrides, type=PlanOverrides),
+        secret=os.environ.get("KILN_SECRET"),
     )
 
 

@@ -5,6 +5,7 @@ offload, whose hooks fire by themselves); attention is kiln's (engine_core/atten
 slot cache allocated once. On a GPU, decode-only steps replay CUDA graphs captured per
 (batch bucket, key-span bucket): one launch instead of hundreds of kernels, no host sync inside.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,15 @@ def _text_config(config):
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, max_batch: int, max_context: int, device: torch.device, kv_dtype,
-                 cuda_graphs: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        max_batch: int,
+        max_context: int,
+        device: torch.device,
+        kv_dtype,
+        cuda_graphs: bool = False,
+    ):
         from model.shape import unsupported_architecture
 
         if (reason := unsupported_architecture(getattr(model.config, "model_type", None))) is not None:
@@ -113,8 +121,13 @@ class ModelRunner:
             b = len(decodes)
             in_flat_order = d_rows == list(range(n))  # every token is a decode token, already in order
             contiguous = d_slots[-1] - d_slots[0] == b - 1
-            decode = DecodeLayout(None if in_flat_order else rest[:b], rest[b : 2 * b], rest[2 * b :],
-                                  max(d_lengths), d_slots[0] if contiguous else None)
+            decode = DecodeLayout(
+                None if in_flat_order else rest[:b],
+                rest[b : 2 * b],
+                rest[2 * b :],
+                max(d_lengths),
+                d_slots[0] if contiguous else None,
+            )
         ctx = self._context(slot_t, pos, decode, prefills)
         logits = self._logits(ids, pos, logit_index, ctx)
         prompt = [None if at is None else logits[samples + at[0] : samples + at[0] + at[1]] for at in scored]
@@ -125,8 +138,13 @@ class ModelRunner:
 
     def _logits(self, ids, positions, logit_index, ctx) -> torch.Tensor:
         ctx.prepare_masks(self.windows)
-        out = self.model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=logit_index,
-                         use_cache=False, kiln_step=ctx)
+        out = self.model(
+            input_ids=ids[None],
+            position_ids=positions[None],
+            logits_to_keep=logit_index,
+            use_cache=False,
+            kiln_step=ctx,
+        )
         return out.logits[0].float()
 
 
@@ -141,8 +159,9 @@ class DecodeGraphs:
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self.batch_buckets = sorted({b for b in (1, 2, 4, 8, 12, 16, 24, 32) if b < runner.max_batch}
-                                    | {runner.max_batch})
+        self.batch_buckets = sorted(
+            {b for b in (1, 2, 4, 8, 12, 16, 24, 32) if b < runner.max_batch} | {runner.max_batch}
+        )
         spans, span = [], min(MIN_SPAN, runner.max_context)
         while span < runner.max_context:
             spans.append(span)
@@ -176,14 +195,20 @@ class DecodeGraphs:
             self.graphs.clear()
             torch.cuda.synchronize()
             return self.failed
-        return (f"CUDA graphs for decode: {len(self.graphs)} captured, batch buckets {self.batch_buckets}, "
-                f"key spans {self.span_buckets[0]}..{self.span_buckets[-1]}")
+        return (
+            f"CUDA graphs for decode: {len(self.graphs)} captured, batch buckets {self.batch_buckets}, "
+            f"key spans {self.span_buckets[0]}..{self.span_buckets[-1]}"
+        )
 
     @torch.inference_mode()
     def _capture(self, batch: int, span: int) -> None:
         runner = self.runner
-        ctx = runner._context(self.slots[:batch], self.positions[:batch],
-                              DecodeLayout(None, self.slots[:batch], self.lengths[:batch], span), [])
+        ctx = runner._context(
+            self.slots[:batch],
+            self.positions[:batch],
+            DecodeLayout(None, self.slots[:batch], self.lengths[:batch], span),
+            [],
+        )
         rows = runner.positions_range[:batch]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

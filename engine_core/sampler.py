@@ -8,6 +8,7 @@ from its own generator: a seeded request gives the same tokens whatever else sha
 
 Log-probabilities are the model's own: log_softmax of the raw logits, before any processing.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,13 @@ from ipc.messages import SamplingParams, TokenLogprobs
 
 
 def _processes(params: SamplingParams, eos_pending: bool) -> bool:
-    return bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-                or params.logit_bias or eos_pending)
+    return bool(
+        params.repetition_penalty != 1.0
+        or params.presence_penalty
+        or params.frequency_penalty
+        or params.logit_bias
+        or eos_pending
+    )
 
 
 def token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
@@ -79,8 +85,7 @@ class Sampler:
 
     def _process(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> torch.Tensor:
         """Penalties, bias and the min_tokens mask, on a copy, for the rows that ask for any."""
-        rows = [i for i, s in enumerate(seqs)
-                if _processes(s.params, len(s.output_ids) < s.params.min_tokens)]
+        rows = [i for i, s in enumerate(seqs) if _processes(s.params, len(s.output_ids) < s.params.min_tokens)]
         if not rows:
             return logits
         logits = logits.clone()
@@ -99,7 +104,8 @@ class Sampler:
             bias = {t: b for t, b in (p.logit_bias or {}).items() if 0 <= t < vocab}
             if bias:
                 row[torch.tensor(list(bias), device=logits.device)] += torch.tensor(
-                    list(bias.values()), device=logits.device, dtype=row.dtype)
+                    list(bias.values()), device=logits.device, dtype=row.dtype
+                )
             if len(seq.output_ids) < p.min_tokens and eos.numel():
                 row[eos] = float("-inf")
         return logits

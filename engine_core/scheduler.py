@@ -13,6 +13,7 @@ running streams for more than one chunk's compute.
 The scheduler owns request state: `schedule` says what a step computes, `update` applies what it
 produced (computed positions, sampled tokens) and applies the one finish rule.
 """
+
 from __future__ import annotations
 
 import heapq

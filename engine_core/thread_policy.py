@@ -13,6 +13,7 @@ A try that comes out far slower than the running choice (a busy core can stall a
 for a second and more) doubles that size's interval between tries, up to `MAX_EXPLORE_EVERY`
 steps, so exploring never costs more than a few percent; a try that wins resets it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -97,8 +98,9 @@ class ThreadTuner:
         if all((bucket, n) in self.average for n in self.candidates):
             best = self._best(bucket)
             if best != self.preferred or not self.compared:
-                log.info("CPU threads: %d preferred now; ms per step by size and thread count: %s",
-                         best, self.describe())
+                log.info(
+                    "CPU threads: %d preferred now; ms per step by size and thread count: %s", best, self.describe()
+                )
             self.preferred = best
             self.compared = True
 
@@ -110,7 +112,7 @@ class ThreadTuner:
         """Measured ms per step by bucket and thread count, for the log and /info."""
         table: dict[str, dict[str, float]] = {}
         for (bucket, threads), seconds in sorted(self.average.items()):
-            table.setdefault(f"<={2 ** bucket - 1} tokens", {})[str(threads)] = round(seconds * 1000, 2)
+            table.setdefault(f"<={2**bucket - 1} tokens", {})[str(threads)] = round(seconds * 1000, 2)
         return table
 
 

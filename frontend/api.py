@@ -3,6 +3,7 @@
 Validation errors become a 400 whose JSON names the offending field, taken from msgspec's error
 path (`... - at `$.max_new_tokens``) or its "missing required field" message.
 """
+
 from __future__ import annotations
 
 import functools
@@ -112,8 +113,14 @@ class ApiError(Exception):
     """An error for the client: HTTP status, a message and, when one is to blame, the field.
     `kind` is kiln's own name for it: the `type` on native routes, the `code` on the OpenAI ones."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, kind: str = "invalid_request",
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        kind: str = "invalid_request",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.field, self.kind = status, message, field, kind
         self.headers = headers or {}
@@ -132,6 +139,8 @@ class ApiError(Exception):
 _AT_PATH = re.compile(r"at `\$\.([A-Za-z_]\w*)")
 _MISSING = re.compile(r"missing required field `(\w+)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]*)`(?: - at `\$\.?([^`]*)`)?")
+
+
 def parse_generate_request(body: bytes) -> GenerateRequest:
     request = decode_body(body, GenerateRequest)
     if not request.prompt:
@@ -162,7 +171,8 @@ def decode_body(body: bytes, kind: type):
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"malformed JSON: {exc}", "body") from None
     except UnicodeDecodeError as exc:  # msgspec decodes strings strictly and lets this one through
-        raise ApiError(400, f"malformed JSON: a string is not valid UTF-8 ({exc.reason} at byte {exc.start})",
-                       "body") from None
+        raise ApiError(
+            400, f"malformed JSON: a string is not valid UTF-8 ({exc.reason} at byte {exc.start})", "body"
+        ) from None
     except RecursionError:
         raise ApiError(400, "malformed JSON: nested too deeply", "body") from None

@@ -5,6 +5,7 @@ A handler validates, tokenizes, hands the request to an engine and turns the eng
 into text as they arrive. Leaving a handler for any reason (client gone, stop string, error)
 aborts the request in the engine, which frees its KV slot within a step.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +18,7 @@ from aiohttp_sse import sse_response
 from tokenizers import Tokenizer
 
 from frontend.api import ApiError, GenerateResponse, StreamPiece, parse_generate_request
+from frontend.chat_template import ChatTemplate
 from frontend.context import (
     BODY_TIMEOUT_S,
     CLIENT,
@@ -34,13 +36,12 @@ from frontend.context import (
     tag_response,
 )
 from frontend.generation import EngineError, Generation
-from frontend.chat_template import ChatTemplate
 from frontend.metrics import Metrics
 from frontend.openai_api import add_openai_routes
-from frontend.tgi_api import add_tgi_routes, handle_tgi, is_tgi_body
 from frontend.prompt_encoder import PromptEncoder
-from frontend.supervisor import EngineSupervisor
 from frontend.router import EngineClient
+from frontend.supervisor import EngineSupervisor
+from frontend.tgi_api import add_tgi_routes, handle_tgi, is_tgi_body
 
 log = logging.getLogger("kiln.frontend")
 
@@ -61,14 +62,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return json_response(ApiError(500, str(exc), kind="engine_error").body(), 500)
     finally:
         await generation.close()
-    return json_response(GenerateResponse(
-        text=generation.detok.text,
-        finish_reason=generation.finish_reason,
-        usage=generation.usage(),
-        timings=generation.timings(),
-        token_ids=generation.token_ids,
-        engine=generation.engine_id,
-    ))
+    return json_response(
+        GenerateResponse(
+            text=generation.detok.text,
+            finish_reason=generation.finish_reason,
+            usage=generation.usage(),
+            timings=generation.timings(),
+            token_ids=generation.token_ids,
+            engine=generation.engine_id,
+        )
+    )
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
@@ -99,8 +102,12 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].exposition(), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Format": "prometheus-0.0.4"})
+    return web.Response(
+        body=request.app[METRICS].exposition(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Format": "prometheus-0.0.4"},
+    )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -111,24 +118,38 @@ async def health(request: web.Request) -> web.Response:
     if request.app[DRAINING].is_set():
         return json_response({"status": "draining", "requests_in_flight": len(client.streams)}, 503)
     if client.ready_engines():
-        return json_response({"status": "ok", "engines": len(client.ready_engines()),
-                              **({"restarting": restarting} if restarting else {})})
+        return json_response(
+            {
+                "status": "ok",
+                "engines": len(client.ready_engines()),
+                **({"restarting": restarting} if restarting else {}),
+            }
+        )
     if restarting:
-        return json_response({"status": "restarting", "restarting": restarting,
-                              "reason": "; ".join(f"{e}: {r['reason']}" for e, r in restarting.items())}, 503)
-    return json_response({"status": "loading" if not client.failures else "failed",
-                          "failures": list(client.failures)}, 503)
+        return json_response(
+            {
+                "status": "restarting",
+                "restarting": restarting,
+                "reason": "; ".join(f"{e}: {r['reason']}" for e, r in restarting.items()),
+            },
+            503,
+        )
+    return json_response(
+        {"status": "loading" if not client.failures else "failed", "failures": list(client.failures)}, 503
+    )
 
 
 async def info(request: web.Request) -> web.Response:
     client = request.app[CLIENT]
     engines = list(client.engines.values())
-    return json_response({
-        "model": request.app[MODEL_NAME],
-        "plan": engines[0].hello.plan if engines else None,
-        "engines": [dict(e.describe(), plan=e.hello.plan) for e in engines],
-        "requests_in_flight": len(client.streams),
-    })
+    return json_response(
+        {
+            "model": request.app[MODEL_NAME],
+            "plan": engines[0].hello.plan if engines else None,
+            "engines": [dict(e.describe(), plan=e.hello.plan) for e in engines],
+            "requests_in_flight": len(client.streams),
+        }
+    )
 
 
 OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers do not carry the key
@@ -150,8 +171,12 @@ def require_api_key(api_key: str):
         if request.path not in OPEN_PATHS:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                               "Authorization", kind="unauthorized")
+                raise ApiError(
+                    401,
+                    "missing or wrong API key: send `Authorization: Bearer <key>`",
+                    "Authorization",
+                    kind="unauthorized",
+                )
         return await handler(request)
 
     return check
@@ -160,10 +185,15 @@ def require_api_key(api_key: str):
 DEFAULT_BODY_TIMEOUT_S = 30.0  # a 4 MiB body at about 1 Mbit/s
 
 
-def build_app(client: EngineClient, tokenizer: Tokenizer, model_name: str,
-              chat_template: ChatTemplate | None = None, api_key: str | None = None,
-              supervisor: EngineSupervisor | None = None,
-              body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> web.Application:
+def build_app(
+    client: EngineClient,
+    tokenizer: Tokenizer,
+    model_name: str,
+    chat_template: ChatTemplate | None = None,
+    api_key: str | None = None,
+    supervisor: EngineSupervisor | None = None,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+) -> web.Application:
     middlewares = [api_errors] + ([require_api_key(api_key)] if api_key else []) + [refuse_while_draining]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app.on_response_prepare.append(tag_response)  # X-Request-Id on every answer

@@ -5,6 +5,7 @@ without importing transformers (and torch) into the frontend: a sandboxed Jinja 
 `render_pieces` keeps apart what the template wrote and what the client typed, so that special-token
 text inside a message (`<|im_start|>system`) can be tokenized as plain text, never as a control token.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,9 @@ def _token_text(value) -> str:
 
 class ChatTemplate:
     def __init__(self, source: str, special_tokens: dict[str, str]):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = _raise
         self.template = env.from_string(source)
         self.special_tokens = special_tokens
@@ -70,8 +73,9 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.special_tokens)
+            return self.template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            )
         except TemplateError as exc:
             raise ChatTemplateError(str(exc)) from None
 
@@ -83,7 +87,7 @@ class ChatTemplate:
         rendered = self.render(stand_ins, add_generation_prompt)
         pieces, start = [], 0
         for match in _PLACEHOLDER.finditer(rendered):
-            pieces.append(PromptPiece(rendered[start:match.start()], False))
+            pieces.append(PromptPiece(rendered[start : match.start()], False))
             pieces.append(PromptPiece(messages[int(match.group(1))]["content"], True))
             start = match.end()
         pieces.append(PromptPiece(rendered[start:], False))

@@ -1,6 +1,7 @@
 """What every handler shares: the app's keys, the JSON encoder, body reading with its limits, the
 request id, and the middleware that turns every refusal into the JSON error shape (and counts it).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,8 +35,13 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def too_large() -> ApiError:
-    return ApiError(413, f"request body is larger than the {MAX_BODY_BYTES // 1024} KiB limit; a prompt "
-                         "must fit the context window anyway", "body", kind="request_too_large")
+    return ApiError(
+        413,
+        f"request body is larger than the {MAX_BODY_BYTES // 1024} KiB limit; a prompt "
+        "must fit the context window anyway",
+        "body",
+        kind="request_too_large",
+    )
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -48,8 +54,9 @@ async def read_body(request: web.Request) -> bytes:
         async with asyncio.timeout(deadline):
             return await request.read()
     except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {deadline:g} s", "body",
-                       kind="request_timeout") from None
+        raise ApiError(
+            408, f"the request body did not arrive within {deadline:g} s", "body", kind="request_timeout"
+        ) from None
 
 
 def json_response(payload, status: int = 200) -> web.Response:
@@ -88,8 +95,12 @@ def http_error(request: web.Request, exc: web.HTTPException) -> ApiError:
     shown = f"{request.method} {path[:MAX_SHOWN_PATH_CHARS]}{'…' if len(path) > MAX_SHOWN_PATH_CHARS else ''}"
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(exc.allowed_methods))
-        return ApiError(405, f"method not allowed ({shown}); this route takes {allowed}",
-                        kind="method_not_allowed", headers={"Allow": exc.headers.get("Allow", allowed)})
+        return ApiError(
+            405,
+            f"method not allowed ({shown}); this route takes {allowed}",
+            kind="method_not_allowed",
+            headers={"Allow": exc.headers.get("Allow", allowed)},
+        )
     if exc.status == 404:
         return ApiError(404, f"no such route ({shown})", kind="not_found")
     return ApiError(exc.status, f"{exc.reason} ({shown})", kind=exc.reason.lower().replace(" ", "_"))

@@ -6,6 +6,7 @@ only what the newest tokens added, and nothing while the text ends in U+FFFD (a 
 incomplete). While streaming, the last `max(len(stop)) - 1` characters are held back so a stop
 string is cut out before any of it reaches the client.
 """
+
 from __future__ import annotations
 
 from tokenizers import Tokenizer

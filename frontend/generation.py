@@ -4,6 +4,7 @@ ids from an engine, detokenize, count the outcome, and abort in the engine which
 handler leaves. Handlers wrap everything from `start` on in try/finally `close`, so any failure
 at any stage leaves nothing registered.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,13 @@ class Generation:
         self.stream = None
         self.closed = False
 
-    async def start(self, add_special_tokens: bool = True, field: str = "prompt",
-                    pieces: list[PromptPiece] | None = None, prompt_ids: list[int] | None = None) -> None:
+    async def start(
+        self,
+        add_special_tokens: bool = True,
+        field: str = "prompt",
+        pieces: list[PromptPiece] | None = None,
+        prompt_ids: list[int] | None = None,
+    ) -> None:
         """Refuse early and cheaply, then tokenize, then hand the request to an engine. `field`: what
         the client sent the prompt as (OpenAI chat: `messages`), for error messages; `pieces`: the
         prompt as template and client text (a chat), so client text cannot become control tokens;
@@ -62,13 +68,18 @@ class Generation:
         engine = self._pick_engine()  # again: engines may have come or gone while tokenizing
         context = engine.hello.plan.max_context
         if len(self.prompt_ids) >= context:
-            raise ApiError(400, f"{field} is {len(self.prompt_ids)} tokens; the context window is {context} "
-                                f"tokens (prompt + generated), so the prompt must be shorter", field)
+            raise ApiError(
+                400,
+                f"{field} is {len(self.prompt_ids)} tokens; the context window is {context} "
+                f"tokens (prompt + generated), so the prompt must be shorter",
+                field,
+            )
         # generation stops at the context window: finish_reason "length", as if max_new_tokens were smaller
         budget = min(self.body.max_new_tokens, context - len(self.prompt_ids))
         try:
-            self.stream = await self.client.submit(self.request_id, self.prompt_ids,
-                                                   self.body.sampling_params(budget), engine)
+            self.stream = await self.client.submit(
+                self.request_id, self.prompt_ids, self.body.sampling_params(budget), engine
+            )
         except NoEngineAvailable as exc:
             raise ApiError(503, str(exc), kind="unavailable") from None
 
@@ -77,8 +88,9 @@ class Generation:
         vocab = self.app[TOKENIZER].get_vocab_size(with_added_tokens=True)
         bad = next((t for t in self.body.logit_bias or () if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ApiError(400, f"`logit_bias` names token id {bad}; the vocabulary has ids 0..{vocab - 1}",
-                           "logit_bias")
+            raise ApiError(
+                400, f"`logit_bias` names token id {bad}; the vocabulary has ids 0..{vocab - 1}", "logit_bias"
+            )
 
     def _pick_engine(self):
         try:
@@ -122,9 +134,16 @@ class Generation:
             return
         self.closed = True
         timings = self.timings()
-        self.metrics.observe(self.finish_reason or "abort", len(self.prompt_ids), len(self.token_ids),
-                             timings.ttft_s, timings.total_s, engine=self.stream.engine_id,
-                             timing=self.engine_timing, max_tokens=self.body.max_new_tokens)
+        self.metrics.observe(
+            self.finish_reason or "abort",
+            len(self.prompt_ids),
+            len(self.token_ids),
+            timings.ttft_s,
+            timings.total_s,
+            engine=self.stream.engine_id,
+            timing=self.engine_timing,
+            max_tokens=self.body.max_new_tokens,
+        )
         await self.client.abort(self.request_id)
 
     @property

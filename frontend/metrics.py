@@ -11,6 +11,7 @@ One registry per app (no module-level globals). Request outcomes are observed on
 ends, whichever way (no per-token work); engine load is read live from the engine client at
 scrape time. Everything runs on the frontend's event loop, so the plain dicts below need no lock.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -42,12 +43,74 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
 # vLLM's bucket choices (vllm/v1/metrics/loggers.py)
-VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-VLLM_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-                              7.5, 10.0, 20.0, 40.0, 80.0)
-VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-                                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+VLLM_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+VLLM_TOKEN_LATENCY_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+VLLM_REQUEST_LATENCY_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 VLLM_PREFILL_TOKEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
@@ -67,9 +130,18 @@ LENGTH_BUCKETS = build_1_2_5_buckets(1_000_000)
 # kiln's request outcomes (str(FinishReason), "abort" for a client gone, "error" for an engine failure):
 # each engine's vllm:request_success_total has all of them from its first request on, as vLLM's has.
 OUTCOMES = ("stop", "length", "abort", "error")
-COMMON_REFUSALS = ((400, "invalid_request"), (401, "unauthorized"), (404, "not_found"), (404, "model_not_found"),
-                   (413, "request_too_large"), (429, "overloaded"), (500, "engine_error"), (500, "internal_error"),
-                   (503, "unavailable"), (503, "shutting_down"))
+COMMON_REFUSALS = (
+    (400, "invalid_request"),
+    (401, "unauthorized"),
+    (404, "not_found"),
+    (404, "model_not_found"),
+    (413, "request_too_large"),
+    (429, "overloaded"),
+    (500, "engine_error"),
+    (500, "internal_error"),
+    (503, "unavailable"),
+    (503, "shutting_down"),
+)
 
 
 class WeightedHistogram:
@@ -144,15 +216,19 @@ class EngineCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         engines = list(self.client.engines.values())
         vllm = {
-            "vllm:num_requests_running": ("Number of requests in model execution batches.",
-                                          lambda e: e.stats.running),
-            "vllm:num_requests_waiting": ("Number of requests waiting to be processed.",
-                                          lambda e: e.stats.waiting),
-            "vllm:kv_cache_usage_perc": ("KV-cache usage. 1 means 100 percent usage. kiln: KV slots held / "
-                                         "slots (each slot is one full-context KV row).", kv_usage),
-            "vllm:gpu_cache_usage_perc": ("GPU KV-cache usage. 1 means 100 percent usage. DEPRECATED: Use "
-                                          "vllm:kv_cache_usage_perc instead (kiln: the same ratio, CPU "
-                                          "engines included).", kv_usage),
+            "vllm:num_requests_running": ("Number of requests in model execution batches.", lambda e: e.stats.running),
+            "vllm:num_requests_waiting": ("Number of requests waiting to be processed.", lambda e: e.stats.waiting),
+            "vllm:kv_cache_usage_perc": (
+                "KV-cache usage. 1 means 100 percent usage. kiln: KV slots held / "
+                "slots (each slot is one full-context KV row).",
+                kv_usage,
+            ),
+            "vllm:gpu_cache_usage_perc": (
+                "GPU KV-cache usage. 1 means 100 percent usage. DEPRECATED: Use "
+                "vllm:kv_cache_usage_perc instead (kiln: the same ratio, CPU "
+                "engines included).",
+                kv_usage,
+            ),
         }
         for name, (text, value) in vllm.items():
             family = GaugeMetricFamily(name, text, labels=["model_name", "engine"])
@@ -164,14 +240,20 @@ class EngineCollector(Collector):
             "running": ("sequences in the running batch", lambda e: e.stats.running),
             "waiting": ("requests queued for a KV slot", lambda e: e.stats.waiting),
             "kv_slots_used": ("KV-cache slots held", lambda e: e.stats.kv_slots_used),
-            "kv_slots": ("KV-cache slots (the plan's max batch; each a full-context KV row)",
-                         lambda e: e.hello.plan.max_batch),
+            "kv_slots": (
+                "KV-cache slots (the plan's max batch; each a full-context KV row)",
+                lambda e: e.hello.plan.max_batch,
+            ),
             "kv_cache_usage_ratio": ("KV-cache slots held / slots, 0 to 1", kv_usage),
             "max_running_seen": ("largest batch decoded in one step", lambda e: e.stats.max_running_seen),
-            "gpu_allocated_bytes": ("torch memory allocated on the engine's GPU (0 on CPU)",
-                                    lambda e: e.stats.gpu_allocated_bytes),
-            "gpu_peak_bytes": ("peak torch memory allocated on the engine's GPU (0 on CPU)",
-                               lambda e: e.stats.gpu_peak_bytes),
+            "gpu_allocated_bytes": (
+                "torch memory allocated on the engine's GPU (0 on CPU)",
+                lambda e: e.stats.gpu_allocated_bytes,
+            ),
+            "gpu_peak_bytes": (
+                "peak torch memory allocated on the engine's GPU (0 on CPU)",
+                lambda e: e.stats.gpu_peak_bytes,
+            ),
             "ready": ("1 once the engine has loaded its model and takes requests", lambda e: int(e.ready)),
         }
         for field, (text, value) in gauges.items():
@@ -180,8 +262,10 @@ class EngineCollector(Collector):
                 family.add_metric([engine.engine_id, engine.hello.device], value(engine))
             yield family
         counters = {
-            "served": ("requests the engine finished (restarts from 0 with a restarted engine)",
-                       lambda e: e.stats.served),
+            "served": (
+                "requests the engine finished (restarts from 0 with a restarted engine)",
+                lambda e: e.stats.served,
+            ),
             "steps": ("model steps the engine ran", lambda e: e.stats.steps),
         }
         for field, (text, value) in counters.items():
@@ -197,10 +281,12 @@ class EngineCollector(Collector):
     def _engine_processes(self, engines) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Memory and CPU time of the engines that are this process's own children (an engine on another
         machine has a pid that means nothing here, so it is left out)."""
-        rss = GaugeMetricFamily("kiln_engine_process_resident_memory_bytes",
-                                "resident memory of a local engine process", labels=["engine"])
-        cpu = CounterMetricFamily("kiln_engine_process_cpu_seconds",
-                                  "user + system CPU time of a local engine process", labels=["engine"])
+        rss = GaugeMetricFamily(
+            "kiln_engine_process_resident_memory_bytes", "resident memory of a local engine process", labels=["engine"]
+        )
+        cpu = CounterMetricFamily(
+            "kiln_engine_process_cpu_seconds", "user + system CPU time of a local engine process", labels=["engine"]
+        )
         try:
             children = {child.pid: child for child in self.me.children(recursive=True)}
         except psutil.Error:
@@ -239,25 +325,32 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         # ---- kiln's own --------------------------------------------------------------------
-        self.requests = Counter("kiln_requests", "finished requests by outcome (stop, length, abort, error)",
-                                ["outcome"], registry=r)
-        self.refused = Counter("kiln_refused_requests", "requests answered with an error, by HTTP status and "
-                               "reason: every refusal before generation (400 invalid_request, 401 unauthorized, "
-                               "404 not_found or model_not_found, 413, 429 overloaded, 503 unavailable or "
-                               "shutting_down, ...) and engine failures during it (500 engine_error, also when "
-                               "it reaches a stream as an error event)", ["status", "reason"], registry=r)
+        self.requests = Counter(
+            "kiln_requests", "finished requests by outcome (stop, length, abort, error)", ["outcome"], registry=r
+        )
+        self.refused = Counter(
+            "kiln_refused_requests",
+            "requests answered with an error, by HTTP status and "
+            "reason: every refusal before generation (400 invalid_request, 401 unauthorized, "
+            "404 not_found or model_not_found, 413, 429 overloaded, 503 unavailable or "
+            "shutting_down, ...) and engine failures during it (500 engine_error, also when "
+            "it reaches a stream as an error event)",
+            ["status", "reason"],
+            registry=r,
+        )
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
         for status, reason in COMMON_REFUSALS:  # at 0 from the start, so rate() sees their first increase
             self.refused.labels(str(status), reason)
         self.prompt_tokens = Counter("kiln_prompt_tokens", "prompt tokens processed", registry=r)
         self.generated_tokens = Counter("kiln_generation_tokens", "tokens generated", registry=r)
-        self.ttft = Histogram("kiln_time_to_first_token_seconds", "time to first token", registry=r,
-                              buckets=LATENCY_BUCKETS)
-        self.tpot = Histogram("kiln_time_per_output_token_seconds", "(E2E - TTFT) / (tokens - 1)", registry=r,
-                              buckets=TOKEN_BUCKETS)
-        self.e2e = Histogram("kiln_e2e_request_latency_seconds", "request latency", registry=r,
-                             buckets=LATENCY_BUCKETS)
+        self.ttft = Histogram(
+            "kiln_time_to_first_token_seconds", "time to first token", registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.tpot = Histogram(
+            "kiln_time_per_output_token_seconds", "(E2E - TTFT) / (tokens - 1)", registry=r, buckets=TOKEN_BUCKETS
+        )
+        self.e2e = Histogram("kiln_e2e_request_latency_seconds", "request latency", registry=r, buckets=LATENCY_BUCKETS)
         # ---- vLLM's (names, help and buckets as vllm/v1/metrics/loggers.py) -------------------------
         labels = ["model_name", "engine"]
 
@@ -269,49 +362,87 @@ class Metrics:
 
         self.vllm_prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.vllm_generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
-        self.vllm_success = counter("vllm:request_success", "Count of successfully processed requests. kiln: "
-                                    "every started request by how it ended (stop, length, abort, error).",
-                                    ["finished_reason"])
-        self.vllm_prompt_length = histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
-                                            LENGTH_BUCKETS)
-        self.vllm_generation_length = histogram("vllm:request_generation_tokens",
-                                                "Number of generation tokens processed.", LENGTH_BUCKETS)
-        self.vllm_max_tokens = histogram("vllm:request_params_max_tokens",
-                                         "Histogram of the max_tokens request parameter.", LENGTH_BUCKETS)
-        self.vllm_max_generation_tokens = histogram("vllm:request_max_num_generation_tokens",
-                                                    "Histogram of maximum number of requested generation tokens.",
-                                                    LENGTH_BUCKETS)
-        self.vllm_ttft = histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in "
-                                   "seconds. kiln: measured in the frontend, from the request's arrival.",
-                                   VLLM_TTFT_BUCKETS)
-        self.vllm_request_tpot = histogram("vllm:request_time_per_output_token_seconds",
-                                           "Histogram of time_per_output_token_seconds per request: "
-                                           "(E2E - TTFT) / (generated tokens - 1).", VLLM_TOKEN_LATENCY_BUCKETS)
-        self.vllm_e2e = histogram("vllm:e2e_request_latency_seconds",
-                                  "Histogram of e2e request latency in seconds.", VLLM_REQUEST_LATENCY_BUCKETS)
-        self.vllm_queue = histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING "
-                                    "phase for request. kiln: the engine's own figure, from the engine admitting "
-                                    "the request to first scheduling it (the frontend's tokenizing and sending "
-                                    "are not in it); observed for requests whose engine reported it.",
-                                    VLLM_REQUEST_LATENCY_BUCKETS)
-        self.vllm_prefill = histogram("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL "
-                                      "phase for request. kiln: the engine's figure, first scheduled to first "
-                                      "token sampled.", VLLM_REQUEST_LATENCY_BUCKETS)
-        self.vllm_prefill_per_token = histogram("vllm:time_per_prefill_token_request_seconds",
-                                                "Time spent per token during prefill phase in seconds",
-                                                VLLM_PREFILL_TOKEN_BUCKETS)
-        self.vllm_decode = histogram("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE "
-                                     "phase for request. kiln: E2E - TTFT.", VLLM_REQUEST_LATENCY_BUCKETS)
-        self.vllm_inference = histogram("vllm:request_inference_time_seconds", "Histogram of time spent in "
-                                        "RUNNING phase for request. kiln: prefill + decode.",
-                                        VLLM_REQUEST_LATENCY_BUCKETS)
-        itl_note = (" kiln: each request's mean gap (E2E - TTFT) / (tokens - 1), counted once per gap, so _sum "
-                    "and _count are exact and the buckets hold request means.")
-        self.itl = WeightedHistogram([
-            ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds." + itl_note),
-            ("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds. DEPRECATED: "
-                                                   "Use vllm:inter_token_latency_seconds instead." + itl_note),
-        ], labels, VLLM_TOKEN_LATENCY_BUCKETS)
+        self.vllm_success = counter(
+            "vllm:request_success",
+            "Count of successfully processed requests. kiln: "
+            "every started request by how it ended (stop, length, abort, error).",
+            ["finished_reason"],
+        )
+        self.vllm_prompt_length = histogram(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", LENGTH_BUCKETS
+        )
+        self.vllm_generation_length = histogram(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", LENGTH_BUCKETS
+        )
+        self.vllm_max_tokens = histogram(
+            "vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", LENGTH_BUCKETS
+        )
+        self.vllm_max_generation_tokens = histogram(
+            "vllm:request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.",
+            LENGTH_BUCKETS,
+        )
+        self.vllm_ttft = histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds. kiln: measured in the frontend, from the request's arrival.",
+            VLLM_TTFT_BUCKETS,
+        )
+        self.vllm_request_tpot = histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request: (E2E - TTFT) / (generated tokens - 1).",
+            VLLM_TOKEN_LATENCY_BUCKETS,
+        )
+        self.vllm_e2e = histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            VLLM_REQUEST_LATENCY_BUCKETS,
+        )
+        self.vllm_queue = histogram(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING "
+            "phase for request. kiln: the engine's own figure, from the engine admitting "
+            "the request to first scheduling it (the frontend's tokenizing and sending "
+            "are not in it); observed for requests whose engine reported it.",
+            VLLM_REQUEST_LATENCY_BUCKETS,
+        )
+        self.vllm_prefill = histogram(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL "
+            "phase for request. kiln: the engine's figure, first scheduled to first "
+            "token sampled.",
+            VLLM_REQUEST_LATENCY_BUCKETS,
+        )
+        self.vllm_prefill_per_token = histogram(
+            "vllm:time_per_prefill_token_request_seconds",
+            "Time spent per token during prefill phase in seconds",
+            VLLM_PREFILL_TOKEN_BUCKETS,
+        )
+        self.vllm_decode = histogram(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request. kiln: E2E - TTFT.",
+            VLLM_REQUEST_LATENCY_BUCKETS,
+        )
+        self.vllm_inference = histogram(
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request. kiln: prefill + decode.",
+            VLLM_REQUEST_LATENCY_BUCKETS,
+        )
+        itl_note = (
+            " kiln: each request's mean gap (E2E - TTFT) / (tokens - 1), counted once per gap, so _sum "
+            "and _count are exact and the buckets hold request means."
+        )
+        self.itl = WeightedHistogram(
+            [
+                ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds." + itl_note),
+                (
+                    "vllm:time_per_output_token_seconds",
+                    "Histogram of time per output token in seconds. DEPRECATED: "
+                    "Use vllm:inter_token_latency_seconds instead." + itl_note,
+                ),
+            ],
+            labels,
+            VLLM_TOKEN_LATENCY_BUCKETS,
+        )
         self._per_engine: dict[str, _EngineSeries] = {}
         r.register(_WeightedCollector(self.itl))
         r.register(EngineCollector(client, self.model_name))
@@ -324,8 +455,17 @@ class Metrics:
         """One request answered with an error (by the error middleware, or an engine failure)."""
         self.refused.labels(str(status), reason).inc()
 
-    def observe(self, outcome: str, prompt_tokens: int, generated: int, ttft: float | None, total: float,
-                engine: str = "", timing: RequestTiming | None = None, max_tokens: int | None = None) -> None:
+    def observe(
+        self,
+        outcome: str,
+        prompt_tokens: int,
+        generated: int,
+        ttft: float | None,
+        total: float,
+        engine: str = "",
+        timing: RequestTiming | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
         """One started request ended: `outcome` is its finish reason ("abort": the client left; "error":
         the engine failed it), `ttft` None when no token came, `timing` the engine's queue and prefill
         durations when it sent them, `max_tokens` the client's budget."""

@@ -6,6 +6,7 @@ its own `Generation`, as /generate does; the choices of one request (`n`, a list
 concurrently. Streaming answers are SSE chunks ending with `data: [DONE]`, as OpenAI sends them.
 A field this server cannot honour is a 400 naming it: never silently ignored.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -78,6 +79,7 @@ def _refuse(field: str, what: str) -> ApiError:
 class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Fields kiln implements, then optional fields OpenAI documents that change nothing about the
     output, accepted and ignored. Any other field is a 400 naming it."""
+
     model: str | None = None
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
@@ -120,25 +122,36 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         biases = {}
         for token, bias in self.logit_bias.items():
             if not (token.isascii() and token.isdigit()):
-                raise ApiError(400, f"`logit_bias` key {token[:MAX_SHOWN_ROLE_CHARS]!r} is not a token id",
-                               "logit_bias")
+                raise ApiError(
+                    400, f"`logit_bias` key {token[:MAX_SHOWN_ROLE_CHARS]!r} is not a token id", "logit_bias"
+                )
             biases[int(token)] = bias  # the vocabulary bound is checked by Generation
         return biases
 
-    def native(self, prompt: str, max_tokens: int, choice: int, logprobs: int | None = None,
-               prompt_logprobs: int | None = None) -> GenerateRequest:
+    def native(
+        self, prompt: str, max_tokens: int, choice: int, logprobs: int | None = None, prompt_logprobs: int | None = None
+    ) -> GenerateRequest:
         """The native request for choice `choice` of a prompt (built directly: every value was validated
         here, and max_tokens may be 0 when only the prompt is scored)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         seed = None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1)
         return GenerateRequest(
-            prompt=prompt, max_new_tokens=max_tokens,
+            prompt=prompt,
+            max_new_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, stop=stop, seed=seed,
-            ignore_eos=bool(self.ignore_eos), min_tokens=self.min_tokens or 0,
-            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0, logit_bias=self._logit_bias(),
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            stop=stop,
+            seed=seed,
+            ignore_eos=bool(self.ignore_eos),
+            min_tokens=self.min_tokens or 0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias=self._logit_bias(),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
 
 
 class CompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
@@ -158,8 +171,11 @@ class CompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
         if self.suffix:
             raise _refuse("suffix", "(insertion)")
         if self.max_tokens == 0 and not self.echo:
-            raise ApiError(400, "`max_tokens` = 0 generates nothing; it is allowed only with `echo: true` "
-                                "(to score the prompt)", "max_tokens")
+            raise ApiError(
+                400,
+                "`max_tokens` = 0 generates nothing; it is allowed only with `echo: true` (to score the prompt)",
+                "max_tokens",
+            )
 
     def prompts(self, vocab_size: int) -> list[tuple[str, list[int] | None]]:
         """One (text, None) per text prompt, ("", ids) per token-id prompt; a 400 for anything else."""
@@ -174,8 +190,12 @@ class CompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
             return [("", _check_ids(prompt, vocab_size, "prompt"))]
         if all(isinstance(item, list) for item in prompt):
             return [("", _check_ids(item, vocab_size, f"prompt[{index}]")) for index, item in enumerate(prompt)]
-        raise ApiError(400, "`prompt` mixes kinds; send a string, a list of strings, a list of token ids or a "
-                            "list of lists of token ids", "prompt")
+        raise ApiError(
+            400,
+            "`prompt` mixes kinds; send a string, a list of strings, a list of token ids or a "
+            "list of lists of token ids",
+            "prompt",
+        )
 
 
 def _check_ids(ids: list[int], vocab_size: int, where: str) -> list[int]:
@@ -222,15 +242,15 @@ class ChatRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
         if self.tools:
             raise _refuse("tools", "(tool calling)")
         if self.tool_choice not in (None, "none"):
-            raise _refuse("tool_choice", "other than \"none\" (tool calling)")
+            raise _refuse("tool_choice", 'other than "none" (tool calling)')
         if self.functions:
             raise _refuse("functions", "(function calling)")
         if self.function_call not in (None, "none"):
-            raise _refuse("function_call", "other than \"none\" (function calling)")
+            raise _refuse("function_call", 'other than "none" (function calling)')
         if self.response_format not in (None, {"type": "text"}):
-            raise _refuse("response_format", "other than {\"type\": \"text\"} (JSON mode, structured output)")
+            raise _refuse("response_format", 'other than {"type": "text"} (JSON mode, structured output)')
         if self.modalities not in (None, ["text"]):
-            raise _refuse("modalities", "other than [\"text\"]")
+            raise _refuse("modalities", 'other than ["text"]')
 
     @property
     def num_logprobs(self) -> int | None:
@@ -245,16 +265,22 @@ def check_messages(messages: list[ChatMessage]) -> list[dict]:
     for index, message in enumerate(messages):
         if message.role not in CHAT_ROLES:
             shown = message.role[:MAX_SHOWN_ROLE_CHARS] + ("…" if len(message.role) > MAX_SHOWN_ROLE_CHARS else "")
-            raise ApiError(400, f"messages[{index}].role is {shown!r}; it must be one of {', '.join(CHAT_ROLES)}",
-                           f"messages[{index}].role")
+            raise ApiError(
+                400,
+                f"messages[{index}].role is {shown!r}; it must be one of {', '.join(CHAT_ROLES)}",
+                f"messages[{index}].role",
+            )
         for name in ("tool_calls", "tool_call_id", "function_call"):
             if getattr(message, name):
                 raise _refuse(f"messages[{index}].{name}", "(tool calling)")
         content = message.content
         if content is None:
             if message.role != "assistant":
-                raise ApiError(400, f"messages[{index}].content is missing or null; only an assistant message "
-                                    "may have null content", f"messages[{index}].content")
+                raise ApiError(
+                    400,
+                    f"messages[{index}].content is missing or null; only an assistant message may have null content",
+                    f"messages[{index}].content",
+                )
             content = ""
         elif isinstance(content, list):
             texts = []
@@ -262,8 +288,7 @@ def check_messages(messages: list[ChatMessage]) -> list[dict]:
                 where = f"messages[{index}].content[{part_index}]"
                 if part.type != "text":
                     shown = part.type[:MAX_SHOWN_ROLE_CHARS]
-                    raise ApiError(400, f"{where}.type is {shown!r}; only text parts are supported",
-                                   f"{where}.type")
+                    raise ApiError(400, f"{where}.type is {shown!r}; only text parts are supported", f"{where}.type")
                 if part.text is None:
                     raise ApiError(400, f"{where}.text is missing", f"{where}.text")
                 texts.append(part.text)
@@ -273,6 +298,7 @@ def check_messages(messages: list[ChatMessage]) -> list[dict]:
 
 
 # ---- token strings and bytes, for logprobs ----
+
 
 @functools.cache
 def _byte_decoder() -> dict[str, int]:
@@ -296,8 +322,11 @@ class TokenText:
         self.tokenizer = tokenizer
         self.strings: dict[int, str] = {}
         self.byte_level = type(tokenizer.decoder).__name__ == "ByteLevel"
-        self.special = {token.content for token in tokenizer.get_added_tokens_decoder().values()} \
-            if hasattr(tokenizer, "get_added_tokens_decoder") else set()
+        self.special = (
+            {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+            if hasattr(tokenizer, "get_added_tokens_decoder")
+            else set()
+        )
 
     def load(self, ids) -> None:
         missing = sorted({t for t in ids if t not in self.strings})
@@ -326,8 +355,9 @@ def _ids_of(entries: list[TokenLogprobs | None], ids: list[int]) -> list[int]:
     return needed
 
 
-def completion_logprobs(text: TokenText, ids: list[int], entries: list[TokenLogprobs | None],
-                        offset: int) -> tuple[dict, int]:
+def completion_logprobs(
+    text: TokenText, ids: list[int], entries: list[TokenLogprobs | None], offset: int
+) -> tuple[dict, int]:
     """OpenAI's completions `logprobs` for tokens `ids` (an entry of None: the prompt's first token,
     which has none), text offsets counted from `offset`; returns it and the offset after."""
     text.load(_ids_of(entries, ids))
@@ -346,8 +376,12 @@ def completion_logprobs(text: TokenText, ids: list[int], entries: list[TokenLogp
         top = {text.string(t): lp for t, lp in zip(entry.top_ids, entry.top_logprobs)}
         top.setdefault(token, entry.logprob)
         top_logprobs.append(top)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": offsets}, offset
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": offsets,
+    }, offset
 
 
 def chat_logprobs(text: TokenText, entries: list[TokenLogprobs]) -> dict:
@@ -357,16 +391,24 @@ def chat_logprobs(text: TokenText, entries: list[TokenLogprobs]) -> dict:
     def one(token_id: int, logprob: float) -> dict:
         return {"token": text.string(token_id), "logprob": logprob, "bytes": text.bytes(token_id)}
 
-    return {"content": [{**one(entry.token_id, entry.logprob),
-                         "top_logprobs": [one(t, lp) for t, lp in zip(entry.top_ids, entry.top_logprobs)]}
-                        for entry in entries]}
+    return {
+        "content": [
+            {
+                **one(entry.token_id, entry.logprob),
+                "top_logprobs": [one(t, lp) for t, lp in zip(entry.top_ids, entry.top_logprobs)],
+            }
+            for entry in entries
+        ]
+    }
 
 
 # ---- running the choices of one request ----
 
+
 @dataclass
 class Choice:
     """One choice of a response: its index, its generation, and what it needs to shape its output."""
+
     index: int
     generation: Generation
     start: dict = field(default_factory=dict)  # Generation.start's keyword arguments
@@ -386,14 +428,22 @@ def _usage(choices: list[Choice]) -> dict:
 def _check_model(request: web.Request, body: _Sampling) -> None:
     served = request.app[MODEL_NAME]
     if body.model not in (None, "", served):
-        raise ApiError(404, f"model {body.model!r} is not served here; this server serves {served!r}", "model",
-                       kind="model_not_found")
+        raise ApiError(
+            404,
+            f"model {body.model!r} is not served here; this server serves {served!r}",
+            "model",
+            kind="model_not_found",
+        )
 
 
 def _check_choice_count(prompts: int, n: int) -> None:
     if prompts * n > MAX_CHOICES:
-        raise ApiError(400, f"{prompts} prompt(s) × n = {n} is {prompts * n} choices; this server takes at most "
-                            f"{MAX_CHOICES} per request", "n" if n > 1 else "prompt")
+        raise ApiError(
+            400,
+            f"{prompts} prompt(s) × n = {n} is {prompts * n} choices; this server takes at most "
+            f"{MAX_CHOICES} per request",
+            "n" if n > 1 else "prompt",
+        )
 
 
 async def _drain(generation: Generation) -> None:
@@ -405,8 +455,15 @@ async def _drain(generation: Generation) -> None:
 Shape = Callable[[Choice, str, list[int], list[TokenLogprobs], bool], dict]
 
 
-async def _respond(request: web.Request, choices: list[Choice], stream: bool, object_name: str, shape: Shape,
-                   opening: Callable[[Choice], dict] | None = None, include_usage: bool = False) -> web.StreamResponse:
+async def _respond(
+    request: web.Request,
+    choices: list[Choice],
+    stream: bool,
+    object_name: str,
+    shape: Shape,
+    opening: Callable[[Choice], dict] | None = None,
+    include_usage: bool = False,
+) -> web.StreamResponse:
     """Start every choice's generation, run them concurrently and answer: one response, or one SSE
     stream whose chunks each carry one choice (tagged by `index`), interleaved as tokens arrive. A
     stream carries usage only when asked (`include_usage`), as OpenAI sends it: one more chunk after
@@ -420,11 +477,16 @@ async def _respond(request: web.Request, choices: list[Choice], stream: bool, ob
                 first_of_prompt = choice
                 await choice.generation.start(**choice.start)
             else:  # another choice of the same prompt: its tokens as they are, not tokenized again
-                await choice.generation.start(field=choice.start["field"],
-                                              prompt_ids=first_of_prompt.generation.prompt_ids)
+                await choice.generation.start(
+                    field=choice.start["field"], prompt_ids=first_of_prompt.generation.prompt_ids
+                )
         request_id = f"{'chatcmpl' if 'chat' in object_name else 'cmpl'}-{choices[0].generation.request_id}"
-        envelope = {"id": request_id, "object": object_name, "created": int(time.time()),
-                    "model": request.app[MODEL_NAME]}
+        envelope = {
+            "id": request_id,
+            "object": object_name,
+            "created": int(time.time()),
+            "model": request.app[MODEL_NAME],
+        }
         if not stream:
             results = await asyncio.gather(*(_drain(c.generation) for c in choices), return_exceptions=True)
             for result in results:
@@ -432,9 +494,16 @@ async def _respond(request: web.Request, choices: list[Choice], stream: bool, ob
                     return json_response(ApiError(500, str(result), kind="engine_error").body(openai=True), 500)
                 if isinstance(result, BaseException):
                     raise result
-            return json_response({**envelope, "choices": [shape(c, c.generation.detok.text, c.generation.token_ids,
-                                                                c.generation.logprobs, True) for c in choices],
-                                  "usage": _usage(choices)})
+            return json_response(
+                {
+                    **envelope,
+                    "choices": [
+                        shape(c, c.generation.detok.text, c.generation.token_ids, c.generation.logprobs, True)
+                        for c in choices
+                    ],
+                    "usage": _usage(choices),
+                }
+            )
 
         chunk_envelope = {**envelope, "object": object_name + ".chunk" if "chat" in object_name else object_name}
         queue: asyncio.Queue = asyncio.Queue()
@@ -443,13 +512,14 @@ async def _respond(request: web.Request, choices: list[Choice], stream: bool, ob
             generation = choice.generation
             try:
                 async for text, ids in generation.pieces():
-                    new_logprobs = generation.logprobs[-len(ids):] if ids and generation.logprobs else []
+                    new_logprobs = generation.logprobs[-len(ids) :] if ids and generation.logprobs else []
                     queue.put_nowait((choice, text, ids, new_logprobs))
                 queue.put_nowait((choice, None, None, None))
             except Exception as exc:  # passed on, so that the stream ends instead of waiting for this choice
                 queue.put_nowait((choice, exc, None, None))
 
         async with sse_response(request, allow_all_methods=True) as sse:
+
             async def send(choice_json: dict) -> None:
                 await sse.send(JSON.encode({**chunk_envelope, "choices": [choice_json]}).decode())
 
@@ -511,9 +581,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
             echo_text = text if ids is None else tokenizer.decode(ids, skip_special_tokens=False)
         for i in range(n):
             native = body.native(text, max_tokens, i, body.logprobs, prompt_logprobs)
-            choices.append(Choice(index=prompt_index * n + i, generation=Generation(request.app, native),
-                                  start={"field": field_name, "prompt_ids": ids}, counts_prompt=i == 0,
-                                  echo=echo_text))
+            choices.append(
+                Choice(
+                    index=prompt_index * n + i,
+                    generation=Generation(request.app, native),
+                    start={"field": field_name, "prompt_ids": ids},
+                    counts_prompt=i == 0,
+                    echo=echo_text,
+                )
+            )
     token_text = TokenText(tokenizer)
 
     def shape(choice: Choice, text: str, ids: list[int], entries: list[TokenLogprobs], final: bool) -> dict:
@@ -526,19 +602,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
             choice.offset = len(choice.echo)
             text = choice.echo + text
         elif not choice.opened and choice.echo is None:
-            choice.offset = len(generation.body.prompt) if generation.body.prompt else \
-                len(tokenizer.decode(generation.prompt_ids, skip_special_tokens=False))
+            choice.offset = (
+                len(generation.body.prompt)
+                if generation.body.prompt
+                else len(tokenizer.decode(generation.prompt_ids, skip_special_tokens=False))
+            )
         choice.opened = True
         if body.logprobs is not None:
             new, choice.offset = completion_logprobs(token_text, ids, entries, choice.offset)
             logprobs = new if logprobs is None else {key: logprobs[key] + new[key] for key in new}
         if generation.finish_reason is not None:
             choice.finished = True
-        return {"index": choice.index, "text": text, "logprobs": logprobs,
-                "finish_reason": generation.finish_reason}
+        return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": generation.finish_reason}
 
-    return await _respond(request, choices, bool(body.stream), "text_completion", shape,
-                          include_usage=body.include_usage)
+    return await _respond(
+        request, choices, bool(body.stream), "text_completion", shape, include_usage=body.include_usage
+    )
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -555,10 +634,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f"the chat template rejected the messages: {exc}", "messages") from None
     prompt = "".join(piece.text for piece in pieces)
     max_tokens = body.max_completion_tokens or body.max_tokens or UNLIMITED
-    choices = [Choice(index=i, generation=Generation(request.app, body.native(prompt, max_tokens, i,
-                                                                               body.num_logprobs)),
-                      start={"field": "messages", "pieces": pieces}, counts_prompt=i == 0)
-               for i in range(body.choices_per_prompt)]
+    choices = [
+        Choice(
+            index=i,
+            generation=Generation(request.app, body.native(prompt, max_tokens, i, body.num_logprobs)),
+            start={"field": "messages", "pieces": pieces},
+            counts_prompt=i == 0,
+        )
+        for i in range(body.choices_per_prompt)
+    ]
     token_text = TokenText(request.app[TOKENIZER])
 
     def shape(choice: Choice, text: str, ids: list[int], entries: list[TokenLogprobs], final: bool) -> dict:
@@ -566,23 +650,37 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         choice.finished = finish_reason is not None
         logprobs = chat_logprobs(token_text, entries) if body.logprobs else None
         if final:
-            return {"index": choice.index, "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs, "finish_reason": finish_reason}
-        return {"index": choice.index, "delta": {"content": text}, "logprobs": logprobs,
-                "finish_reason": finish_reason}
+            return {
+                "index": choice.index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
+        return {"index": choice.index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def opening(choice: Choice) -> dict:
-        return {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                "finish_reason": None}
+        return {
+            "index": choice.index,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
 
-    return await _respond(request, choices, bool(body.stream), "chat.completion", shape, opening,
-                          include_usage=body.include_usage)
+    return await _respond(
+        request, choices, bool(body.stream), "chat.completion", shape, opening, include_usage=body.include_usage
+    )
 
 
 async def models(request: web.Request) -> web.Response:
     engines = request.app[CLIENT].ready_engines()
-    data = [{"id": request.app[MODEL_NAME], "object": "model", "owned_by": "kiln",
-             "max_model_len": engines[0].hello.plan.max_context if engines else None}]
+    data = [
+        {
+            "id": request.app[MODEL_NAME],
+            "object": "model",
+            "owned_by": "kiln",
+            "max_model_len": engines[0].hello.plan.max_context if engines else None,
+        }
+    ]
     return json_response({"object": "list", "data": data})
 
 

@@ -10,6 +10,7 @@ A chat prompt comes in pieces (see `ChatTemplate.render_pieces`): the template's
 its special tokens recognized, the messages' contents with a twin tokenizer that encodes special-token
 text as plain text, so a user cannot type a control token.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,14 +39,19 @@ class PromptEncoder:
     def check_length(self, text: str, context: int, field: str = "prompt") -> None:
         limit = self.char_limit(context)
         if len(text) > limit:
-            raise ApiError(400, f"{field} is {len(text)} characters; the context window is {context} tokens, "
-                                f"which no text over {limit} characters fits with this tokenizer", field)
+            raise ApiError(
+                400,
+                f"{field} is {len(text)} characters; the context window is {context} tokens, "
+                f"which no text over {limit} characters fits with this tokenizer",
+                field,
+            )
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if len(text) < INLINE_CHARS:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        (encoding,) = await asyncio.to_thread(self.tokenizer.encode_batch, [text],
-                                              add_special_tokens=add_special_tokens)
+        (encoding,) = await asyncio.to_thread(
+            self.tokenizer.encode_batch, [text], add_special_tokens=add_special_tokens
+        )
         return encoding.ids
 
     async def encode_pieces(self, pieces: list[PromptPiece]) -> list[int]:
@@ -58,9 +64,14 @@ class PromptEncoder:
         else:
             encoded = await asyncio.to_thread(self._encode_both, template, client)
         template_ids, client_ids = iter(encoded[0]), iter(encoded[1])
-        return list(itertools.chain.from_iterable(
-            next(client_ids if piece.from_client else template_ids).ids for piece in pieces))
+        return list(
+            itertools.chain.from_iterable(
+                next(client_ids if piece.from_client else template_ids).ids for piece in pieces
+            )
+        )
 
     def _encode_both(self, template: list[str], client: list[str]):
-        return (self.tokenizer.encode_batch(template, add_special_tokens=False),
-                self.literal.encode_batch(client, add_special_tokens=False))
+        return (
+            self.tokenizer.encode_batch(template, add_special_tokens=False),
+            self.literal.encode_batch(client, add_special_tokens=False),
+        )

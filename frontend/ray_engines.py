@@ -17,6 +17,7 @@ killed actor or a lost frontend (Ray kills the actors of a driver that is gone) 
 
 Ray is an optional extra: this module imports it only when `--ray` is used.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -113,8 +114,12 @@ def connect(config) -> str | None:
         where = options.address or "a local cluster"
         return f"cannot connect to Ray at {where}: {' '.join(str(exc).split())[:300]}"
     head_ip = ray.util.get_node_ip_address()
-    log.info("connected to Ray (%s) in %.1f s; this node is %s", "local cluster" if options.started_local
-             else options.address, time.monotonic() - started, head_ip)
+    log.info(
+        "connected to Ray (%s) in %.1f s; this node is %s",
+        "local cluster" if options.started_local else options.address,
+        time.monotonic() - started,
+        head_ip,
+    )
     config.engine_host = head_ip
     if config.engine_port is None:
         config.engine_port = free_port_pair(head_ip)
@@ -169,14 +174,23 @@ class EngineActor:
         cli = Path(__file__).resolve().parent.parent / "cli.py"  # this node's kiln
         device = ["--gpu", "0"] if spec["gpu"] else ["--cpu"]  # Ray's CUDA_VISIBLE_DEVICES holds our one GPU
         model = ["--model", spec["model"]] if spec["model"] else []
-        return [sys.executable, str(cli), "engine", *device, "--frontend", spec["frontend"],
-                "--engine-id", spec["engine_id"], *model, *spec["engine_args"]]
+        return [
+            sys.executable,
+            str(cli),
+            "engine",
+            *device,
+            "--frontend",
+            spec["frontend"],
+            "--engine-id",
+            spec["engine_id"],
+            *model,
+            *spec["engine_args"],
+        ]
 
     def _keep(self, started: threading.Event) -> None:
         env = {**os.environ, **self.spec["env"], "KILN_NODE": self.node}  # the secret travels in env, not argv
         try:
-            self.child = subprocess.Popen(self._command(), env=env, cwd=str(REPO_ROOT),
-                                          preexec_fn=die_with_parent)
+            self.child = subprocess.Popen(self._command(), env=env, cwd=str(REPO_ROOT), preexec_fn=die_with_parent)
         finally:
             started.set()
         code = self.child.wait()
@@ -276,22 +290,39 @@ class RaySupervisor:
         for name in ("KILN_DEBUG", "KILN_FAULT_INJECTION", "HF_HUB_OFFLINE", "HF_HOME"):
             if os.environ.get(name):
                 env[name] = os.environ[name]
-        return {"engine_id": engine_id, "gpu": gpu, "frontend": self.options.frontend_address,
-                "model": self.options.model, "engine_args": self.engine_args, "env": env}
+        return {
+            "engine_id": engine_id,
+            "gpu": gpu,
+            "frontend": self.options.frontend_address,
+            "model": self.options.model,
+            "engine_args": self.engine_args,
+            "env": env,
+        }
 
     def create(self, engine_id: str, node_id: str | None, gpu: bool) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         strategy = NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id else "SPREAD"
         resources = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": 1}
-        actor = self.actor_class().options(
-            max_restarts=self.max_restarts, max_concurrency=4, scheduling_strategy=strategy, **resources,
-        ).remote(self.spec(engine_id, gpu))
+        actor = (
+            self.actor_class()
+            .options(
+                max_restarts=self.max_restarts,
+                max_concurrency=4,
+                scheduling_strategy=strategy,
+                **resources,
+            )
+            .remote(self.spec(engine_id, gpu))
+        )
         engine = RayEngine(engine_id, node_id, actor=actor, process=actor, started_at=time.monotonic())
         self.children[engine_id] = engine
         engine.watcher = asyncio.create_task(self._watch(engine))
-        log.info("engine actor %s placed%s (%s)", engine_id, f" on ray node {node_id[:8]}" if node_id else "",
-                 "1 GPU" if gpu else "1 CPU")
+        log.info(
+            "engine actor %s placed%s (%s)",
+            engine_id,
+            f" on ray node {node_id[:8]}" if node_id else "",
+            "1 GPU" if gpu else "1 CPU",
+        )
 
     def wanted(self, nodes: list[dict]) -> list[tuple[str, str | None, bool, int]]:
         """(engine id prefix, node id or None, gpu, how many) for the cluster as it is now."""
@@ -328,8 +359,9 @@ class RaySupervisor:
     def start_all(self) -> None:
         self.reconcile(self.alive_nodes())
         if not self.children:
-            self.gave_up = ("no node of the Ray cluster can hold an engine"
-                            + (" (no GPUs; pass --engines K for CPU engines)" if self.options.gpu_mode else ""))
+            self.gave_up = "no node of the Ray cluster can hold an engine" + (
+                " (no GPUs; pass --engines K for CPU engines)" if self.options.gpu_mode else ""
+            )
             self.changed.set()
 
     # -- liveness --
@@ -378,8 +410,13 @@ class RaySupervisor:
                 self.changed.set()
             return
         engine.restarts += 1
-        log.warning("engine %s lost (%s); Ray restarts its actor (restart %d of at most %d)", engine.engine_id,
-                    why, engine.restarts, self.max_restarts)
+        log.warning(
+            "engine %s lost (%s); Ray restarts its actor (restart %d of at most %d)",
+            engine.engine_id,
+            why,
+            engine.restarts,
+            self.max_restarts,
+        )
 
     def _actor_died(self, engine: RayEngine, why: str) -> None:
         if engine.gone:  # forgotten already (its node left, or it never started)
@@ -393,8 +430,10 @@ class RaySupervisor:
             return
         self._forget(engine, why)
         if engine.ever_ready:
-            self.gave_up = (f"engine {engine.engine_id} was lost more than --max-restarts ({self.max_restarts}) "
-                            f"times (last: {engine.last_loss or why})")
+            self.gave_up = (
+                f"engine {engine.engine_id} was lost more than --max-restarts ({self.max_restarts}) "
+                f"times (last: {engine.last_loss or why})"
+            )
             log.error("giving up: %s", self.gave_up)
             self.changed.set()
 
@@ -461,8 +500,12 @@ class RaySupervisor:
         for engine in self.children.values():
             handle = self.client.engines.get(engine.engine_id)
             if engine.ever_ready and engine.last_loss and not (handle is not None and handle.ready):
-                status[engine.engine_id] = {"reason": engine.last_loss, "restarts": engine.restarts,
-                                            "max_restarts": self.max_restarts, "node": engine.node}
+                status[engine.engine_id] = {
+                    "reason": engine.last_loss,
+                    "restarts": engine.restarts,
+                    "max_restarts": self.max_restarts,
+                    "node": engine.node,
+                }
         return status
 
     def stop_all(self, timeout: float) -> None:

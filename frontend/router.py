@@ -14,6 +14,7 @@ stalled, so a busy frontend never drops a healthy engine. The timeouts are const
 
 The sockets and codecs underneath are ipc/engine_link.py's; this module holds the policy.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,18 +27,18 @@ from frontend.stall_clock import StallFreeClock
 from ipc.engine_link import EngineLink
 from ipc.messages import (
     Abort,
-    FinishReason,
-    Welcome,
     EngineFailed,
     EngineHello,
     EngineReady,
     EngineStats,
+    FinishReason,
     Heartbeat,
     Request,
     RequestOutput,
     SamplingParams,
     Shutdown,
     StepOutputs,
+    Welcome,
 )
 
 log = logging.getLogger("kiln.frontend")
@@ -111,11 +112,19 @@ class RequestStream:
 
 
 class EngineClient:
-    def __init__(self, input_addresses: list[str], output_addresses: list[str], model_name: str,
-                 secret: str | None = None, on_engine_lost: Callable[[str, str, bool], None] | None = None, *,
-                 heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
-                 loading_heartbeat_timeout_s: float = LOADING_HEARTBEAT_TIMEOUT_S,
-                 progress_timeout_s: float = PROGRESS_TIMEOUT_S, liveness_tick_s: float = LIVENESS_TICK_S):
+    def __init__(
+        self,
+        input_addresses: list[str],
+        output_addresses: list[str],
+        model_name: str,
+        secret: str | None = None,
+        on_engine_lost: Callable[[str, str, bool], None] | None = None,
+        *,
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        loading_heartbeat_timeout_s: float = LOADING_HEARTBEAT_TIMEOUT_S,
+        progress_timeout_s: float = PROGRESS_TIMEOUT_S,
+        liveness_tick_s: float = LIVENESS_TICK_S,
+    ):
         self.link = EngineLink(input_addresses, output_addresses, secret)
         self.model_name = model_name
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -134,8 +143,9 @@ class EngineClient:
 
     async def start(self) -> None:
         await self.link.start()
-        self._tasks = [asyncio.create_task(loop()) for loop in (self._hello_loop, self._receive_loop,
-                                                                   self._liveness_loop)]
+        self._tasks = [
+            asyncio.create_task(loop()) for loop in (self._hello_loop, self._receive_loop, self._liveness_loop)
+        ]
 
     async def close(self) -> None:
         for engine_id in list(self.engines):
@@ -158,8 +168,9 @@ class EngineClient:
         slots = sum(e.hello.plan.max_batch for e in ready)
         kv_tokens = sum(e.hello.plan.kv_cache_tokens for e in ready)
         queued_tokens = sum(stream.remaining for stream in self.streams.values())
-        return (len(self.streams) >= slots * (1 + QUEUE_PER_SLOT)
-                or queued_tokens >= kv_tokens * (1 + QUEUED_TOKENS_PER_KV_TOKEN))
+        return len(self.streams) >= slots * (1 + QUEUE_PER_SLOT) or queued_tokens >= kv_tokens * (
+            1 + QUEUED_TOKENS_PER_KV_TOKEN
+        )
 
     def pick_engine(self) -> EngineHandle:
         """Least outstanding work; ties go to the engine that has served least, so sequential
@@ -174,8 +185,9 @@ class EngineClient:
         A better measure than request counts when prompts and budgets differ a lot."""
         return sum(self.streams[r].remaining for r in engine.requests if r in self.streams)
 
-    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                     engine: EngineHandle | None = None) -> RequestStream:
+    async def submit(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, engine: EngineHandle | None = None
+    ) -> RequestStream:
         """Register a stream and send its request. Whatever goes wrong in here (no engine, a message
         that cannot be encoded, the caller cancelled mid-send), nothing stays registered."""
         stream = RequestStream(Request(request_id, prompt_ids, params), "")
@@ -312,9 +324,16 @@ class EngineClient:
         if engine is None:
             if engine_id in self._dropped:  # it was dropped but lives on: tell it to go, not to linger
                 self._dropped.discard(engine_id)
-                self._spawn(self._send(engine_id, Welcome(
-                    accepted=False, reason="the frontend dropped this engine after missed heartbeats; "
-                                           "restart it to attach again")))
+                self._spawn(
+                    self._send(
+                        engine_id,
+                        Welcome(
+                            accepted=False,
+                            reason="the frontend dropped this engine after missed heartbeats; "
+                            "restart it to attach again",
+                        ),
+                    )
+                )
             return
         now = self.clock.now()
         if stats.steps != engine.stats.steps or not engine.requests:
@@ -357,8 +376,7 @@ class EngineClient:
             await asyncio.sleep(self.liveness_tick_s)
             stalled = self.clock.tick()
             if stalled:
-                log.warning("the event loop was stalled for %.1f s; not counted against engines' heartbeats",
-                            stalled)
+                log.warning("the event loop was stalled for %.1f s; not counted against engines' heartbeats", stalled)
             now = self.clock.now()
             for engine in list(self.engines.values()):
                 timeout = self.heartbeat_timeout_s if engine.ready else self.loading_heartbeat_timeout_s
@@ -366,6 +384,8 @@ class EngineClient:
                     self._dropped.add(engine.engine_id)
                     self.engine_lost(engine.engine_id, f"no heartbeat for {now - engine.last_seen:.1f} s")
                 elif engine.requests and now - engine.last_progress > self.progress_timeout_s:
-                    self.engine_lost(engine.engine_id, f"no step finished in {now - engine.last_progress:.0f} s "
-                                                       "while it held requests (hung)")
+                    self.engine_lost(
+                        engine.engine_id,
+                        f"no step finished in {now - engine.last_progress:.0f} s while it held requests (hung)",
+                    )
                     await self._send(engine.engine_id, Shutdown())

@@ -13,6 +13,7 @@ Slow clients are bounded: a connection must deliver a request's headers within t
 (also how long an idle keep-alive connection stays open) and its body within the body timeout;
 `KILN_HEADER_TIMEOUT_S` and `KILN_BODY_TIMEOUT_S` override them.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,11 +36,11 @@ from tokenizers import Tokenizer
 
 from frontend.app import DEFAULT_BODY_TIMEOUT_S, DRAINING, build_app
 from frontend.chat_template import ChatTemplate
+from frontend.router import EngineClient
 from frontend.supervisor import EngineSupervisor
+from ipc.discovery import RUNTIME_PREFIX, FrontendInfo
 from model.source import ModelNotFound, ModelSource, resolve_model
 from planning.plan import PlanOverrides
-from ipc.discovery import RUNTIME_PREFIX, FrontendInfo
-from frontend.router import EngineClient
 
 log = logging.getLogger("kiln.frontend")
 
@@ -71,10 +72,10 @@ class ServeConfig:
     max_restarts: int = 5  # restarts of one engine in a row before the frontend gives up (exits non-zero)
     drain_timeout: float = 30.0  # seconds open streams may run on after SIGTERM
     # a connection's headers must arrive within this many seconds of its start (or of its last answer)
-    header_timeout: float = field(default_factory=lambda: seconds_from_env("KILN_HEADER_TIMEOUT_S",
-                                                                            DEFAULT_HEADER_TIMEOUT_S))
-    body_timeout: float = field(default_factory=lambda: seconds_from_env("KILN_BODY_TIMEOUT_S",
-                                                                          DEFAULT_BODY_TIMEOUT_S))
+    header_timeout: float = field(
+        default_factory=lambda: seconds_from_env("KILN_HEADER_TIMEOUT_S", DEFAULT_HEADER_TIMEOUT_S)
+    )
+    body_timeout: float = field(default_factory=lambda: seconds_from_env("KILN_BODY_TIMEOUT_S", DEFAULT_BODY_TIMEOUT_S))
 
 
 def load_tokenizer(source: ModelSource) -> Tokenizer:
@@ -90,8 +91,13 @@ class Server:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix=RUNTIME_PREFIX))
         self.stopping = asyncio.Event()
         self.info = FrontendInfo(
-            input=f"ipc://{self.runtime_dir}/input", output=f"ipc://{self.runtime_dir}/output",
-            model=source.name, model_path=source.path, pid=os.getpid(), url=f"http://{config.host}:{config.port}")
+            input=f"ipc://{self.runtime_dir}/input",
+            output=f"ipc://{self.runtime_dir}/output",
+            model=source.name,
+            model_path=source.path,
+            pid=os.getpid(),
+            url=f"http://{config.host}:{config.port}",
+        )
         inputs, outputs = [self.info.input], [self.info.output]
         if config.engine_port is not None:
             engine_host = config.engine_host or config.host
@@ -110,11 +116,23 @@ class Server:
 
     def launch_engine(self, engine_id: str, gpu: int | None) -> subprocess.Popen:
         cmd = [
-            sys.executable, "-m", "engine_core.main",
-            "--input", self.info.input, "--output", self.info.output,
-            "--model", self.source.path, "--model-name", self.source.name,
-            "--engine-id", engine_id, "--watch-pid", str(os.getpid()),
-            "--overrides", msgspec.json.encode(self.config.overrides).decode(),
+            sys.executable,
+            "-m",
+            "engine_core.main",
+            "--input",
+            self.info.input,
+            "--output",
+            self.info.output,
+            "--model",
+            self.source.path,
+            "--model-name",
+            self.source.name,
+            "--engine-id",
+            engine_id,
+            "--watch-pid",
+            str(os.getpid()),
+            "--overrides",
+            msgspec.json.encode(self.config.overrides).decode(),
         ]
         if gpu is not None:
             cmd += ["--gpu", str(gpu)]
@@ -129,13 +147,25 @@ class Server:
         for index, gpu in enumerate(self.config.devices):
             self.supervisor.start(f"engine-{index}", gpu)
         template = None if self.source.is_hub else ChatTemplate.from_folder(self.source.path)
-        app = build_app(self.client, load_tokenizer(self.source), self.source.name, template, self.config.api_key,
-                        self.supervisor, self.config.body_timeout)
+        app = build_app(
+            self.client,
+            load_tokenizer(self.source),
+            self.source.name,
+            template,
+            self.config.api_key,
+            self.supervisor,
+            self.config.body_timeout,
+        )
         # aiohttp's keep-alive timer runs from a connection's start until a request's headers are
         # complete, so it is also the header timeout that stops a slowloris
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=CONNECTION_CLOSE_TIMEOUT_S,
-                               keepalive_timeout=self.config.header_timeout, lingering_time=UNREAD_BODY_DISCARD_S)
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=CONNECTION_CLOSE_TIMEOUT_S,
+            keepalive_timeout=self.config.header_timeout,
+            lingering_time=UNREAD_BODY_DISCARD_S,
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port)
         await site.start()
@@ -189,16 +219,18 @@ class Server:
             await asyncio.wait([ready, stop, trouble], return_when=asyncio.FIRST_COMPLETED)
             waiting.cancel()
             if ready.done():
-                print(f"kiln: serving {self.source.name} on http://{self.config.host}:{self.config.port}",
-                      flush=True)
+                print(f"kiln: serving {self.source.name} on http://{self.config.host}:{self.config.port}", flush=True)
                 await asyncio.wait([stop, trouble], return_when=asyncio.FIRST_COMPLETED)
             if stop.done():
                 return 0
             if self.supervisor.gave_up:
                 print(f"kiln: giving up: {self.supervisor.gave_up}", file=sys.stderr, flush=True)
             else:
-                print("kiln: could not start: " + ("; ".join(self.client.failures) or "engine exited"),
-                      file=sys.stderr, flush=True)
+                print(
+                    "kiln: could not start: " + ("; ".join(self.client.failures) or "engine exited"),
+                    file=sys.stderr,
+                    flush=True,
+                )
             return 1
         finally:
             for task in (ready, stop, trouble, waiting):
@@ -231,13 +263,18 @@ def serve(config: ServeConfig) -> int:
             print(f"kiln: {problem}", file=sys.stderr)
             return 2
     if config.engine_port is not None and not config.secret:
-        print("kiln: --engine-port accepts engines from other machines; it needs --secret (or KILN_SECRET) "
-              "so that strangers cannot attach or inject requests", file=sys.stderr)
+        print(
+            "kiln: --engine-port accepts engines from other machines; it needs --secret (or KILN_SECRET) "
+            "so that strangers cannot attach or inject requests",
+            file=sys.stderr,
+        )
         return 2
     engine_host = config.engine_host or config.host
     for host, port, what in [(config.host, config.port, "--port")] + (
-            [(engine_host, config.engine_port, "--engine-port"), (engine_host, config.engine_port + 1, "--engine-port")]
-            if config.engine_port is not None else []):
+        [(engine_host, config.engine_port, "--engine-port"), (engine_host, config.engine_port + 1, "--engine-port")]
+        if config.engine_port is not None
+        else []
+    ):
         if problem := port_problem(host, port, what):
             print(f"kiln: {problem}", file=sys.stderr)
             return 2
@@ -247,8 +284,11 @@ def serve(config: ServeConfig) -> int:
         print(f"kiln: {exc}", file=sys.stderr)
         return 2
     if not source.is_hub and not (Path(source.path) / "tokenizer.json").is_file():
-        print(f"kiln: {source.path} has no tokenizer.json; the frontend tokenizes with it (save one there with "
-              "AutoTokenizer.from_pretrained(...).save_pretrained(folder))", file=sys.stderr)
+        print(
+            f"kiln: {source.path} has no tokenizer.json; the frontend tokenizes with it (save one there with "
+            "AutoTokenizer.from_pretrained(...).save_pretrained(folder))",
+            file=sys.stderr,
+        )
         return 2
     server = None
 

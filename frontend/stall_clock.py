@@ -5,6 +5,7 @@ on it, a GC pause, a machine swapping), they wait unread in ZeroMQ, and on the o
 every engine would look silent the moment the loop wakes. On this clock the stall does not
 count, so only an engine's own silence can get it dropped.
 """
+
 from __future__ import annotations
 
 import time

@@ -10,6 +10,7 @@ give up and exit non-zero, so the supervisor around it (systemd, Kubernetes) act
 Only engines that have been ready once are restarted: one that cannot even start (wrong model, no
 memory) is a configuration error, reported at once rather than retried.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,8 +45,7 @@ class ChildEngine:
 
 
 class EngineSupervisor:
-    def __init__(self, client: EngineClient, launch: Callable[[str, int | None], subprocess.Popen],
-                 max_restarts: int):
+    def __init__(self, client: EngineClient, launch: Callable[[str, int | None], subprocess.Popen], max_restarts: int):
         self.client = client
         self.launch = launch
         self.max_restarts = max_restarts
@@ -93,8 +93,7 @@ class EngineSupervisor:
                 code = child.process.poll()
                 if code is None:
                     if child.kill_at is not None and now >= child.kill_at:
-                        log.warning("engine %s did not stop within %.0f s; killing it", child.engine_id,
-                                    KILL_GRACE_S)
+                        log.warning("engine %s did not stop within %.0f s; killing it", child.engine_id, KILL_GRACE_S)
                         child.process.kill()
                     continue
                 why = f"process {child.process.pid} exited with code {code}"
@@ -105,8 +104,12 @@ class EngineSupervisor:
                     self._schedule_restart(child, now)
             elif child.restart_at is not None and now >= child.restart_at:
                 child.restart_at = None
-                log.info("restarting engine %s (restart %d of at most %d in a row)", child.engine_id,
-                         child.restarts, self.max_restarts)
+                log.info(
+                    "restarting engine %s (restart %d of at most %d in a row)",
+                    child.engine_id,
+                    child.restarts,
+                    self.max_restarts,
+                )
                 self._launch(child)
         if self.never_started() and not self.client.engine_ready.is_set():
             self.changed.set()
@@ -115,12 +118,14 @@ class EngineSupervisor:
         if now - child.started_at >= STABLE_AFTER_S:
             child.restarts = 0
         if child.restarts >= self.max_restarts:
-            self.gave_up = (f"engine {child.engine_id} was lost {child.restarts + 1} times in a row "
-                            f"(last: {child.last_loss}); --max-restarts is {self.max_restarts}")
+            self.gave_up = (
+                f"engine {child.engine_id} was lost {child.restarts + 1} times in a row "
+                f"(last: {child.last_loss}); --max-restarts is {self.max_restarts}"
+            )
             log.error("giving up: %s", self.gave_up)
             self.changed.set()
             return
-        delay = min(BACKOFF_FIRST_S * 2 ** child.restarts, BACKOFF_MAX_S)
+        delay = min(BACKOFF_FIRST_S * 2**child.restarts, BACKOFF_MAX_S)
         child.restarts += 1
         child.restart_at = now + delay
         log.warning("engine %s lost (%s); restarting it in %.0f s", child.engine_id, child.last_loss, delay)
@@ -131,8 +136,11 @@ class EngineSupervisor:
         for child in self.children.values():
             engine = self.client.engines.get(child.engine_id)
             if child.ever_ready and child.last_loss and not (engine is not None and engine.ready):
-                status[child.engine_id] = {"reason": child.last_loss, "restarts": child.restarts,
-                                           "max_restarts": self.max_restarts}
+                status[child.engine_id] = {
+                    "reason": child.last_loss,
+                    "restarts": child.restarts,
+                    "max_restarts": self.max_restarts,
+                }
         return status
 
     def stop_all(self, timeout: float) -> None:

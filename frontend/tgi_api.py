@@ -9,6 +9,7 @@ shapes: `{"generated_text", "details"}`, one SSE event per token `{"index", "tok
 "generated_text", "details"}`, errors `{"error", "error_type"}`. A field kiln does not implement
 is a 400 naming it (`parameters.best_of`), unless it is at its "off" value; so is any unknown field.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -50,6 +51,7 @@ class TgiParameters(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """TGI's `GenerateParameters`. Implemented fields first, then fields accepted only at their "off"
     value (`check_unsupported`). A null is the same as leaving the field out, as TGI's clients send
     nulls for everything the caller did not set."""
+
     do_sample: bool | None = None
     max_new_tokens: MaxTokens | None = None
     temperature: PositiveTemperature | None = None
@@ -88,8 +90,9 @@ class TgiRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.parameters is None:
             return True
         p = self.parameters
-        return bool(p.do_sample or p.temperature not in (None, 1.0) or p.top_k is not None
-                    or p.top_p not in (None, 1.0))
+        return bool(
+            p.do_sample or p.temperature not in (None, 1.0) or p.top_k is not None or p.top_p not in (None, 1.0)
+        )
 
     def check_unsupported(self, stream: bool) -> None:
         if not self.inputs:
@@ -108,8 +111,11 @@ class TgiRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if p.adapter_id:
             raise _refuse("adapter_id", "(LoRA adapters)")
         if stream and p.decoder_input_details:
-            raise ApiError(400, "`parameters.decoder_input_details` = true is not supported when streaming "
-                                "(as in TGI); use /generate", "parameters.decoder_input_details")
+            raise ApiError(
+                400,
+                "`parameters.decoder_input_details` = true is not supported when streaming (as in TGI); use /generate",
+                "parameters.decoder_input_details",
+            )
 
     def native(self, stream: bool) -> GenerateRequest:
         p = self.params
@@ -173,6 +179,7 @@ def parse_tgi_request(body: bytes) -> TgiRequest:
 
 # --- answers -------------------------------------------------------------------------------------
 
+
 def error_type(error: ApiError) -> str:
     """TGI's `error_type`, which its clients turn into exception classes."""
     if error.status == 429:
@@ -215,8 +222,9 @@ class _Tokens:
     def texts(self, text: str, token_ids: list[int]) -> list[str]:
         texts = [""] * len(token_ids)
         if token_ids:
-            owner = next((i for i in range(len(token_ids) - 1, -1, -1) if token_ids[i] not in self.special),
-                         len(token_ids) - 1)
+            owner = next(
+                (i for i in range(len(token_ids) - 1, -1, -1) if token_ids[i] not in self.special), len(token_ids) - 1
+            )
             texts[owner] = text
         return texts
 
@@ -229,8 +237,10 @@ class _Tokens:
     def top(self, logprobs: TokenLogprobs | None) -> list[dict]:
         if logprobs is None or not logprobs.top_ids:
             return []
-        return [self.token(i, t, lp) for i, t, lp in
-                zip(logprobs.top_ids, self.own_texts(logprobs.top_ids), logprobs.top_logprobs)]
+        return [
+            self.token(i, t, lp)
+            for i, t, lp in zip(logprobs.top_ids, self.own_texts(logprobs.top_ids), logprobs.top_logprobs)
+        ]
 
     def prefill(self, generation: Generation) -> list[dict]:
         """The prompt's tokens; the first has no logprob (nothing before it), as in TGI."""
@@ -273,8 +283,9 @@ async def _answer(request: web.Request, body: TgiRequest, as_list: bool) -> web.
             async for text, token_ids in generation.pieces():
                 if not details:
                     continue
-                for token_id, token_text, logprobs in zip(token_ids, tokens.texts(text, token_ids),
-                                                          _logprobs_for(generation, len(token_ids))):
+                for token_id, token_text, logprobs in zip(
+                    token_ids, tokens.texts(text, token_ids), _logprobs_for(generation, len(token_ids))
+                ):
                     records.append(tokens.token(token_id, token_text, None if logprobs is None else logprobs.logprob))
                     if params.top_n_tokens:
                         top_tokens.append(tokens.top(logprobs))
@@ -308,13 +319,16 @@ async def _stream(request: web.Request, body: TgiRequest) -> web.StreamResponse:
             try:
                 async for text, token_ids in generation.pieces():
                     last = len(token_ids) - 1
-                    for position, (token_id, token_text, logprobs) in enumerate(zip(
-                            token_ids, tokens.texts(text, token_ids), _logprobs_for(generation, len(token_ids)))):
+                    for position, (token_id, token_text, logprobs) in enumerate(
+                        zip(token_ids, tokens.texts(text, token_ids), _logprobs_for(generation, len(token_ids)))
+                    ):
                         index += 1
-                        event = {"index": index,
-                                 "token": tokens.token(token_id, token_text,
-                                                       None if logprobs is None else logprobs.logprob),
-                                 "generated_text": None, "details": None}
+                        event = {
+                            "index": index,
+                            "token": tokens.token(token_id, token_text, None if logprobs is None else logprobs.logprob),
+                            "generated_text": None,
+                            "details": None,
+                        }
                         if params.top_n_tokens:
                             event["top_tokens"] = tokens.top(logprobs)
                         if position == last and generation.finish_reason is not None:
@@ -342,17 +356,23 @@ async def handle_tgi(request: web.Request, raw: bytes, route: str) -> web.Stream
     try:
         probe = _probe(raw) if route == "/" else None  # the others come here only with `inputs`
         if probe is not None and not probe.inputs:  # an object without `inputs`: kiln's body on POST /?
-            raise ApiError(400, "Object missing required field `inputs`: POST / takes TGI's body "
-                                "({\"inputs\", \"parameters\", \"stream\"}); kiln's own body goes to /generate",
-                           "inputs")
+            raise ApiError(
+                400,
+                "Object missing required field `inputs`: POST / takes TGI's body "
+                '({"inputs", "parameters", "stream"}); kiln\'s own body goes to /generate',
+                "inputs",
+            )
         body = parse_tgi_request(raw)
         if route == "/":
             stream = bool(body.stream)
         else:
             stream = route == "/generate_stream"
             if body.stream is not None and body.stream != stream:
-                raise ApiError(400, f"`stream` = {str(body.stream).lower()} does not fit {route}; "
-                                    "POST / chooses by `stream`", "stream")
+                raise ApiError(
+                    400,
+                    f"`stream` = {str(body.stream).lower()} does not fit {route}; POST / chooses by `stream`",
+                    "stream",
+                )
         body.check_unsupported(stream)
         if stream:
             return await _stream(request, body)
@@ -369,6 +389,5 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
 def add_tgi_routes(app: web.Application) -> None:
     """POST / and the set of special token ids (`token.special`); /generate and /generate_stream
     dispatch here themselves when the body is TGI's."""
-    app[SPECIAL_IDS] = frozenset(i for i, token in app[TOKENIZER].get_added_tokens_decoder().items()
-                                 if token.special)
+    app[SPECIAL_IDS] = frozenset(i for i, token in app[TOKENIZER].get_added_tokens_decoder().items() if token.special)
     app.router.add_post("/", compat_generate)

@@ -7,6 +7,7 @@ afford. torch.cuda is only asked when NVML fails although an NVIDIA device node 
 Given a model shape, both also read this machine's cached CPU weight-format timings (measured
 by engine_core/cpu_formats.py at an engine's first start; read here as plain JSON, no torch).
 """
+
 from __future__ import annotations
 
 import glob
@@ -29,9 +30,22 @@ MiB = 1 << 20
 
 # Compute capability of common cards, so `--gpu T4:16GiB` may leave it out.
 KNOWN_CC: dict[str, tuple[int, int]] = {
-    "P100": (6, 0), "V100": (7, 0), "T4": (7, 5), "RTX2080": (7, 5), "A100": (8, 0), "A10": (8, 6),
-    "A10G": (8, 6), "RTX3060": (8, 6), "RTX3090": (8, 6), "A6000": (8, 6), "L4": (8, 9),
-    "L40S": (8, 9), "RTX4090": (8, 9), "H100": (9, 0), "H200": (9, 0), "B200": (10, 0),
+    "P100": (6, 0),
+    "V100": (7, 0),
+    "T4": (7, 5),
+    "RTX2080": (7, 5),
+    "A100": (8, 0),
+    "A10": (8, 6),
+    "A10G": (8, 6),
+    "RTX3060": (8, 6),
+    "RTX3090": (8, 6),
+    "A6000": (8, 6),
+    "L4": (8, 9),
+    "L40S": (8, 9),
+    "RTX4090": (8, 9),
+    "H100": (9, 0),
+    "H200": (9, 0),
+    "B200": (10, 0),
 }
 
 
@@ -185,9 +199,13 @@ def cpu_format_cache_key(shape: ModelShape) -> dict:
     """What the timings depend on: the CPU (model, flags, cores), torch, the probe and the model's linear shapes."""
     model, flags = cpu_model_and_flags()
     return {
-        "cpu": model, "flags_sha": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
-        "cores": detect_cpu_cores(), "torch": _torch_version(), "probe": CPU_FORMAT_PROBE_VERSION,
-        "layers": shape.num_layers, "layer_linears": decoder_linear_shapes(shape),
+        "cpu": model,
+        "flags_sha": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
+        "cores": detect_cpu_cores(),
+        "torch": _torch_version(),
+        "probe": CPU_FORMAT_PROBE_VERSION,
+        "layers": shape.num_layers,
+        "layer_linears": decoder_linear_shapes(shape),
         "lm_head": [shape.hidden_size, shape.vocab_size],
     }
 
@@ -201,8 +219,11 @@ def cpu_format_cache_path(shape: ModelShape, cache_root: Path | None = None) -> 
 
 
 def _valid_timings(ms: object) -> bool:
-    return isinstance(ms, dict) and bool(ms) and all(
-        isinstance(k, str) and "@" in k and isinstance(v, (int, float)) and v > 0 for k, v in ms.items())
+    return (
+        isinstance(ms, dict)
+        and bool(ms)
+        and all(isinstance(k, str) and "@" in k and isinstance(v, (int, float)) and v > 0 for k, v in ms.items())
+    )
 
 
 def read_cpu_format_ms(shape: ModelShape, cache_root: Path | None = None) -> dict[str, float]:

@@ -5,6 +5,7 @@ itself there; `cli.py engine` on the same machine globs for those folders, so no
 socket paths around. For another machine, `--frontend tcp://HOST:PORT` names the request socket;
 outputs go to PORT+1.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,7 @@ def find_frontend(address: str | None) -> tuple[str, str, FrontendInfo | None]:
     ADDRESS: None (the one local server), a local server's URL or port, or tcp://HOST:PORT.
     """
     if address and address.startswith("tcp://"):
-        host, _, port = address[len("tcp://"):].rpartition(":")
+        host, _, port = address[len("tcp://") :].rpartition(":")
         if not host or not port.isdigit():
             raise FrontendNotFound(f"{address}: expected tcp://HOST:PORT (the server's --engine-port)")
         return address, f"tcp://{host}:{int(port) + 1}", None
@@ -58,9 +59,13 @@ def find_frontend(address: str | None) -> tuple[str, str, FrontendInfo | None]:
     if address:
         local = [f for f in local if f.url.rstrip("/").endswith(":" + address.rstrip("/").rpartition(":")[2])]
     if not local:
-        raise FrontendNotFound("no running `cli.py serve` found on this machine"
-                               + (f" matching {address}" if address else "") + "; start one, or pass --frontend")
+        raise FrontendNotFound(
+            "no running `cli.py serve` found on this machine"
+            + (f" matching {address}" if address else "")
+            + "; start one, or pass --frontend"
+        )
     if len(local) > 1:
-        raise FrontendNotFound("several servers run here; pick one with --frontend PORT: "
-                               + ", ".join(f.url for f in local))
+        raise FrontendNotFound(
+            "several servers run here; pick one with --frontend PORT: " + ", ".join(f.url for f in local)
+        )
     return local[0].input, local[0].output, local[0]

@@ -8,6 +8,7 @@ are CURVE servers and only engines holding the secret get in.
 This module moves messages and nothing else: which engine gets a request, whether a hello is
 welcome, and when an engine counts as lost are decided above it, in frontend/router.py.
 """
+
 from __future__ import annotations
 
 import logging

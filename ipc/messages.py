@@ -4,6 +4,7 @@ Two tagged unions, one per direction, msgpack-encoded by msgspec (never pickle: 
 not a trust boundary for code execution). `array_like` keeps messages small; `gc=False` keeps
 the per-step output structs out of the cyclic garbage collector.
 """
+
 from __future__ import annotations
 
 import enum

@@ -1,5 +1,6 @@
 """Free TCP ports, found by binding port 0: for servers that benches and tests start, and for the engine
 socket pair (`serve --engine-port P` binds P for requests and P + 1 for outputs)."""
+
 from __future__ import annotations
 
 import socket

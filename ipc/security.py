@@ -5,6 +5,7 @@ secret, so a user only has to pass one string (`--secret` or `KILN_SECRET`). An 
 secret does not even know the frontend's public key: its handshake fails and it never reaches
 the request socket; the frontend's ZAP check also admits only the engine key of its own secret.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,4 +43,3 @@ class CurveKeys:
         if not allowed:
             log.warning("refused an engine connection: its key does not match this server's secret")
         return allowed
-

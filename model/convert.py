@@ -5,6 +5,7 @@ result means every later start is a plain safetensors load. Written to a tempora
 renamed, so an interrupted conversion never leaves a half folder that looks complete.
 Usage: python -m model.convert FILE.gguf OUT_FOLDER
 """
+
 from __future__ import annotations
 
 import shutil

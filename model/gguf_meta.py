@@ -6,6 +6,7 @@ under 2 s. This reader walks the header with `struct` over an mmap, skips arrays
 not need and keeps only scalars, small arrays and each tensor's name and shape.
 Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md (versions 2 and 3).
 """
+
 from __future__ import annotations
 
 import mmap

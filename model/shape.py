@@ -5,6 +5,7 @@ checkpoint is twice its 16-bit footprint). Counts are split the way bitsandbytes
 them: only the decoder's `nn.Linear` weights get quantized; embeddings, an untied
 `lm_head`, norms and biases stay in the compute dtype.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,10 @@ def unsupported_architecture(model_type: str | None) -> str | None:
     """The one-line refusal for a model_type kiln does not serve; None when it is supported."""
     if model_type in SUPPORTED_ARCHITECTURES:
         return None
-    return (f"architecture {model_type!r} is not supported; kiln serves "
-            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (each tested token for token against transformers)")
+    return (
+        f"architecture {model_type!r} is not supported; kiln serves "
+        f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (each tested token for token against transformers)"
+    )
 
 
 def _check_supported(model_type: str) -> None:
@@ -128,8 +131,10 @@ def shape_from_config(cfg: dict, *, name: str = "model", source: str = "") -> Mo
     max_pos = int(_get(cfg, "max_position_embeddings", "n_positions", "max_seq_len", default=2048))
     tied = bool(cfg.get("tie_word_embeddings", True))  # PretrainedConfig's default is True
     if (limit := _longrope_limit(cfg)) is not None and limit < max_pos:
-        notes.append(f"context capped at {limit} (original_max_position_embeddings, not {max_pos}): beyond it "
-                     "longrope's long factors would apply to every sequence of a step, not only the long one")
+        notes.append(
+            f"context capped at {limit} (original_max_position_embeddings, not {max_pos}): beyond it "
+            "longrope's long factors would apply to every sequence of a step, not only the long one"
+        )
         max_pos = limit
     q_out, kv_out = heads * hd, kv * hd
 
@@ -159,13 +164,26 @@ def shape_from_config(cfg: dict, *, name: str = "model", source: str = "") -> Mo
     linear = layers * (attn_linear + mlp_linear)
     other = layers * layer_other + final_norm
     return ModelShape(
-        name=name, architecture=arch, num_layers=layers, hidden_size=h, intermediate_size=inter,
-        num_attention_heads=heads, num_kv_heads=kv, head_dim=hd, vocab_size=vocab,
-        max_position_embeddings=max_pos, tie_word_embeddings=tied, embedding_params=embedding,
-        lm_head_params=lm_head, decoder_linear_params=linear, other_params=other,
+        name=name,
+        architecture=arch,
+        num_layers=layers,
+        hidden_size=h,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_kv_heads=kv,
+        head_dim=hd,
+        vocab_size=vocab,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=tied,
+        embedding_params=embedding,
+        lm_head_params=lm_head,
+        decoder_linear_params=linear,
+        other_params=other,
         total_params=embedding + lm_head + linear + other,
         layer_params=attn_linear + mlp_linear + layer_other,
-        torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"), source=source, notes=notes,
+        torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        source=source,
+        notes=notes,
     )
 
 
@@ -215,13 +233,26 @@ def shape_from_gguf(meta: GGUFMetadata, *, name: str = "model", source: str = ""
     if file_type is not None:
         notes.append(f"GGUF file_type {file_type}: sized as the dequantized model the engine loads")
     return ModelShape(
-        name=name, architecture=model_type, num_layers=int(key("block_count")), hidden_size=h,
-        intermediate_size=inter, num_attention_heads=heads, num_kv_heads=kv, head_dim=hd,
-        vocab_size=vocab, max_position_embeddings=int(key("context_length", 2048)),
-        tie_word_embeddings=lm_head == 0, embedding_params=embedding, lm_head_params=lm_head,
-        decoder_linear_params=linear, other_params=other,
+        name=name,
+        architecture=model_type,
+        num_layers=int(key("block_count")),
+        hidden_size=h,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_kv_heads=kv,
+        head_dim=hd,
+        vocab_size=vocab,
+        max_position_embeddings=int(key("context_length", 2048)),
+        tie_word_embeddings=lm_head == 0,
+        embedding_params=embedding,
+        lm_head_params=lm_head,
+        decoder_linear_params=linear,
+        other_params=other,
         total_params=embedding + lm_head + linear + other,
-        layer_params=max(per_layer.values(), default=0), torch_dtype=None, source=source, notes=notes,
+        layer_params=max(per_layer.values(), default=0),
+        torch_dtype=None,
+        source=source,
+        notes=notes,
     )
 
 

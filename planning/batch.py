@@ -1,4 +1,5 @@
 """How a KV-cache budget of N tokens is split into concurrent sequences (batch) × context length."""
+
 from __future__ import annotations
 
 from model.shape import ModelShape
@@ -15,9 +16,7 @@ def context_limits(shape: ModelShape) -> tuple[int, int]:
     return min(MIN_CONTEXT, top), min(MAX_CONTEXT, top)
 
 
-def choose_batch_context(
-    tokens: int, shape: ModelShape, overrides: PlanOverrides
-) -> tuple[int, int, str, str]:
+def choose_batch_context(tokens: int, shape: ModelShape, overrides: PlanOverrides) -> tuple[int, int, str, str]:
     """Split a KV budget of `tokens` into (batch, context, batch reason, context reason).
 
     Longer context first until batch would drop below 4, then more batch, up to 16 × 8192.
@@ -26,16 +25,17 @@ def choose_batch_context(
     fb_, fc = overrides.max_batch, overrides.max_context
     if fb_ is not None and fc is not None:
         if fb_ * fc > tokens:
-            raise PlanError(
-                f"{fb_} sequences × {fc} tokens = {fb_ * fc} KV tokens, but the KV budget holds {tokens}"
-            )
+            raise PlanError(f"{fb_} sequences × {fc} tokens = {fb_ * fc} KV tokens, but the KV budget holds {tokens}")
         return fb_, fc, describe(overrides, "max_batch"), describe(overrides, "max_context")
     if fc is not None:
         batch = min(MAX_BATCH, tokens // fc)
         if batch < 1:
             raise PlanError(f"one {fc}-token sequence does not fit: the KV budget holds {tokens} tokens")
-        return batch, fc, f"{batch} sequences of the forced context fill the KV budget (cap {MAX_BATCH})", describe(
-            overrides, "max_context"
+        return (
+            batch,
+            fc,
+            f"{batch} sequences of the forced context fill the KV budget (cap {MAX_BATCH})",
+            describe(overrides, "max_context"),
         )
     if fb_ is not None:
         ctx = min(hi, tokens // fb_)
@@ -64,7 +64,8 @@ def _heuristic_batch_context(tokens: int, shape: ModelShape) -> tuple[int, int, 
         ctx = (tokens // PREFERRED_BATCH) // CONTEXT_STEP * CONTEXT_STEP
         batch = min(MAX_BATCH, tokens // ctx)
         return (
-            batch, ctx,
+            batch,
+            ctx,
             f"kept at {PREFERRED_BATCH}+ concurrent sequences before growing context further",
             f"longest context (multiple of {CONTEXT_STEP}) that keeps {PREFERRED_BATCH} sequences in the KV budget",
         )

@@ -4,21 +4,29 @@ A policy makes a `PlanBuilder` with what every plan shares (model, overrides, pr
 in reasons as it decides, and ends with `build(...)`, which sizes the KV cache into batch × context,
 writes the compile / prefill / KV reasons and lists the forced fields, all the same way for every plan.
 """
+
 from __future__ import annotations
 
+from hardware.profile import format_bytes as fb
 from model.shape import ModelShape
 from planning.batch import choose_batch_context, context_limits
 from planning.overrides import FIELDS, describe
 from planning.plan import PlanOverrides, ServingPlan
-from hardware.profile import format_bytes as fb
 
-COMPILE_DEFAULT = ("eager by default: torch.compile costs a long warmup and needs Triton; "
-                   "enable with --compile or ENABLE_COMPILE=1")
+COMPILE_DEFAULT = (
+    "eager by default: torch.compile costs a long warmup and needs Triton; enable with --compile or ENABLE_COMPILE=1"
+)
 
 
 class PlanBuilder:
-    def __init__(self, shape: ModelShape, overrides: PlanOverrides, chunk: int, chunk_why: str,
-                 ignored: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        shape: ModelShape,
+        overrides: PlanOverrides,
+        chunk: int,
+        chunk_why: str,
+        ignored: frozenset[str] = frozenset(),
+    ) -> None:
         self.shape, self.overrides = shape, overrides
         self.chunk, self.chunk_why = chunk, chunk_why
         self.ignored = ignored  # forced fields that have no effect on this kind of plan (not listed as forced)
@@ -74,9 +82,21 @@ class PlanBuilder:
         """Every field a flag or env var forced, in PlanOverrides order, less those this plan ignores."""
         return [f for f in FIELDS if getattr(self.overrides, f) is not None and f not in self.ignored]
 
-    def build(self, *, device: str, dtype: str, quantized: bool, weights_bytes: int, kv_room: int,
-              kv_per_token: int, reserve_bytes: int, budget_bytes: int, max_memory=None, int8: bool = False,
-              **fields) -> ServingPlan:
+    def build(
+        self,
+        *,
+        device: str,
+        dtype: str,
+        quantized: bool,
+        weights_bytes: int,
+        kv_room: int,
+        kv_per_token: int,
+        reserve_bytes: int,
+        budget_bytes: int,
+        max_memory=None,
+        int8: bool = False,
+        **fields,
+    ) -> ServingPlan:
         """Size the KV cache from `kv_room`, then the ServingPlan. `quantized`: NF4; `int8`: int8 weight-only
         linears (CPU). `max_memory` may be a function of the KV cache bytes (a whole-GPU plan gives
         accelerate what the KV cache leaves); `fields` are the rest (offload, device_map, offload_bytes,
@@ -87,11 +107,24 @@ class PlanBuilder:
         if callable(max_memory):
             max_memory = max_memory(kv_cache_bytes)
         return ServingPlan(
-            device=device, dtype=dtype, quantization="nf4" if quantized else "int8" if int8 else None,
+            device=device,
+            dtype=dtype,
+            quantization="nf4" if quantized else "int8" if int8 else None,
             double_quant=quantized,
-            max_batch=batch, max_context=ctx, kv_cache_tokens=kv_tokens, weights_bytes=weights_bytes,
-            compile=compile_, prefill_chunk=self.chunk, reasons=self.reasons, overridden=self.overridden(),
-            max_memory=max_memory, kv_bytes_per_token=kv_per_token, kv_cache_bytes=kv_cache_bytes,
-            reserve_bytes=reserve_bytes, budget_bytes=budget_bytes, total_params=self.shape.total_params,
-            model=self.shape.name, **{"offload": False, "device_map": None, **fields},
+            max_batch=batch,
+            max_context=ctx,
+            kv_cache_tokens=kv_tokens,
+            weights_bytes=weights_bytes,
+            compile=compile_,
+            prefill_chunk=self.chunk,
+            reasons=self.reasons,
+            overridden=self.overridden(),
+            max_memory=max_memory,
+            kv_bytes_per_token=kv_per_token,
+            kv_cache_bytes=kv_cache_bytes,
+            reserve_bytes=reserve_bytes,
+            budget_bytes=budget_bytes,
+            total_params=self.shape.total_params,
+            model=self.shape.name,
+            **{"offload": False, "device_map": None, **fields},
         )

@@ -1,8 +1,10 @@
 """CPU policy (no GPU): weights in RAM at the measured fastest format, or bf16 / NF4 when RAM is short;
 disk offload when `gpu_layers` keeps fewer layers in RAM than the model has (planning.offload)."""
+
 from __future__ import annotations
 
-from hardware.profile import HardwareProfile, format_bytes as fb
+from hardware.profile import HardwareProfile
+from hardware.profile import format_bytes as fb
 from model.shape import ModelShape
 from planning.batch import context_limits
 from planning.builder import PlanBuilder
@@ -50,29 +52,46 @@ def _refusal(shape: ModelShape, cands: list[Candidate], budget: int) -> PlanErro
 def _explain(builder: PlanBuilder, chosen: Candidate, dtype: str, budget: int, int8: bool) -> None:
     shape, o, reasons = builder.shape, builder.overrides, builder.reasons
     if chosen.dtype != dtype:
-        reasons["dtype"] = (f"{chosen.dtype}: {dtype} weights ({fb(weight_bytes(shape, dtype, False))}) leave too "
-                            "little RAM for a KV cache")
-    builder.explain_quantization(chosen.quantized, (
-        f"NF4 with double quantization: 16-bit weights ({fb(weight_bytes(shape, chosen.dtype, False))}) do not fit "
-        f"{fb(budget)} RAM with room for a KV cache; bitsandbytes' CPU 4-bit kernels are slow (memory tool, not speed)"
-    ) if chosen.quantized else (
-        f"int8 weight-only linears, {fb(int8_weight_bytes(shape, dtype))} (the measured fastest format, see dtype); "
-        "the RAM budget is sized as for bf16 weights; --quantization none or --dtype turns it off"
-    ) if int8 else f"none: {chosen.dtype} weights ({fb(chosen.weights)}) fit in RAM with room for a KV cache")
+        reasons["dtype"] = (
+            f"{chosen.dtype}: {dtype} weights ({fb(weight_bytes(shape, dtype, False))}) leave too "
+            "little RAM for a KV cache"
+        )
+    builder.explain_quantization(
+        chosen.quantized,
+        (
+            f"NF4 with double quantization: 16-bit weights ({fb(weight_bytes(shape, chosen.dtype, False))}) do not "
+            f"fit {fb(budget)} RAM with room for a KV cache; bitsandbytes' CPU 4-bit kernels are slow (memory tool, "
+            "not speed)"
+        )
+        if chosen.quantized
+        else (
+            f"int8 weight-only linears, {fb(int8_weight_bytes(shape, dtype))} (the measured fastest format, see "
+            "dtype); the RAM budget is sized as for bf16 weights; --quantization none or --dtype turns it off"
+        )
+        if int8
+        else f"none: {chosen.dtype} weights ({fb(chosen.weights)}) fit in RAM with room for a KV cache",
+    )
     if o.cpu_offload is not None:
-        reasons["offload"] = (f"none: weights are already in RAM; {describe(o, 'cpu_offload')} has no effect without "
-                              "a GPU (disk offload is too slow to serve)")
+        reasons["offload"] = (
+            f"none: weights are already in RAM; {describe(o, 'cpu_offload')} has no effect without "
+            "a GPU (disk offload is too slow to serve)"
+        )
     else:
         reasons["offload"] = "none: no GPU, all weights in RAM"
     if o.gpu_layers is not None:
-        reasons["offload"] += (f"; all {shape.num_layers} layers in RAM ({describe(o, 'gpu_layers')}, "
-                               "which counts layers kept in RAM on a CPU-only machine)")
-    reasons["device"] += (f"; reserve {fb(chosen.reserve)} = max(2 GiB, 20% of available) for OS and frontend + "
-                          "activation peak")
+        reasons["offload"] += (
+            f"; all {shape.num_layers} layers in RAM ({describe(o, 'gpu_layers')}, "
+            "which counts layers kept in RAM on a CPU-only machine)"
+        )
+    reasons["device"] += (
+        f"; reserve {fb(chosen.reserve)} = max(2 GiB, 20% of available) for OS and frontend + activation peak"
+    )
 
 
 def plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverrides) -> ServingPlan:
-    builder = PlanBuilder(shape, overrides, CPU_PREFILL_CHUNK, CPU_CHUNK_WHY, ignored=frozenset({"gpu_memory_fraction"}))
+    builder = PlanBuilder(
+        shape, overrides, CPU_PREFILL_CHUNK, CPU_CHUNK_WHY, ignored=frozenset({"gpu_memory_fraction"})
+    )
     budget = profile.ram_available_bytes
     builder.reasons["device"] = f"cpu: no GPU ({profile.source}); {profile.cpu_cores} cores, {fb(budget)} RAM available"
     if overrides.gpu_memory_fraction is not None:
@@ -89,8 +108,15 @@ def plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverrid
     int8 = int8 and chosen.dtype == dtype and not chosen.quantized
     _explain(builder, chosen, dtype, budget, int8)
     return builder.build(
-        device="cpu", dtype=chosen.dtype, quantized=chosen.quantized, int8=int8,
+        device="cpu",
+        dtype=chosen.dtype,
+        quantized=chosen.quantized,
+        int8=int8,
         weights_bytes=int8_weight_bytes(shape, dtype) if int8 else chosen.weights,
-        kv_room=chosen.kv_room, kv_per_token=chosen.kv_per_token, reserve_bytes=chosen.reserve, budget_bytes=budget,
-        offload_bytes=0, **cpu_plan_fields(builder.reasons, profile),
+        kv_room=chosen.kv_room,
+        kv_per_token=chosen.kv_per_token,
+        reserve_bytes=chosen.reserve,
+        budget_bytes=budget,
+        offload_bytes=0,
+        **cpu_plan_fields(builder.reasons, profile),
     )

@@ -1,5 +1,6 @@
 """Dtypes on CPU: the weight format from timings measured on this machine (else a guess from the CPU
 flags), and K/V kept in float32."""
+
 from __future__ import annotations
 
 from hardware.profile import HardwareProfile
@@ -7,8 +8,10 @@ from hardware.profile import HardwareProfile
 CPU_KV_DTYPE = "float32"
 # K/V stay fp32 on CPU: torch's CPU attention kernels are far slower in bf16 (decode at 160 cached tokens,
 # batch 10: 780 vs 120 µs per layer on a 2-core EPYC), worth twice the KV bytes of a small model.
-CPU_KV_REASON = ("float32 on CPU: torch's CPU attention kernels are several times slower in bf16 than in fp32 at "
-                 "decode, so K/V stay fp32 whatever the weight dtype")
+CPU_KV_REASON = (
+    "float32 on CPU: torch's CPU attention kernels are several times slower in bf16 than in fp32 at "
+    "decode, so K/V stay fp32 whatever the weight dtype"
+)
 # Weight formats the CPU loader can use, in order of preference on a tie; measured by engine_core/cpu_formats.py.
 # "int8": int8 weight-only linears (one scale per row) with bf16 activations (engine_core/int8_weights.py); int8
 # dynamic quantization (activations quantized per step) is left out: less exact, and no faster at decode sizes.
@@ -49,7 +52,8 @@ def _timings_summary(timings: dict[str, dict[int, float]]) -> str:
     """'float32 34.0 / 63.6, bfloat16 20.7 / 25.8 ms per decode step at batch 1 / 8'."""
     rows = sorted({b for t in timings.values() for b in t})
     per_format = ", ".join(
-        f"{fmt} {' / '.join(f'{t[b]:.1f}' if b in t else '-' for b in rows)}" for fmt, t in timings.items())
+        f"{fmt} {' / '.join(f'{t[b]:.1f}' if b in t else '-' for b in rows)}" for fmt, t in timings.items()
+    )
     return f"{per_format} ms per decode step at batch {' / '.join(map(str, rows))}"
 
 
@@ -57,10 +61,14 @@ def describe_cpu_formats(ms: dict[str, float]) -> str:
     """The cpu_formats reason: the measured timings and what they cover, or that none were measured yet."""
     timings = format_timings(ms)
     if not timings:
-        return ("not measured on this machine for this model yet: the engine times each weight format on the "
-                "model's own layer shapes at its first start and caches the result")
-    return (f"{_timings_summary(timings)} (every linear + lm_head, random weights at this model's shapes, one "
-            "thread); measured at an engine's first start, cached per machine and model")
+        return (
+            "not measured on this machine for this model yet: the engine times each weight format on the "
+            "model's own layer shapes at its first start and caches the result"
+        )
+    return (
+        f"{_timings_summary(timings)} (every linear + lm_head, random weights at this model's shapes, one "
+        "thread); measured at an engine's first start, cached per machine and model"
+    )
 
 
 def cpu_dtype_default(profile: HardwareProfile) -> tuple[str, str]:
@@ -70,16 +78,25 @@ def cpu_dtype_default(profile: HardwareProfile) -> tuple[str, str]:
     if measured is not None:
         summary = _timings_summary(format_timings(profile.cpu_format_ms))
         if measured == "float32":
-            return "float32", (f"measured on this CPU at this model's shapes, no other format is {1 - CPU_FORMAT_MARGIN:.0%} "
-                               f"faster at every batch size, and fp32 is exact: {summary}")
+            return "float32", (
+                f"measured on this CPU at this model's shapes, no other format is {1 - CPU_FORMAT_MARGIN:.0%} "
+                f"faster at every batch size, and fp32 is exact: {summary}"
+            )
         what = "int8 weight-only linears (one scale per row) computing in bf16, " if measured == "int8" else ""
-        return measured, (f"{what}measured on this CPU at this model's shapes, the fastest and at least "
-                          f"{1 - CPU_FORMAT_MARGIN:.0%} faster than float32 at every batch size: {summary}")
+        return measured, (
+            f"{what}measured on this CPU at this model's shapes, the fastest and at least "
+            f"{1 - CPU_FORMAT_MARGIN:.0%} faster than float32 at every batch size: {summary}"
+        )
     guess = "not measured yet, so a guess from the CPU flags (the engine measures at its first start)"
     if profile.cpu_bf16:
-        return "bfloat16", (f"{guess}: this CPU computes bf16 natively (avx512_bf16/amx_bf16), and bf16 weights are "
-                            "half the memory traffic of fp32 per decode step")
-    return "float32", f"{guess}: no native bf16 (no avx512_bf16/amx_bf16), so bf16 matmuls may be emulated, slower than fp32"
+        return "bfloat16", (
+            f"{guess}: this CPU computes bf16 natively (avx512_bf16/amx_bf16), and bf16 weights are "
+            "half the memory traffic of fp32 per decode step"
+        )
+    return (
+        "float32",
+        f"{guess}: no native bf16 (no avx512_bf16/amx_bf16), so bf16 matmuls may be emulated, slower than fp32",
+    )
 
 
 def cpu_plan_fields(reasons: dict[str, str], profile: HardwareProfile) -> dict:

@@ -2,13 +2,19 @@
 
 Torch-free: `torch_dtype` imports torch only when called (the engine and the bench call it).
 """
+
 from __future__ import annotations
 
 DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_ALIASES = {
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
 }
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

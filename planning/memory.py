@@ -18,6 +18,7 @@ All sizes in bytes (GiB = 2^30), from parameter counts and the machine profile o
 - CPU budget = available RAM (cgroup-capped). Reserve max(2 GiB, 20%) for the OS, the frontend
   process and the tokenizer, plus the activation peak.
 """
+
 from __future__ import annotations
 
 import math
@@ -118,8 +119,9 @@ def ram_reserve(available: int) -> int:
 class Candidate:
     """One way to hold the weights on one device: dtype + quantization, and what it costs."""
 
-    def __init__(self, shape: ModelShape, dtype: str, quantized: bool, budget: int, reserve: int,
-                 kv_dtype: str | None = None) -> None:
+    def __init__(
+        self, shape: ModelShape, dtype: str, quantized: bool, budget: int, reserve: int, kv_dtype: str | None = None
+    ) -> None:
         self.dtype, self.quantized, self.reserve = dtype, quantized, reserve
         self.weights = weight_bytes(shape, dtype, quantized)
         self.kv_per_token = kv_bytes_per_token(shape, kv_dtype or dtype)

@@ -13,18 +13,26 @@ vocab) fall within the RAM reserve. The plan says so with device_map "cpu" for `
 
 Disk offload (CPU-only, fewer decoder layers kept in RAM than the model has): see `plan_disk_offload`.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from hardware.profile import HardwareProfile, format_bytes as fb
+from hardware.profile import HardwareProfile
+from hardware.profile import format_bytes as fb
 from model.shape import ACCELERATE_LAYOUT, ModelShape
 from planning.batch import context_limits
 from planning.builder import PlanBuilder
 from planning.cpu_dtype import CPU_KV_DTYPE, cpu_plan_fields
 from planning.dtypes import dtype_bytes
-from planning.memory import (head_params, kv_bytes_per_token, layer_bytes, outside_layers_bytes, ram_reserve,
-                             weight_bytes)
+from planning.memory import (
+    head_params,
+    kv_bytes_per_token,
+    layer_bytes,
+    outside_layers_bytes,
+    ram_reserve,
+    weight_bytes,
+)
 from planning.overrides import describe
 from planning.plan import PlanError, ServingPlan
 
@@ -35,8 +43,9 @@ class GpuBudget(NamedTuple):
     why: str  # 'budget 14.4 GiB = 90% of total ...', for reasons and refusals
 
 
-def split_device_map(shape: ModelShape, home: str | int, kept: int, rest: str, embed: str | int,
-                     lm_head: str | int) -> dict[str, str | int]:
+def split_device_map(
+    shape: ModelShape, home: str | int, kept: int, rest: str, embed: str | int, lm_head: str | int
+) -> dict[str, str | int]:
     """accelerate device_map: the first `kept` decoder layers on `home`, the others on `rest`; the final
     norm (and rotary embedding) on `home`; the embeddings and lm_head where given."""
     device_map: dict[str, str | int] = {"model.embed_tokens": embed}
@@ -70,8 +79,16 @@ def head_options(shape: ModelShape) -> list[tuple[bool, bool]]:
     return [(False, False), (True, False), (True, True)]
 
 
-def place(shape: ModelShape, embed_on_cpu: bool, lm_head_on_cpu: bool, dtype: str, gpu_layer: int, cpu_layer: int,
-          free_for_weights: int, must_offload: bool) -> Placement:
+def place(
+    shape: ModelShape,
+    embed_on_cpu: bool,
+    lm_head_on_cpu: bool,
+    dtype: str,
+    gpu_layer: int,
+    cpu_layer: int,
+    free_for_weights: int,
+    must_offload: bool,
+) -> Placement:
     """How many decoder layers fit in `free_for_weights` (GPU budget - reserve - minimum KV) for one placement."""
     cpu_params = head_params(shape, embed_on_cpu, lm_head_on_cpu)
     fixed_gpu = outside_layers_bytes(shape, dtype, moved_params=cpu_params)
@@ -89,23 +106,31 @@ def describe_heads(shape: ModelShape, placement: Placement, gi: int) -> str:
     if not placement.embed_on_cpu:
         return f"on cuda:{gi}: with them there, the GPU still holds {placement.on_gpu} decoder layer(s)"
     if shape.lm_head_params == 0:
-        return (f"embeddings and the tied lm_head in RAM ({size}), to leave GPU room for decoder layers: the lookup "
-                "is cheap on CPU, but the output projection is a CPU matmul per step (slow, but it runs)")
+        return (
+            f"embeddings and the tied lm_head in RAM ({size}), to leave GPU room for decoder layers: the lookup "
+            "is cheap on CPU, but the output projection is a CPU matmul per step (slow, but it runs)"
+        )
     if placement.lm_head_on_cpu:
-        return (f"embeddings and lm_head in RAM ({size}), to leave GPU room for decoder layers: the lookup is cheap "
-                "on CPU, the lm_head is a CPU matmul per step (slow, but it runs)")
-    return (f"embeddings in RAM ({size}), to leave GPU room for decoder layers: the lookup of a few rows is cheap "
-            "on CPU, only the hidden rows cross PCIe")
+        return (
+            f"embeddings and lm_head in RAM ({size}), to leave GPU room for decoder layers: the lookup is cheap "
+            "on CPU, the lm_head is a CPU matmul per step (slow, but it runs)"
+        )
+    return (
+        f"embeddings in RAM ({size}), to leave GPU room for decoder layers: the lookup of a few rows is cheap "
+        "on CPU, only the hidden rows cross PCIe"
+    )
 
 
-def _choose_placement(builder: PlanBuilder, gpu: GpuBudget, dtype: str, gpu_layer: int, cpu_layer: int,
-                      free_for_weights: int) -> Placement:
+def _choose_placement(
+    builder: PlanBuilder, gpu: GpuBudget, dtype: str, gpu_layer: int, cpu_layer: int, free_for_weights: int
+) -> Placement:
     """The fastest placement that keeps the decoder layers asked for (one, or `gpu_layers`) on the GPU."""
     shape, o = builder.shape, builder.overrides
     wanted = o.gpu_layers if o.gpu_layers is not None else 1
     must_offload = bool(o.cpu_offload) and o.gpu_layers is None
-    placements = [place(shape, e, h, dtype, gpu_layer, cpu_layer, free_for_weights, must_offload)
-                  for e, h in head_options(shape)]
+    placements = [
+        place(shape, e, h, dtype, gpu_layer, cpu_layer, free_for_weights, must_offload) for e, h in head_options(shape)
+    ]
     chosen = next((p for p in placements if p.on_gpu >= wanted), None)
     if chosen is not None:
         return chosen
@@ -124,15 +149,21 @@ def _choose_placement(builder: PlanBuilder, gpu: GpuBudget, dtype: str, gpu_laye
     )
 
 
-def _explain_gpu_offload(builder: PlanBuilder, chosen: Placement, gpu: GpuBudget, dtype: str, quantized: bool,
-                         on_gpu: int, cpu_layer: int) -> None:
+def _explain_gpu_offload(
+    builder: PlanBuilder, chosen: Placement, gpu: GpuBudget, dtype: str, quantized: bool, on_gpu: int, cpu_layer: int
+) -> None:
     shape, o, reasons = builder.shape, builder.overrides, builder.reasons
     L = shape.num_layers
     on_cpu = L - on_gpu
-    builder.explain_quantization(quantized, (
-        f"NF4 with double quantization, compute in {dtype}: even NF4 weights "
-        f"({fb(weight_bytes(shape, dtype, True))}) do not fit the {gpu.why} with a KV cache"
-    ) if quantized else "none: offload was forced, so 16-bit weights are split between GPU and RAM")
+    builder.explain_quantization(
+        quantized,
+        (
+            f"NF4 with double quantization, compute in {dtype}: even NF4 weights "
+            f"({fb(weight_bytes(shape, dtype, True))}) do not fit the {gpu.why} with a KV cache"
+        )
+        if quantized
+        else "none: offload was forced, so 16-bit weights are split between GPU and RAM",
+    )
     if o.gpu_layers is not None:
         why = describe(o, "gpu_layers")
     elif o.cpu_offload:
@@ -144,14 +175,21 @@ def _explain_gpu_offload(builder: PlanBuilder, chosen: Placement, gpu: GpuBudget
         f"{on_gpu} of {L} layers on cuda:{gpu.index}, {on_cpu} in RAM ({fb(on_cpu * cpu_layer)}), {why}"
         + (f"; {reasons['embed_lm_head']}" if chosen.embed_on_cpu else "")
         + ("; offloaded layers are copied to the GPU on every forward, so decode is bound by PCIe" if on_cpu else "")
-        + (f"; load with BitsAndBytesConfig(llm_int8_enable_fp32_cpu_offload=True): CPU layers stay unquantized, "
-           f"in {dtype}" if quantized else "")
+        + (
+            f"; load with BitsAndBytesConfig(llm_int8_enable_fp32_cpu_offload=True): CPU layers stay unquantized, "
+            f"in {dtype}"
+            if quantized
+            else ""
+        )
     )
-    reasons["cuda_graphs"] = "no: offloaded weights are moved by host-side hooks on every forward, which a graph cannot replay"
+    reasons["cuda_graphs"] = (
+        "no: offloaded weights are moved by host-side hooks on every forward, which a graph cannot replay"
+    )
 
 
-def plan_gpu_offload(builder: PlanBuilder, profile: HardwareProfile, gpu: GpuBudget, dtype: str, quantized: bool,
-                     reserve: int) -> ServingPlan:
+def plan_gpu_offload(
+    builder: PlanBuilder, profile: HardwareProfile, gpu: GpuBudget, dtype: str, quantized: bool, reserve: int
+) -> ServingPlan:
     """First decoder layers on the GPU, the rest in RAM, streamed to the GPU on each forward.
 
     The embeddings (then the lm_head) move to RAM only when keeping them on the GPU leaves no room for
@@ -183,13 +221,27 @@ def plan_gpu_offload(builder: PlanBuilder, profile: HardwareProfile, gpu: GpuBud
         f"; {gpu.why}, reserve {fb(reserve)} = 1 GiB CUDA context/workspaces + activation peak, "
         f"plus {fb(stream)} for the streamed layer"
     )
-    device_map = split_device_map(shape, gi, on_gpu, "cpu", embed="cpu" if chosen.embed_on_cpu else gi,
-                                  lm_head="cpu" if chosen.lm_head_on_cpu else gi)
+    device_map = split_device_map(
+        shape,
+        gi,
+        on_gpu,
+        "cpu",
+        embed="cpu" if chosen.embed_on_cpu else gi,
+        lm_head="cpu" if chosen.lm_head_on_cpu else gi,
+    )
     return builder.build(
-        device=f"cuda:{gi}", dtype=dtype, quantized=quantized, weights_bytes=gpu_weights + offload_bytes,
-        kv_room=gpu.bytes - reserve - gpu_weights - stream, kv_per_token=kv_per_token, reserve_bytes=reserve + stream,
-        budget_bytes=gpu.bytes, max_memory={str(gi): gpu_weights, "cpu": ram_budget}, offload=True,
-        device_map=device_map, offload_bytes=offload_bytes,
+        device=f"cuda:{gi}",
+        dtype=dtype,
+        quantized=quantized,
+        weights_bytes=gpu_weights + offload_bytes,
+        kv_room=gpu.bytes - reserve - gpu_weights - stream,
+        kv_per_token=kv_per_token,
+        reserve_bytes=reserve + stream,
+        budget_bytes=gpu.bytes,
+        max_memory={str(gi): gpu_weights, "cpu": ram_budget},
+        offload=True,
+        device_map=device_map,
+        offload_bytes=offload_bytes,
     )
 
 
@@ -211,8 +263,9 @@ def _check_disk_offload(builder: PlanBuilder) -> None:
         )
 
 
-def plan_disk_offload(builder: PlanBuilder, profile: HardwareProfile, dtype: str, budget: int,
-                      reserve: int) -> ServingPlan:
+def plan_disk_offload(
+    builder: PlanBuilder, profile: HardwareProfile, dtype: str, budget: int, reserve: int
+) -> ServingPlan:
     """CPU-only, `gpu_layers` (read as "decoder layers kept in RAM") < all: the rest go to disk.
 
     accelerate's disk offload: the offloaded layers' weights stay in the safetensors checkpoint (or are
@@ -244,9 +297,16 @@ def plan_disk_offload(builder: PlanBuilder, profile: HardwareProfile, dtype: str
         f"plus {fb(stream)} for the layer streamed from disk"
     )
     return builder.build(
-        device="cpu", dtype=dtype, quantized=False, weights_bytes=ram_weights + disk_bytes,
-        kv_room=budget - reserve - ram_weights - stream, kv_per_token=kv_bytes_per_token(shape, CPU_KV_DTYPE),
-        reserve_bytes=reserve + stream, budget_bytes=budget, offload=True, offload_bytes=disk_bytes,
+        device="cpu",
+        dtype=dtype,
+        quantized=False,
+        weights_bytes=ram_weights + disk_bytes,
+        kv_room=budget - reserve - ram_weights - stream,
+        kv_per_token=kv_bytes_per_token(shape, CPU_KV_DTYPE),
+        reserve_bytes=reserve + stream,
+        budget_bytes=budget,
+        offload=True,
+        offload_bytes=disk_bytes,
         device_map=split_device_map(shape, "cpu", kept, "disk", embed="cpu", lm_head="cpu"),
         **cpu_plan_fields(reasons, profile),
     )

@@ -3,6 +3,7 @@
 Values are normalized here so the planner sees one spelling ("nf4"/"none", "bfloat16"...),
 and `PlanOverrides.sources` remembers who forced what so each reason can say so.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -11,8 +12,18 @@ from planning.dtypes import normalize_dtype
 from planning.plan import PlanOverrides
 
 _QUANT = {
-    "nf4": "nf4", "4bit": "nf4", "4-bit": "nf4", "bnb-4bit": "nf4", "bnb4": "nf4", "int4": "nf4",
-    "none": "none", "no": "none", "off": "none", "16bit": "none", "false": "none", "0": "none",
+    "nf4": "nf4",
+    "4bit": "nf4",
+    "4-bit": "nf4",
+    "bnb-4bit": "nf4",
+    "bnb4": "nf4",
+    "int4": "nf4",
+    "none": "none",
+    "no": "none",
+    "off": "none",
+    "16bit": "none",
+    "false": "none",
+    "0": "none",
 }
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 QUANTIZATIONS = ("nf4", "4bit", "none")  # what --quantization offers (QUANTIZATION accepts every alias above)
@@ -24,8 +35,16 @@ BOUNDS: dict[str, tuple[int | float, int | float | None]] = {
     "gpu_memory_fraction": (0.05, 1.0),
     "gpu_layers": (0, None),
 }
-FIELDS = ("dtype", "quantization", "max_batch", "max_context", "gpu_memory_fraction", "cpu_offload", "compile",
-          "gpu_layers")
+FIELDS = (
+    "dtype",
+    "quantization",
+    "max_batch",
+    "max_context",
+    "gpu_memory_fraction",
+    "cpu_offload",
+    "compile",
+    "gpu_layers",
+)
 
 
 def normalize_quantization(value: str) -> str:
@@ -49,16 +68,16 @@ def overrides_from_env(environ: Mapping[str, str]) -> PlanOverrides:
     in RAM on a CPU-only machine; the rest are offloaded); unset or empty means no override."""
     fields: dict = {}
     sources: dict[str, str] = {}
-    if (q := environ.get("QUANTIZATION", "").strip()):
+    if q := environ.get("QUANTIZATION", "").strip():
         fields["quantization"] = normalize_quantization(q)
         sources["quantization"] = f"QUANTIZATION={q}"
-    if (g := environ.get("GPU_LAYERS", "").strip()):
+    if g := environ.get("GPU_LAYERS", "").strip():
         if not g.isdigit():
             raise ValueError(f"GPU_LAYERS={g!r}: use a layer count (0 or more)")
         check_bounds("gpu_layers", int(g), "GPU_LAYERS")
         fields["gpu_layers"] = int(g)
         sources["gpu_layers"] = f"GPU_LAYERS={g}"
-    if (c := environ.get("ENABLE_COMPILE", "").strip().lower()):
+    if c := environ.get("ENABLE_COMPILE", "").strip().lower():
         if c not in _TRUE | _FALSE:
             raise ValueError(f"ENABLE_COMPILE={c!r}: use 1 or 0")
         fields["compile"] = c in _TRUE
@@ -78,14 +97,21 @@ def overrides_from_flags(
     gpu_layers: int | None = None,
 ) -> PlanOverrides:
     """CLI flag values (None = flag not given), validated; sources read '--flag'."""
-    for field, value in (("max_batch", max_batch), ("max_context", max_context),
-                         ("gpu_memory_fraction", gpu_memory_fraction), ("gpu_layers", gpu_layers)):
+    for field, value in (
+        ("max_batch", max_batch),
+        ("max_context", max_context),
+        ("gpu_memory_fraction", gpu_memory_fraction),
+        ("gpu_layers", gpu_layers),
+    ):
         check_bounds(field, value, "--" + field.replace("_", "-"))
     values = {
         "dtype": normalize_dtype(dtype) if dtype is not None else None,
         "quantization": normalize_quantization(quantization) if quantization is not None else None,
-        "max_batch": max_batch, "max_context": max_context,
-        "gpu_memory_fraction": gpu_memory_fraction, "cpu_offload": cpu_offload, "compile": compile,
+        "max_batch": max_batch,
+        "max_context": max_context,
+        "gpu_memory_fraction": gpu_memory_fraction,
+        "cpu_offload": cpu_offload,
+        "compile": compile,
         "gpu_layers": gpu_layers,
     }
     given = {k: v for k, v in values.items() if v is not None}
@@ -121,4 +147,3 @@ def resolve_overrides(environ: Mapping[str, str], **flags) -> PlanOverrides:
 def describe(overrides: PlanOverrides, field: str) -> str:
     """'forced by --max-batch 8' style text for a reason."""
     return "forced by " + overrides.sources.get(field, "override")
-

@@ -4,6 +4,7 @@
 so it is a `msgspec.Struct` and holds only plain values. Every decision carries a
 one-line reason in `reasons`, keyed by the field it explains.
 """
+
 from __future__ import annotations
 
 import msgspec
@@ -47,7 +48,9 @@ class ServingPlan(msgspec.Struct, kw_only=True):
     reasons: dict[str, str] = msgspec.field(default_factory=dict)
     overridden: list[str] = msgspec.field(default_factory=list)  # decisions a flag or env var forced
     # The numbers behind the decisions (added by the planner; 0 / None when unknown).
-    max_memory: dict[str, int] | None = None  # accelerate max_memory, keys "0", "1", ..., "cpu" (see accelerate_max_memory)
+    max_memory: dict[str, int] | None = (
+        None  # accelerate max_memory, keys "0", "1", ..., "cpu" (see accelerate_max_memory)
+    )
     kv_bytes_per_token: int = 0  # 2 × layers × kv_heads × head_dim × KV dtype bytes
     kv_cache_bytes: int = 0  # kv_cache_tokens × kv_bytes_per_token, allocated once at start
     reserve_bytes: int = 0  # kept free on the device: runtime overhead + activation peak

@@ -8,6 +8,7 @@ is in its docstring), planning.batch (KV tokens -> batch × context), the polici
 planning.gpu and planning.offload (GPU -> RAM, RAM -> disk), and planning.builder, where every
 plan is built.
 """
+
 from __future__ import annotations
 
 from hardware.profile import GpuInfo, HardwareProfile

@@ -1,4 +1,5 @@
 """`cli.py plan`: print the plan as a three-column table or JSON, with no weights and no torch."""
+
 from __future__ import annotations
 
 import os
@@ -9,11 +10,26 @@ from collections.abc import Sequence
 
 import msgspec
 
+from hardware.profile import HardwareProfile
+from hardware.profile import format_bytes as fb
 from planning.plan import PlanOverrides, ServingPlan
-from hardware.profile import HardwareProfile, format_bytes as fb
 
-ROWS = ("device", "dtype", "cpu_formats", "kv_dtype", "quantization", "offload", "embed_lm_head", "max_batch",
-        "max_context", "kv_cache_tokens", "weights_bytes", "compile", "cuda_graphs", "prefill_chunk")
+ROWS = (
+    "device",
+    "dtype",
+    "cpu_formats",
+    "kv_dtype",
+    "quantization",
+    "offload",
+    "embed_lm_head",
+    "max_batch",
+    "max_context",
+    "kv_cache_tokens",
+    "weights_bytes",
+    "compile",
+    "cuda_graphs",
+    "prefill_chunk",
+)
 GPU_ONLY_ROWS = {"embed_lm_head", "cuda_graphs"}  # on a CPU-only machine every weight is in RAM (or on disk)
 CPU_ONLY_ROWS = {"cpu_formats"}  # GPU plans choose the dtype from the compute capability, nothing is timed
 
@@ -52,7 +68,9 @@ def _value(plan: ServingPlan, key: str) -> str:
     if key == "embed_lm_head":
         return _embed_lm_head(plan)
     if key == "kv_cache_tokens":
-        return f"{plan.kv_cache_tokens} ({fb(plan.kv_cache_bytes)})" if plan.kv_cache_bytes else str(plan.kv_cache_tokens)
+        return (
+            f"{plan.kv_cache_tokens} ({fb(plan.kv_cache_bytes)})" if plan.kv_cache_bytes else str(plan.kv_cache_tokens)
+        )
     if key == "kv_dtype":
         return plan.kv_dtype or plan.dtype
     if key == "cpu_formats":
@@ -87,7 +105,8 @@ def format_plan_table(plan: ServingPlan, width: int | None = None) -> str:
         if not _shown(plan, key):
             continue
         forced = key in plan.overridden or (
-            key == "offload" and ("cpu_offload" in plan.overridden or "gpu_layers" in plan.overridden))
+            key == "offload" and ("cpu_offload" in plan.overridden or "gpu_layers" in plan.overridden)
+        )
         rows.append((key + (" *" if forced else ""), _value(plan, key), _reason(plan, key)))
     w0 = max(len("decision"), *(len(r[0]) for r in rows))
     w1 = min(28, max(len("value"), *(len(r[1]) for r in rows)))
@@ -108,11 +127,17 @@ def plan_to_json(plan: ServingPlan) -> str:
 
 
 def _header(plan: ServingPlan, profile: HardwareProfile, source: str) -> str:
-    gpus = ", ".join(f"{g.name} {fb(g.total_bytes)} cc {g.compute_capability[0]}.{g.compute_capability[1]}"
-                     for g in profile.gpus) or "no GPU"
-    return (f"model: {plan.model} ({plan.total_params / 1e9:.2f}B params, from {source})\n"
-            f"machine: {profile.cpu_cores} cores, {fb(profile.ram_available_bytes)} RAM available of "
-            f"{fb(profile.ram_total_bytes)}; {gpus}\n")
+    gpus = (
+        ", ".join(
+            f"{g.name} {fb(g.total_bytes)} cc {g.compute_capability[0]}.{g.compute_capability[1]}" for g in profile.gpus
+        )
+        or "no GPU"
+    )
+    return (
+        f"model: {plan.model} ({plan.total_params / 1e9:.2f}B params, from {source})\n"
+        f"machine: {profile.cpu_cores} cores, {fb(profile.ram_available_bytes)} RAM available of "
+        f"{fb(profile.ram_total_bytes)}; {gpus}\n"
+    )
 
 
 def run_plan_command(
@@ -125,10 +150,10 @@ def run_plan_command(
     gpu_index: int | None = None,
 ) -> int:
     """Print the plan for `model` on this machine (or a simulated one); 0 on success, 2 with the reason on stderr."""
+    from hardware.profile import detect_hardware, simulated_profile
     from model.shape import ModelConfigError, model_shape_for_spec
     from model.source import ModelNotFound
     from planning.planner import PlanError, make_plan
-    from hardware.profile import detect_hardware, simulated_profile
 
     try:
         shape = model_shape_for_spec(model)

@@ -1,4 +1,5 @@
 """Shared fixtures: a real `cli.py serve` process on a free loopback port, the default model's folder."""
+
 from __future__ import annotations
 
 import json
@@ -29,12 +30,21 @@ class ServerProcess:
     def __init__(self, *args: str, env: dict | None = None, avoid_ports: tuple[int, ...] = ()):
         self.port = free_port(avoid_ports)  # avoid: ports the test hands the server for other uses
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, str(REPO_ROOT / "cli.py"), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               *args]
+        cmd = [
+            sys.executable,
+            str(REPO_ROOT / "cli.py"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *args,
+        ]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kiln-test-server-{self.port}.log"
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})})
+        self.process = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
     def wait_ready(self, timeout: float = 240.0) -> None:
         deadline = time.monotonic() + timeout

@@ -1,4 +1,5 @@
 """Small aiohttp helpers for the end-to-end tests: JSON posts and an SSE reader."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """Waiting for a condition in end-to-end tests: generous deadlines, never a fixed sleep."""
+
 from __future__ import annotations
 
 import time

@@ -7,6 +7,7 @@ decode tokens share steps and a freed slot is reused. Sliding windows are small 
 sequence outgrows them. A larger initializer range and Gemma's untied lm_head keep the random models
 from repeating one token, which would hide errors.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,17 +20,27 @@ import pytest
 import torch
 
 from engine_core.scheduler import Scheduler
-from model.shape import SUPPORTED_ARCHITECTURES
 from ipc.messages import Request, SamplingParams
+from model.shape import SUPPORTED_ARCHITECTURES
 from tests.conftest import REPO_ROOT
 
 NEW_TOKENS = 32
 PROMPT_LENGTHS = (5, 23, 41, 12, 30)
 MAX_BATCH, PREFILL_CHUNK, MAX_CONTEXT = 3, 16, 96
 WINDOW = 8
-TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=None,
-            initializer_range=0.1)
+TINY = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=None,
+    initializer_range=0.1,
+)
 
 # model_type -> what the case sets beyond TINY (each exercises what sets that architecture apart)
 CASES = {
@@ -38,13 +49,28 @@ CASES = {
     "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),  # biased q/k/v
     "qwen3": dict(head_dim=32, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),  # q/k norms
     "starcoder2": dict(sliding_window=WINDOW, hidden_act="gelu_pytorch_tanh"),  # plain MLP, LayerNorm, biases
-    "phi3": dict(sliding_window=WINDOW, original_max_position_embeddings=MAX_CONTEXT,  # fused qkv, gate_up
-                 rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.2, 1.5, 2, 3, 4, 6, 8],
-                                      long_factor=[8.0] * 8)),  # within the planner's longrope cap (below)
-    "gemma2": dict(head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24, tie_word_embeddings=False,
-                   attn_logit_softcapping=2.0, final_logit_softcapping=5.0),  # caps small enough to bite
-    "gemma3_text": dict(head_dim=32, sliding_window=WINDOW, sliding_window_pattern=2, query_pre_attn_scalar=24,
-                        tie_word_embeddings=False),
+    "phi3": dict(
+        sliding_window=WINDOW,
+        original_max_position_embeddings=MAX_CONTEXT,  # fused qkv, gate_up
+        rope_parameters=dict(
+            rope_type="longrope", rope_theta=1e4, short_factor=[1.0, 1.2, 1.5, 2, 3, 4, 6, 8], long_factor=[8.0] * 8
+        ),
+    ),  # within the planner's longrope cap (below)
+    "gemma2": dict(
+        head_dim=32,
+        sliding_window=WINDOW,
+        query_pre_attn_scalar=24,
+        tie_word_embeddings=False,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+    ),  # caps small enough to bite
+    "gemma3_text": dict(
+        head_dim=32,
+        sliding_window=WINDOW,
+        sliding_window_pattern=2,
+        query_pre_attn_scalar=24,
+        tie_word_embeddings=False,
+    ),
     "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.5),
     "smollm3": dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=WINDOW),  # NoPE layers
     "olmo2": {},  # q/k norms over all heads, norms after attention and MLP
@@ -96,9 +122,10 @@ def transformers_greedy(model, prompt_ids: list[list[int]]) -> list[list[int]]:
     out = []
     with torch.inference_mode():
         for ids in prompt_ids:
-            generated = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                                       min_new_tokens=0, pad_token_id=0)
-            out.append(generated[0, len(ids):].tolist())
+            generated = model.generate(
+                torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=0, pad_token_id=0
+            )
+            out.append(generated[0, len(ids) :].tolist())
     return out
 
 
@@ -118,14 +145,21 @@ def test_greedy_tokens_equal_transformers_generate(model_type):
 def test_longrope_context_is_capped_where_its_factors_switch():
     """Past original_max_position_embeddings longrope would switch a whole step to its long factors,
     short sequences included, so the plan never lets a sequence get there."""
+    from hardware.profile import simulated_profile
     from model.shape import shape_from_config
     from planning.planner import make_plan
-    from hardware.profile import simulated_profile
 
-    config = {"model_type": "phi3", "hidden_size": 3072, "num_hidden_layers": 32, "num_attention_heads": 32,
-              "intermediate_size": 8192, "vocab_size": 32064, "max_position_embeddings": 131072,
-              "original_max_position_embeddings": 4096,
-              "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}}
+    config = {
+        "model_type": "phi3",
+        "hidden_size": 3072,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "intermediate_size": 8192,
+        "vocab_size": 32064,
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
+    }
     shape = shape_from_config(config)
     assert shape.max_position_embeddings == 4096 and "longrope" in shape.notes[0]
     assert make_plan(shape, simulated_profile(["A100:80GiB:8.0"], None, False)).max_context == 4096
@@ -137,8 +171,13 @@ def test_longrope_context_is_capped_where_its_factors_switch():
 
 
 def unsupported_folder(tmp_path, model_type: str, tokenizer_from: str | None = None):
-    config = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "vocab_size": 320}
+    config = {
+        "model_type": model_type,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 320,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     if tokenizer_from:  # serve reads the tokenizer before any engine starts
         shutil.copy(f"{tokenizer_from}/tokenizer.json", tmp_path / "tokenizer.json")
@@ -146,8 +185,9 @@ def unsupported_folder(tmp_path, model_type: str, tokenizer_from: str | None = N
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "cli.py"), *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "cli.py"), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("model_type", ["mamba", "t5", "gemma3"])  # gemma3: the multimodal wrapper
@@ -159,8 +199,15 @@ def test_plan_refuses_an_unsupported_architecture_in_one_line(tmp_path, model_ty
 
 
 def test_serve_refuses_an_unsupported_architecture_before_loading(tmp_path, default_model_path):
-    result = cli("serve", "--model", str(unsupported_folder(tmp_path, "mamba", default_model_path)),
-                 "--engines", "1", "--port", "0")
+    result = cli(
+        "serve",
+        "--model",
+        str(unsupported_folder(tmp_path, "mamba", default_model_path)),
+        "--engines",
+        "1",
+        "--port",
+        "0",
+    )
     assert result.returncode != 0
     assert "architecture 'mamba' is not supported" in result.stderr.splitlines()[-1]
 

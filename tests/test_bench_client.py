@@ -5,6 +5,7 @@ stands in for the server under test; tiny in-test aiohttp servers produce the fa
 benchmark must count (HTTP 500, an error event, a stream that ends or is cut mid-way) and
 the /info that peak_running is read from.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,6 +40,7 @@ def _cfg(**kw) -> LoadConfig:
 
 # --- against the real naive server --------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_streaming_load_records_every_token(naive_url):
     result = asyncio.run(run_load(naive_url, _cfg(), load_prompts(), progress=False))
@@ -60,8 +62,9 @@ def test_streaming_load_records_every_token(naive_url):
 @pytest.mark.slow
 def test_streaming_load_against_kiln(server):
     """The same client against our own server: every token counted, the engine's batch seen in /info."""
-    result = asyncio.run(run_load(server.url, _cfg(users=3, requests=1, max_new_tokens=12), load_prompts(),
-                                  progress=False))
+    result = asyncio.run(
+        run_load(server.url, _cfg(users=3, requests=1, max_new_tokens=12), load_prompts(), progress=False)
+    )
     assert [rec.ok for rec in result.records] == [True] * 3, [rec.error for rec in result.records]
     assert all(rec.output_tokens == 12 and len(rec.itl_s) == 11 for rec in result.records)
     assert result.peak_running is not None and result.peak_running >= 2
@@ -104,8 +107,9 @@ def test_bad_input_is_a_counted_failure(naive_url):
 @pytest.mark.slow
 def test_run_benchmark_against_url_writes_json_and_plot(naive_url, tmp_path, capsys):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
-    code = run_benchmark(url=naive_url, users=2, requests=1, max_new_tokens=4, stream=True,
-                         json_path=str(out), plot_path=str(png))
+    code = run_benchmark(
+        url=naive_url, users=2, requests=1, max_new_tokens=4, stream=True, json_path=str(out), plot_path=str(png)
+    )
     assert code == 0
     doc = json.loads(out.read_text())
     assert list(doc) == ["config", "ours", "baseline", "ratios"]
@@ -117,6 +121,7 @@ def test_run_benchmark_against_url_writes_json_and_plot(naive_url, tmp_path, cap
 
 
 # --- failures must be counted, never dropped ----------------------------------------------
+
 
 @contextlib.asynccontextmanager
 async def fake_server(app: web.Application):
@@ -156,8 +161,16 @@ def _flaky_app() -> web.Application:
         await asyncio.sleep(0.02)
         await resp.write(_event({"text": "b", "token_ids": [3]}))
         if mode == 0:
-            await resp.write(_event({"text": "", "token_ids": [], "finish_reason": "length",
-                                     "usage": {"prompt_tokens": 2, "completion_tokens": 3}}))
+            await resp.write(
+                _event(
+                    {
+                        "text": "",
+                        "token_ids": [],
+                        "finish_reason": "length",
+                        "usage": {"prompt_tokens": 2, "completion_tokens": 3},
+                    }
+                )
+            )
         elif mode == 2:
             await resp.write(_event({"error": {"message": "engine died mid-stream"}}))
         elif mode == 4:
@@ -169,8 +182,9 @@ def _flaky_app() -> web.Application:
         counter["n"] += 1
         if counter["n"] % 2 == 0:
             return web.Response(status=503, text="overloaded")
-        return web.json_response({"text": "abc", "finish_reason": "length",
-                                  "usage": {"prompt_tokens": 2, "completion_tokens": 3}})
+        return web.json_response(
+            {"text": "abc", "finish_reason": "length", "usage": {"prompt_tokens": 2, "completion_tokens": 3}}
+        )
 
     app = web.Application()
     app.router.add_post("/generate_stream", stream)
@@ -220,16 +234,22 @@ def test_peak_running_from_info():
         async def info(request):
             polls["n"] += 1
             seen = 2 + (polls["n"] if rise else 0)
-            return web.json_response({"engines": [
-                {"id": "e0", "running": 1, "max_running_seen": seen},
-                {"id": "e1", "running": 3, "max_running_seen": 4}]})
+            return web.json_response(
+                {
+                    "engines": [
+                        {"id": "e0", "running": 1, "max_running_seen": seen},
+                        {"id": "e1", "running": 3, "max_running_seen": 4},
+                    ]
+                }
+            )
 
         async def stream(request):
             await asyncio.sleep(0.6)  # long enough for a few /info polls
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
-            await resp.write(_event({"text": "x", "token_ids": [1], "finish_reason": "length",
-                                     "usage": {"completion_tokens": 1}}))
+            await resp.write(
+                _event({"text": "x", "token_ids": [1], "finish_reason": "length", "usage": {"completion_tokens": 1}})
+            )
             return resp
 
         app = web.Application()

@@ -2,6 +2,7 @@
 terminal) still stops the server it started (issue 10: `cli.py bench` left `bench.naive_server` running).
 A stand-in server (a few lines of http.server) keeps it cheap: the signal handling is what is tested.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,13 @@ with running_server([sys.executable, "-c", sys.argv[2], port], f"http://127.0.0.
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_bench_stopped_by_a_signal_stops_its_server(sig):
-    bench = subprocess.Popen([sys.executable, "-c", BENCH, str(free_port()), STAND_IN_SERVER], cwd=REPO_ROOT,
-                             stdout=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL)
+    bench = subprocess.Popen(
+        [sys.executable, "-c", BENCH, str(free_port()), STAND_IN_SERVER],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        stderr=subprocess.DEVNULL,
+    )
     servers = []
     try:
         assert bench.stdout.readline().strip() == "ready"

@@ -1,5 +1,6 @@
 """Unit tests for bench/: percentile math, figures from synthetic records, the SSE decoder,
 the report's table / JSON / plot, and the deterministic workload."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ from bench.sse import SSEDecoder
 from bench.stats import figures, mean, percentile, ratios, throughput_series
 from bench.workload import load_prompts, pick, request_seed
 
-
 # --- percentile ---------------------------------------------------------------------------
+
 
 def test_percentile_hand_computed():
     xs = [4.0, 1.0, 3.0, 2.0]  # unsorted on purpose
@@ -45,13 +46,44 @@ def test_percentile_matches_numpy_linear():
 
 # --- figures ------------------------------------------------------------------------------
 
+
 def _run() -> RunResult:
-    ok1 = RequestRecord(user=0, index=0, prompt_id=3, start_s=0.0, ok=True, ttft_s=0.1, e2e_s=0.4,
-                        output_tokens=4, itl_s=[0.1, 0.1, 0.1], token_times_s=[0.1, 0.2, 0.3, 0.4])
-    ok2 = RequestRecord(user=1, index=0, prompt_id=5, start_s=0.0, ok=True, ttft_s=0.3, e2e_s=1.8,
-                        output_tokens=4, itl_s=[0.5, 0.5, 0.5], token_times_s=[0.3, 0.8, 1.3, 1.8])
-    bad = RequestRecord(user=2, index=0, prompt_id=1, start_s=0.0, ok=False, error="HTTP 500: boom",
-                        ttft_s=0.05, output_tokens=2, itl_s=[9.0], token_times_s=[0.05, 9.0])
+    ok1 = RequestRecord(
+        user=0,
+        index=0,
+        prompt_id=3,
+        start_s=0.0,
+        ok=True,
+        ttft_s=0.1,
+        e2e_s=0.4,
+        output_tokens=4,
+        itl_s=[0.1, 0.1, 0.1],
+        token_times_s=[0.1, 0.2, 0.3, 0.4],
+    )
+    ok2 = RequestRecord(
+        user=1,
+        index=0,
+        prompt_id=5,
+        start_s=0.0,
+        ok=True,
+        ttft_s=0.3,
+        e2e_s=1.8,
+        output_tokens=4,
+        itl_s=[0.5, 0.5, 0.5],
+        token_times_s=[0.3, 0.8, 1.3, 1.8],
+    )
+    bad = RequestRecord(
+        user=2,
+        index=0,
+        prompt_id=1,
+        start_s=0.0,
+        ok=False,
+        error="HTTP 500: boom",
+        ttft_s=0.05,
+        output_tokens=2,
+        itl_s=[9.0],
+        token_times_s=[0.05, 9.0],
+    )
     return RunResult(records=[ok1, ok2, bad], wall_s=2.0, peak_running=2)
 
 
@@ -98,6 +130,7 @@ def test_throughput_series_buckets_completed_tokens():
 
 # --- report -------------------------------------------------------------------------------
 
+
 def test_table_layouts():
     f = figures(_run())
     alone = table(f)
@@ -130,6 +163,7 @@ def test_plot_writes_png(tmp_path):
 
 # --- SSE decoder --------------------------------------------------------------------------
 
+
 def _decode(chunks: list[bytes]) -> tuple[list, bool]:
     d = SSEDecoder()
     events = [e for c in chunks for e in d.feed(c)]
@@ -138,7 +172,7 @@ def _decode(chunks: list[bytes]) -> tuple[list, bool]:
 
 
 def test_sse_basic_multiline_and_comments():
-    raw = b": a comment\ndata: {\"a\": 1}\n\nevent: done\ndata: line1\ndata:line2\nid: 7\nretry: 10\n\n"
+    raw = b': a comment\ndata: {"a": 1}\n\nevent: done\ndata: line1\ndata:line2\nid: 7\nretry: 10\n\n'
     events, pending = _decode([raw])
     assert [e.data for e in events] == ['{"a": 1}', "line1\nline2"]
     assert events[1].event == "done" and events[1].id == "7" and events[0].event == "message"
@@ -147,14 +181,14 @@ def test_sse_basic_multiline_and_comments():
 
 @pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
 def test_sse_line_endings_split_anywhere(eol):
-    raw = (b"data: x" + eol + b"data: y" + eol + eol + b":ping" + eol + b"data: \xc3\xa9" + eol + eol)
+    raw = b"data: x" + eol + b"data: y" + eol + eol + b":ping" + eol + b"data: \xc3\xa9" + eol + eol
     whole, _ = _decode([raw])
     assert [e.data for e in whole] == ["x\ny", "é"]
     for cut in range(1, len(raw)):  # every split point, including inside \r\n and inside é
         split, pending = _decode([raw[:cut], raw[cut:]])
         assert [e.data for e in split] == ["x\ny", "é"], cut
         assert not pending
-    bytewise, _ = _decode([raw[i:i + 1] for i in range(len(raw))])
+    bytewise, _ = _decode([raw[i : i + 1] for i in range(len(raw))])
     assert [e.data for e in bytewise] == ["x\ny", "é"]
 
 
@@ -168,6 +202,7 @@ def test_sse_bom_blank_data_and_cut():
 
 
 # --- workload -----------------------------------------------------------------------------
+
 
 def test_prompt_set_and_deterministic_draw():
     prompts = load_prompts()

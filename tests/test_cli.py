@@ -1,4 +1,5 @@
 """Command-line errors a user can hit before anything starts: clear message, non-zero exit, fast."""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,8 +9,14 @@ from tests.conftest import REPO_ROOT
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "cli.py"), *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "cli.py"), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
 
 
 def test_engine_on_a_missing_gpu_is_refused():
@@ -49,16 +56,29 @@ def test_engine_without_a_server_says_so():
 def test_plan_command_loads_no_torch_and_prints_json():
     import json
 
-    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "cli.py"), "plan",
-                             "--gpu", "T4:16GiB:7.5", "--json"], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(REPO_ROOT / "cli.py"), "plan", "--gpu", "T4:16GiB:7.5", "--json"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "transformers" not in imported
     plan = json.loads(result.stdout)
     assert plan["device"] == "cuda:0" and plan["dtype"] == "float16"
-    for key in ("quantization", "double_quant", "offload", "device_map", "max_batch", "max_context",
-                "kv_cache_tokens", "weights_bytes", "reasons"):
+    for key in (
+        "quantization",
+        "double_quant",
+        "offload",
+        "device_map",
+        "max_batch",
+        "max_context",
+        "kv_cache_tokens",
+        "weights_bytes",
+        "reasons",
+    ):
         assert key in plan
 
 
@@ -87,8 +107,9 @@ def test_serve_with_a_hub_id_and_hub_offline_fails_at_once():
     import time
 
     started = time.monotonic()
-    result = cli("serve", "--model", "kiln-test/no-such-model", "--port", "0",
-                 env=env_without("KILN_DEBUG", HF_HUB_OFFLINE="1"))
+    result = cli(
+        "serve", "--model", "kiln-test/no-such-model", "--port", "0", env=env_without("KILN_DEBUG", HF_HUB_OFFLINE="1")
+    )
     assert time.monotonic() - started < 10
     assert result.returncode == 2
     line = one_line(result)
@@ -100,8 +121,14 @@ def test_serve_with_a_hub_id_without_network_fails_at_once():
     import time
 
     started = time.monotonic()
-    result = cli("serve", "--model", "kiln-test/no-such-model", "--port", "0",
-                 env=env_without("HF_HUB_OFFLINE", "KILN_DEBUG", HF_ENDPOINT="http://127.0.0.1:9"))
+    result = cli(
+        "serve",
+        "--model",
+        "kiln-test/no-such-model",
+        "--port",
+        "0",
+        env=env_without("HF_HUB_OFFLINE", "KILN_DEBUG", HF_ENDPOINT="http://127.0.0.1:9"),
+    )
     assert time.monotonic() - started < 10
     assert result.returncode == 2
     line = one_line(result)

@@ -5,6 +5,7 @@ unchanged. Also: logprobs equal transformers' log_softmax of its own float32 for
 Nothing here may reach another host: every connection and name lookup outside loopback is refused and
 recorded, and the module fails if there was any (LiteLLM's cost map is read from its package, telemetry off).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,9 @@ pytestmark = pytest.mark.slow
 # (LiteLLM reads LITELLM_LOCAL_MODEL_COST_MAP when it is imported)
 _missing = [name for name in ("openai", "langchain_openai", "litellm") if importlib.util.find_spec(name) is None]
 if _missing:
-    pytest.skip(f"{', '.join(_missing)} not installed: client libraries come with the `test` extra",
-                allow_module_level=True)
+    pytest.skip(
+        f"{', '.join(_missing)} not installed: client libraries come with the `test` extra", allow_module_level=True
+    )
 
 MODEL = "SmolLM2-135M-Instruct"
 API_KEY = "sk-dummy-not-a-real-key"
@@ -33,9 +35,11 @@ LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 QUIET_ENV = {
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # else LiteLLM fetches its model-cost map from GitHub on import
     "LITELLM_TELEMETRY": "False",
-    "LANGCHAIN_TRACING_V2": "false", "LANGSMITH_TRACING": "false",  # no LangSmith uploads
+    "LANGCHAIN_TRACING_V2": "false",
+    "LANGSMITH_TRACING": "false",  # no LangSmith uploads
     "OPENAI_API_KEY": API_KEY,  # never a real key from the environment
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
 }
 
 
@@ -43,8 +47,11 @@ QUIET_ENV = {
 def outside_attempts():
     """Refuse (and record) every name lookup and connection that is not loopback, for the whole module."""
     attempts: list[str] = []
-    real_getaddrinfo, real_connect, real_connect_ex = socket.getaddrinfo, socket.socket.connect, \
-        socket.socket.connect_ex
+    real_getaddrinfo, real_connect, real_connect_ex = (
+        socket.getaddrinfo,
+        socket.socket.connect,
+        socket.socket.connect_ex,
+    )
 
     def local(host) -> bool:
         return host is None or str(host) in LOOPBACK or str(host).startswith("127.")
@@ -61,6 +68,7 @@ def outside_attempts():
                 attempts.append(f"connect {address}")
                 raise ConnectionRefusedError(f"test guard: no connections outside loopback ({address})")
             return real(sock, address)
+
         return connect
 
     saved_env = {key: os.environ.get(key) for key in QUIET_ENV}
@@ -101,6 +109,7 @@ def client(base_url):
 
 # ---- openai SDK ----
 
+
 def test_openai_sync_completions_and_chat(client):
     completion = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
     assert completion.object == "text_completion" and completion.model == MODEL
@@ -122,7 +131,8 @@ def test_openai_async_client(base_url):
         async with openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=120) as sdk:
             return await asyncio.gather(
                 sdk.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0),
-                sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0))
+                sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0),
+            )
 
     chat, completion = asyncio.run(both())
     assert "Paris" in chat.choices[0].message.content
@@ -131,8 +141,16 @@ def test_openai_async_client(base_url):
 
 def test_openai_streaming_with_usage(client):
     whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=CHAT,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     *content, last = chunks
     assert "".join(c.choices[0].delta.content or "" for c in content) == whole.choices[0].message.content
     assert content[-1].choices[0].finish_reason == whole.choices[0].finish_reason
@@ -144,23 +162,22 @@ def test_openai_streaming_with_usage(client):
 
 
 def test_openai_logprobs_and_n(client):
-    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, temperature=0, logprobs=True,
-                                          top_logprobs=3)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
     assert all(len(entry.top_logprobs) == 3 and entry.logprob <= 0 for entry in content)
 
     # what lm-eval-harness sends for loglikelihood: the prompt scored, nothing generated
-    scored = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1,
-                                       temperature=0)
+    scored = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1, temperature=0)
     logprobs = scored.choices[0].logprobs
     assert scored.choices[0].text == PROMPT and logprobs.token_logprobs[0] is None
     assert len(logprobs.tokens) == scored.usage.prompt_tokens and all(lp < 0 for lp in logprobs.token_logprobs[1:])
 
     several = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, n=2, seed=5)
     assert [c.index for c in several.choices] == [0, 1]
-    batch = client.completions.create(model=MODEL, prompt=["1, 2, 3,", "a, b, c,"], max_tokens=4, n=2,
-                                      temperature=0)
+    batch = client.completions.create(model=MODEL, prompt=["1, 2, 3,", "a, b, c,"], max_tokens=4, n=2, temperature=0)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     assert batch.choices[0].text == batch.choices[1].text != batch.choices[2].text == batch.choices[3].text
 
@@ -179,6 +196,7 @@ def test_openai_refusals_name_the_field(client):
 
 # ---- logprobs equal transformers' ----
 
+
 @pytest.fixture(scope="module")
 def reference(default_model_path):
     import torch
@@ -190,8 +208,12 @@ def reference(default_model_path):
     def greedy_logprobs(prompt_ids: list[int], new_tokens: int):
         """transformers' greedy continuation and the log_softmax of its logits at every position."""
         with torch.inference_mode():
-            ids = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False,
-                                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))[0]
+            ids = model.generate(
+                torch.tensor([prompt_ids]),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            )[0]
             logprobs = torch.log_softmax(model(ids[None]).logits[0].float(), dim=-1)
         return ids.tolist(), logprobs
 
@@ -208,12 +230,16 @@ def _check_position(logprobs, position: int, token_id: int, got: float, top: dic
 
 def test_logprobs_equal_transformers(client, reference):
     tokenizer, greedy_logprobs = reference
-    decode = lambda i: tokenizer.decode([i])
+
+    def decode(i):
+        return tokenizer.decode([i])
+
     prompt_ids = tokenizer(PROMPT).input_ids
     new_tokens = 8
     ids, logprobs = greedy_logprobs(prompt_ids, new_tokens)
-    completion = client.completions.create(model=MODEL, prompt=prompt_ids, max_tokens=new_tokens, temperature=0,
-                                           echo=True, logprobs=5)
+    completion = client.completions.create(
+        model=MODEL, prompt=prompt_ids, max_tokens=new_tokens, temperature=0, echo=True, logprobs=5
+    )
     got = completion.choices[0].logprobs
     assert got.tokens == [decode(i) for i in ids]  # greedy in float32: transformers' own tokens
     assert got.token_logprobs[0] is None
@@ -225,35 +251,44 @@ def test_logprobs_equal_transformers(client, reference):
 
     prompt_ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)["input_ids"]
     ids, logprobs = greedy_logprobs(prompt_ids, new_tokens)
-    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=new_tokens, temperature=0,
-                                          logprobs=True, top_logprobs=4)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=new_tokens, temperature=0, logprobs=True, top_logprobs=4
+    )
     assert chat.usage.prompt_tokens == len(prompt_ids)
     content = chat.choices[0].logprobs.content
-    assert [entry.token for entry in content] == [decode(i) for i in ids[len(prompt_ids):]]
+    assert [entry.token for entry in content] == [decode(i) for i in ids[len(prompt_ids) :]]
     for offset, entry in enumerate(content):
         position = len(prompt_ids) + offset
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
-        _check_position(logprobs, position, ids[position], entry.logprob,
-                        {t.token: t.logprob for t in entry.top_logprobs}, decode)
+        _check_position(
+            logprobs, position, ids[position], entry.logprob, {t.token: t.logprob for t in entry.top_logprobs}, decode
+        )
 
 
 # ---- LangChain ----
+
 
 def test_langchain_chat_openai(base_url):
     import openai
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model=MODEL, base_url=base_url, api_key=API_KEY, temperature=0, max_tokens=24, max_retries=0,
-                     timeout=120)
+    llm = ChatOpenAI(
+        model=MODEL, base_url=base_url, api_key=API_KEY, temperature=0, max_tokens=24, max_retries=0, timeout=120
+    )
     answer = llm.invoke("What is the capital of France?")
     assert "Paris" in answer.content
     assert answer.usage_metadata["output_tokens"] > 0
     pieces = list(llm.stream("What is the capital of France?"))
     assert "".join(p.content for p in pieces) == answer.content
 
-    tool = {"type": "function", "function": {"name": "weather", "description": "the weather in a city",
-                                             "parameters": {"type": "object",
-                                                            "properties": {"city": {"type": "string"}}}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "weather",
+            "description": "the weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
     with pytest.raises(openai.BadRequestError) as refused:  # never a silent `tool_calls=[]`
         llm.bind_tools([tool]).invoke("What is the weather in Paris?")
     assert "tools" in str(refused.value) and refused.value.body["param"] == "tools"
@@ -262,8 +297,9 @@ def test_langchain_chat_openai(base_url):
 def test_langchain_openai_completions(base_url, client):
     from langchain_openai import OpenAI
 
-    llm = OpenAI(model=MODEL, base_url=base_url, api_key=API_KEY, temperature=0, max_tokens=12, max_retries=0,
-                 timeout=120)
+    llm = OpenAI(
+        model=MODEL, base_url=base_url, api_key=API_KEY, temperature=0, max_tokens=12, max_retries=0, timeout=120
+    )
     text = llm.invoke(PROMPT)
     assert text == client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
     assert "".join(llm.stream(PROMPT)) == text
@@ -271,14 +307,31 @@ def test_langchain_openai_completions(base_url, client):
 
 # ---- LiteLLM ----
 
+
 def test_litellm_completion(base_url):
     import litellm
 
-    response = litellm.completion(model=f"openai/{MODEL}", api_base=base_url, api_key=API_KEY, messages=CHAT,
-                                  max_tokens=24, temperature=0, num_retries=0, timeout=120)
+    response = litellm.completion(
+        model=f"openai/{MODEL}",
+        api_base=base_url,
+        api_key=API_KEY,
+        messages=CHAT,
+        max_tokens=24,
+        temperature=0,
+        num_retries=0,
+        timeout=120,
+    )
     assert "Paris" in response.choices[0].message.content
     assert response.usage.completion_tokens > 0
-    streamed = litellm.completion(model=f"openai/{MODEL}", api_base=base_url, api_key=API_KEY, messages=CHAT,
-                                  max_tokens=24, temperature=0, stream=True, num_retries=0, timeout=120)
-    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == \
-        response.choices[0].message.content
+    streamed = litellm.completion(
+        model=f"openai/{MODEL}",
+        api_base=base_url,
+        api_key=API_KEY,
+        messages=CHAT,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        num_retries=0,
+        timeout=120,
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == response.choices[0].message.content

@@ -4,6 +4,7 @@
 The clients get the local server's URL as their base URL, so nothing resolves a model id on the Hub;
 a guard refuses any connection or name lookup beyond loopback while these tests run.
 """
+
 from __future__ import annotations
 
 import os
@@ -69,6 +70,7 @@ def tgi(server) -> text_generation.Client:
 
 # --- huggingface_hub.InferenceClient ---------------------------------------------------------------
 
+
 def test_hub_plain(hub, native):
     assert hub.text_generation(PROMPT, max_new_tokens=N) == native["text"]
 
@@ -96,8 +98,7 @@ def test_hub_details(hub, native):
 
 
 def test_hub_details_with_decoder_input_details_and_top_n(hub, native):
-    output = hub.text_generation(PROMPT, max_new_tokens=N, details=True, decoder_input_details=True,
-                                 top_n_tokens=2)
+    output = hub.text_generation(PROMPT, max_new_tokens=N, details=True, decoder_input_details=True, top_n_tokens=2)
     prefill = output.details.prefill
     assert len(prefill) == native["usage"]["prompt_tokens"]
     assert prefill[0].logprob is None and all(t.logprob <= 0.0 for t in prefill[1:])
@@ -120,19 +121,32 @@ def test_hub_stream_with_details(hub, native):
 
 
 def test_hub_sampling_with_seed_is_reproducible(hub):
-    kwargs = dict(max_new_tokens=N, do_sample=True, seed=11, temperature=0.8, top_k=50, top_p=0.95,
-                  repetition_penalty=1.1, frequency_penalty=0.3, stop=["\n\n\n"], details=True)
+    kwargs = dict(
+        max_new_tokens=N,
+        do_sample=True,
+        seed=11,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.95,
+        repetition_penalty=1.1,
+        frequency_penalty=0.3,
+        stop=["\n\n\n"],
+        details=True,
+    )
     first, second = hub.text_generation(PROMPT, **kwargs), hub.text_generation(PROMPT, **kwargs)
     assert first.generated_text == second.generated_text
     assert first.details.seed == 11
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"best_of": 2, "do_sample": True}, "parameters.best_of"),
-    ({"typical_p": 0.5}, "parameters.typical_p"),
-    ({"watermark": True}, "parameters.watermark"),
-    ({"truncate": 4}, "parameters.truncate"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"best_of": 2, "do_sample": True}, "parameters.best_of"),
+        ({"typical_p": 0.5}, "parameters.typical_p"),
+        ({"watermark": True}, "parameters.watermark"),
+        ({"truncate": 4}, "parameters.truncate"),
+    ],
+)
 @pytest.mark.parametrize("stream", [False, True])
 def test_hub_unsupported_field_raises_naming_it(hub, kwargs, field, stream):
     with pytest.raises(HubValidationError, match=field.replace(".", r"\.")):
@@ -142,6 +156,7 @@ def test_hub_unsupported_field_raises_naming_it(hub, kwargs, field, stream):
 
 
 # --- text_generation.Client ----------------------------------------------------------------------
+
 
 def test_text_generation_generate(tgi, native):
     response = tgi.generate(PROMPT, max_new_tokens=N)  # this client always asks for details
@@ -163,9 +178,22 @@ def test_text_generation_generate_stream(tgi, native):
 
 
 def test_text_generation_every_supported_parameter(tgi):
-    response = tgi.generate(PROMPT, max_new_tokens=N, do_sample=True, seed=3, temperature=0.7, top_k=20,
-                            top_p=0.9, repetition_penalty=1.2, frequency_penalty=0.5, return_full_text=True,
-                            stop_sequences=["\n\n\n"], decoder_input_details=True, top_n_tokens=2, best_of=1)
+    response = tgi.generate(
+        PROMPT,
+        max_new_tokens=N,
+        do_sample=True,
+        seed=3,
+        temperature=0.7,
+        top_k=20,
+        top_p=0.9,
+        repetition_penalty=1.2,
+        frequency_penalty=0.5,
+        return_full_text=True,
+        stop_sequences=["\n\n\n"],
+        decoder_input_details=True,
+        top_n_tokens=2,
+        best_of=1,
+    )
     assert response.generated_text.startswith(PROMPT)
     assert response.details.seed == 3
     assert len(response.details.prefill) > 1 and response.details.prefill[0].logprob is None

@@ -1,4 +1,5 @@
 """The CPU weight-format probe: a real run on this machine, caching, and when the engine measures."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,21 @@ from engine_core import cpu_formats
 from engine_core.cpu_formats import measure_cpu_formats, with_measured_cpu_formats
 from hardware import profile as hp
 from model.shape import shape_from_config
+from planning.cpu_dtype import CPU_WEIGHT_FORMATS
 from planning.overrides import overrides_from_flags
 from planning.plan import PlanOverrides
-from planning.cpu_dtype import CPU_WEIGHT_FORMATS
 
-SMOL_LIKE = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-             "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
-             "max_position_embeddings": 8192, "tie_word_embeddings": True}
+SMOL_LIKE = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+}
 TIMINGS = {"float32@1": 31.4, "float32@8": 60.5, "bfloat16@1": 22.8, "bfloat16@8": 22.8}
 
 

@@ -1,4 +1,5 @@
 """Incremental detokenization with the default model's real tokenizer."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ hand (hello on a DEALER, outputs on a PUSH), no model. That reaches failure poin
 reach on purpose, in well under a second per scenario. Timeouts are the client's constructor
 arguments, shortened here; waits poll with generous deadlines and nothing asserts wall-clock time.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,18 @@ from ipc.messages import (
 from planning.plan import ServingPlan
 from tests.http_client import run
 
-PLAN = ServingPlan(device="cpu", dtype="float32", quantization=None, double_quant=False, offload=False,
-                   device_map=None, max_batch=2, max_context=64, kv_cache_tokens=128, weights_bytes=0)
+PLAN = ServingPlan(
+    device="cpu",
+    dtype="float32",
+    quantization=None,
+    double_quant=False,
+    offload=False,
+    device_map=None,
+    max_batch=2,
+    max_context=64,
+    kv_cache_tokens=128,
+    weights_bytes=0,
+)
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0)
 DEADLINE_S = 10.0  # for anything that should happen within a second; generous for a loaded machine
 SHORT = {"heartbeat_timeout_s": 0.5, "progress_timeout_s": 0.5, "liveness_tick_s": 0.1}  # liveness tests
@@ -70,12 +81,17 @@ class ScriptedEngine:
         self._beats: asyncio.Task | None = None
 
     async def attach(self, client: EngineClient) -> None:
-        await self.dealer.send(self.encoder.encode(EngineHello(engine_id=self.engine_id, pid=os.getpid(),
-                                                               device="cpu", model="m", plan=PLAN)))
+        await self.dealer.send(
+            self.encoder.encode(
+                EngineHello(engine_id=self.engine_id, pid=os.getpid(), device="cpu", model="m", plan=PLAN)
+            )
+        )
         await self.dealer.recv()  # the welcome
         await self.send(EngineReady(engine_id=self.engine_id, load_seconds=0.0))
-        await until(lambda: self.engine_id in client.engines and client.engines[self.engine_id].ready,
-                    f"engine {self.engine_id} ready")
+        await until(
+            lambda: self.engine_id in client.engines and client.engines[self.engine_id].ready,
+            f"engine {self.engine_id} ready",
+        )
 
     async def send(self, message) -> None:
         await self.push.send(self.encoder.encode(message))
@@ -88,8 +104,7 @@ class ScriptedEngine:
 
     async def step(self, *outputs: RequestOutput, served: int = 0) -> None:
         """One completed engine step carrying these outputs."""
-        self.stats = msgspec.structs.replace(self.stats, steps=self.stats.steps + 1,
-                                             served=self.stats.served + served)
+        self.stats = msgspec.structs.replace(self.stats, steps=self.stats.steps + 1, served=self.stats.served + served)
         await self.send(StepOutputs(self.engine_id, list(outputs), self.stats))
 
     def start_heartbeats(self) -> None:
@@ -152,6 +167,7 @@ async def next_output(stream) -> RequestOutput:
 
 def test_a_request_that_cannot_be_encoded_leaves_nothing_registered():
     """The lockout of issue 10: a value msgpack cannot carry failed after the stream was registered."""
+
     async def scenario(client, engine):
         unencodable = SamplingParams(max_new_tokens=4, top_k=2**64)
         for i in range(3):
@@ -183,6 +199,7 @@ def test_a_submit_cancelled_mid_send_or_sent_to_a_vanished_engine_leaves_nothing
 def test_admission_counts_queued_tokens_as_well_as_requests():
     """PLAN: 2 slots of 64 tokens (128 KV tokens). 18 requests would pass the request count, but
     requests of 62 tokens of work each fill 3 × 128 tokens after 7."""
+
     async def scenario(client, engine):
         admitted = 0
         while not client.overloaded() and admitted < 20:
@@ -216,18 +233,30 @@ def test_an_aborted_request_is_aborted_in_its_engine_and_its_late_outputs_are_dr
 def test_the_engine_with_the_least_outstanding_tokens_is_picked():
     """Outstanding work = unprocessed prompt + remaining budget of the requests an engine holds;
     once a request has tokens, only its remaining budget counts."""
+
     async def scenario(client, a, b):
         picks = []
-        await client.submit("big", list(range(20)), SamplingParams(max_new_tokens=4),
-                            client.engines["a"])  # 24 tokens of work
+        await client.submit(
+            "big", list(range(20)), SamplingParams(max_new_tokens=4), client.engines["a"]
+        )  # 24 tokens of work
         await client.submit("small", [1, 2], SamplingParams(max_new_tokens=10), client.engines["b"])  # 12
-        picks.append((client.pick_engine().engine_id, client.outstanding_tokens(client.engines["a"]),
-                      client.outstanding_tokens(client.engines["b"])))
+        picks.append(
+            (
+                client.pick_engine().engine_id,
+                client.outstanding_tokens(client.engines["a"]),
+                client.outstanding_tokens(client.engines["b"]),
+            )
+        )
         await a.next_input()
         await a.step(RequestOutput("big", [7]))  # the prompt is done: 3 tokens of budget left
         await until(lambda: client.streams["big"].tokens_received == 1, "the token to arrive")
-        picks.append((client.pick_engine().engine_id, client.outstanding_tokens(client.engines["a"]),
-                      client.outstanding_tokens(client.engines["b"])))
+        picks.append(
+            (
+                client.pick_engine().engine_id,
+                client.outstanding_tokens(client.engines["a"]),
+                client.outstanding_tokens(client.engines["b"]),
+            )
+        )
         return picks
 
     assert run(with_client(scenario, engines=2)) == [("b", 24, 12), ("a", 3, 12)]
@@ -288,6 +317,7 @@ def test_a_request_with_no_token_yet_moves_off_a_lost_engine_and_completes():
 
 def test_a_request_with_tokens_on_a_lost_engine_ends_with_an_explicit_error():
     """Its text so far was already sent to the client, so it cannot start over elsewhere."""
+
     async def scenario(client, a, b):
         stream = await client.submit("r", [1, 2], GREEDY, client.engines["a"])
         await a.next_input()
@@ -338,6 +368,7 @@ def test_an_engine_that_stops_heartbeating_is_dropped_and_its_request_moves():
 def test_an_engine_that_heartbeats_but_never_finishes_a_step_is_dropped_as_hung():
     """vLLM cannot tell an engine that is alive but hung; the progress check can: it holds a
     request, heart-beats, and its step count never moves."""
+
     async def scenario(client, a, b):
         lost = []
         client.on_engine_lost = lambda engine_id, why, was_ready: lost.append((engine_id, why))
@@ -356,6 +387,7 @@ def test_an_engine_that_heartbeats_but_never_finishes_a_step_is_dropped_as_hung(
 
 def test_an_idle_engine_that_heartbeats_is_kept():
     """The progress check applies only while an engine holds requests."""
+
     async def scenario(client, engine):
         await asyncio.sleep(4 * SHORT["progress_timeout_s"])
         return list(client.engines)
@@ -385,8 +417,9 @@ def test_an_engine_whose_steps_keep_failing_is_dropped():
         for i in range(MAX_FAILED_STEPS):
             streams.append(await client.submit(f"r{i}", [1, 2], GREEDY))
             await engine.next_input()
-            await engine.send(StepOutputs(engine.engine_id, [RequestOutput(f"r{i}", [], FinishReason.ERROR, "boom")],
-                                          engine.stats))
+            await engine.send(
+                StepOutputs(engine.engine_id, [RequestOutput(f"r{i}", [], FinishReason.ERROR, "boom")], engine.stats)
+            )
             await asyncio.sleep(0.1)
         outputs = [s.queue.get_nowait() for s in streams]
         return lost, outputs, list(client.engines), client.streams
@@ -423,7 +456,8 @@ def test_a_stalled_event_loop_does_not_drop_a_live_engine():
     async def scenario(client, engine):
         frozen, done = threading.Event(), threading.Event()
         sender = asyncio.get_running_loop().run_in_executor(
-            None, _heartbeats_from_a_thread, engine.output_address, engine.engine_id, frozen, done)
+            None, _heartbeats_from_a_thread, engine.output_address, engine.engine_id, frozen, done
+        )
         try:
             await asyncio.sleep(0.5)
             frozen.set()
@@ -439,8 +473,9 @@ def test_a_stalled_event_loop_does_not_drop_a_live_engine():
     assert run(with_client(scenario, heartbeat_timeout_s=timeout_s, liveness_tick_s=0.2)) == ["scripted"]
 
 
-def _heartbeats_from_a_thread(output_address: str, engine_id: str, frozen: threading.Event,
-                              done: threading.Event) -> None:
+def _heartbeats_from_a_thread(
+    output_address: str, engine_id: str, frozen: threading.Event, done: threading.Event
+) -> None:
     """An engine's output thread: a heartbeat every 0.2 s, none while frozen."""
     context = zmq.Context()
     push = context.socket(zmq.PUSH)

@@ -1,4 +1,5 @@
 """Scheduler, sampler and model runner in-process, with the real default model (no sockets)."""
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,9 @@ def test_scheduler_chunks_long_prompts_within_the_budget():
 
 
 def _seq(temperature=1.0, top_k=0, top_p=1.0, seed=None) -> Sequence:
-    return Sequence("r", [1], SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p,
-                                             seed=seed))
+    return Sequence(
+        "r", [1], SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    )
 
 
 def test_sampler_mixes_greedy_and_sampled_rows():
@@ -68,10 +70,12 @@ def test_penalties_follow_openai_and_hf_rules():
     """presence/frequency: subtract per generated occurrence; repetition: divide positive logits, multiply
     negative ones, for prompt and output tokens; logit_bias adds; min_tokens masks end of sequence."""
     logits = torch.tensor([[4.0, 3.0, -1.0, 0.5, 2.0]])
+
     def seq(**params):
         s = Sequence("r", [2], SamplingParams(max_new_tokens=9, temperature=0.0, **params))
         s.output_ids = [0, 0, 1]
         return s
+
     process = Sampler(torch.device("cpu"))._process
     out = process(logits, [seq(presence_penalty=0.5, frequency_penalty=1.0)], set())
     assert out.tolist() == [[4.0 - 0.5 - 2.0, 3.0 - 0.5 - 1.0, -1.0, 0.5, 2.0]]
@@ -126,9 +130,17 @@ def test_sliding_window_matches_transformers():
     from engine_core.model_runner import ModelRunner
 
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-                           max_position_embeddings=64, attn_implementation="sdpa")
+    config = MistralConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
     model = MistralForCausalLM(config).eval()
     reference = copy.deepcopy(model)  # the runner switches its model to kiln attention
     prompt = [int(t) for t in torch.randint(0, 128, (21,), generator=torch.Generator().manual_seed(5))]
@@ -144,5 +156,5 @@ def test_sliding_window_matches_transformers():
     assert seq.finish_reason == FinishReason.LENGTH and len(seq.output_ids) == 4
     ids = torch.tensor([prompt + seq.output_ids[:-1]])
     with torch.inference_mode():
-        expected = reference(ids).logits[0, len(prompt) - 1:]
+        expected = reference(ids).logits[0, len(prompt) - 1 :]
     torch.testing.assert_close(torch.stack(produced), expected, atol=1e-4, rtol=1e-4)

@@ -1,5 +1,6 @@
 """The engine's busy loop in-process: the real default model, plan, warm-up and `Engine.run`, with the
 sockets replaced by two queues (what EngineIO hands the loop). Seconds, not a server start."""
+
 from __future__ import annotations
 
 import queue

@@ -1,4 +1,5 @@
 """Hardware detection, simulated machines, size parsing, model shapes from config.json and GGUF."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from hardware import profile as hp
+from hardware.profile import GiB, MiB, detect_hardware, parse_gpu_spec, parse_size, simulated_profile
 from model.gguf_meta import GGUFError, read_gguf_metadata
 from model.shape import ModelConfigError, load_model_shape, model_shape_for_spec, shape_from_config
-from hardware.profile import GiB, MiB, detect_hardware, parse_gpu_spec, parse_size, simulated_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -156,8 +157,15 @@ def test_folder_with_only_config_and_config_file(tmp_path):
 
 
 def test_unknown_architecture_is_refused_in_one_line():
-    cfg = {"model_type": "mystery", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "intermediate_size": 512, "vocab_size": 1000, "max_position_embeddings": 1024}
+    cfg = {
+        "model_type": "mystery",
+        "hidden_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 512,
+        "vocab_size": 1000,
+        "max_position_embeddings": 1024,
+    }
     with pytest.raises(ModelConfigError, match="architecture 'mystery' is not supported") as refused:
         shape_from_config(cfg)
     assert "\n" not in str(refused.value)
@@ -191,9 +199,17 @@ def test_gguf_shape_of_embedded_default(default_gguf):
     assert s.tie_word_embeddings and s.lm_head_params == 0
     assert s.total_params == pytest.approx(134.5e6, rel=0.01)
     # the tensor table agrees with the Llama arithmetic applied to the same numbers
-    cfg = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-           "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
-           "max_position_embeddings": 8192, "tie_word_embeddings": True}
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+    }
     by_config = shape_from_config(cfg)
     assert by_config.total_params == s.total_params
     assert by_config.decoder_linear_params == s.decoder_linear_params
@@ -212,8 +228,13 @@ def test_gguf_reader_agrees_with_gguf_package(default_gguf):
     gguf = pytest.importorskip("gguf")
     ours = read_gguf_metadata(default_gguf)
     ref = gguf.GGUFReader(str(default_gguf))
-    for key in ("general.architecture", "llama.block_count", "llama.embedding_length",
-                "llama.attention.head_count_kv", "llama.context_length"):
+    for key in (
+        "general.architecture",
+        "llama.block_count",
+        "llama.embedding_length",
+        "llama.attention.head_count_kv",
+        "llama.context_length",
+    ):
         assert ours.fields[key] == ref.fields[key].contents()
     assert ours.array_lengths["tokenizer.ggml.tokens"] == len(ref.fields["tokenizer.ggml.tokens"].data)
     assert [(t.name, t.shape) for t in ours.tensors] == [(t.name, tuple(int(d) for d in t.shape)) for t in ref.tensors]
@@ -228,9 +249,17 @@ def test_gguf_reader_rejects_other_files(tmp_path):
 
 # ---------------------------------------------------------------- cached CPU format timings
 
-SMOL_LIKE = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-             "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
-             "max_position_embeddings": 8192, "tie_word_embeddings": True}
+SMOL_LIKE = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+}
 TIMINGS = {"float32@1": 31.4, "float32@8": 60.5, "bfloat16@1": 22.8, "bfloat16@8": 22.8}
 
 
@@ -240,8 +269,15 @@ def test_cpu_format_timings_round_trip_through_the_cache(tmp_path):
     path = hp.write_cpu_format_ms(s, TIMINGS, tmp_path)
     assert path.parent == tmp_path / "cpu-formats" and path.suffix == ".json"
     assert hp.read_cpu_format_ms(s, tmp_path) == TIMINGS
-    assert json.loads(path.read_text())["key"]["layer_linears"] == [[576, 576], [576, 192], [576, 192], [576, 576],
-                                                                   [576, 1536], [576, 1536], [1536, 576]]
+    assert json.loads(path.read_text())["key"]["layer_linears"] == [
+        [576, 576],
+        [576, 192],
+        [576, 192],
+        [576, 576],
+        [576, 1536],
+        [576, 1536],
+        [1536, 576],
+    ]
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
 
 
@@ -273,8 +309,11 @@ def test_profiles_read_the_cache_for_a_given_model(tmp_path, monkeypatch):
 
 
 def test_reading_cached_timings_does_not_import_torch(tmp_path):
-    code = ("import sys; from hardware import profile as p; from model.shape import shape_from_config; "
-            f"s = shape_from_config({SMOL_LIKE!r}); p.write_cpu_format_ms(s, {TIMINGS!r}); "
-            f"assert p.detect_hardware(s).cpu_format_ms == {TIMINGS!r}; assert 'torch' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60,
-                   env={**os.environ, "KILN_CACHE": str(tmp_path)})
+    code = (
+        "import sys; from hardware import profile as p; from model.shape import shape_from_config; "
+        f"s = shape_from_config({SMOL_LIKE!r}); p.write_cpu_format_ms(s, {TIMINGS!r}); "
+        f"assert p.detect_hardware(s).cpu_format_ms == {TIMINGS!r}; assert 'torch' not in sys.modules"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60, env={**os.environ, "KILN_CACHE": str(tmp_path)}
+    )

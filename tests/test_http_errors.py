@@ -1,5 +1,6 @@
 """Every refusal is JSON in one shape (aiohttp's own 404, 405 and 413 included), OpenAI's error types on
 /v1 routes, and an `X-Request-Id` on every answer: the client's, echoed, or a fresh one."""
+
 from __future__ import annotations
 
 import json
@@ -39,11 +40,14 @@ def test_a_very_long_unknown_path_is_not_echoed_whole(server):
     assert status == 404 and len(body["error"]["message"]) < 300
 
 
-@pytest.mark.parametrize("method, path, allowed, openai", [
-    ("GET", "/generate", "POST", False),
-    ("DELETE", "/health", "GET", False),
-    ("GET", "/v1/chat/completions", "POST", True),
-])
+@pytest.mark.parametrize(
+    "method, path, allowed, openai",
+    [
+        ("GET", "/generate", "POST", False),
+        ("DELETE", "/health", "GET", False),
+        ("GET", "/v1/chat/completions", "POST", True),
+    ],
+)
 def test_wrong_method_is_a_json_405_with_allow(server, method, path, allowed, openai):
     status, headers, body = run(_request(method, server.url + path))
     assert status == 405 and headers["Content-Type"].startswith("application/json")
@@ -64,6 +68,7 @@ def test_body_too_large_is_a_json_413(server):
 
 def test_chunked_body_too_large_is_a_json_413(server):
     """No Content-Length: refused by aiohttp's own limit once 4 MiB have arrived, still as JSON."""
+
     async def chunks():
         yield b'{"prompt": "'
         for _ in range(6):
@@ -87,13 +92,16 @@ def test_openai_routes_use_openai_error_types(server):
     assert status == 400 and body["error"]["type"] == "invalid_request" and body["error"]["field"] == "prompt"
 
 
-@pytest.mark.parametrize("method, path, data", [
-    ("POST", "/generate", b'{"prompt": "Hi", "max_new_tokens": 1}'),
-    ("POST", "/v1/completions", b'{"prompt": "Hi", "max_tokens": 1, "stream": true}'),
-    ("GET", "/health", None),
-    ("GET", "/nope", None),
-    ("POST", "/generate", b"{not json"),
-])
+@pytest.mark.parametrize(
+    "method, path, data",
+    [
+        ("POST", "/generate", b'{"prompt": "Hi", "max_new_tokens": 1}'),
+        ("POST", "/v1/completions", b'{"prompt": "Hi", "max_tokens": 1, "stream": true}'),
+        ("GET", "/health", None),
+        ("GET", "/nope", None),
+        ("POST", "/generate", b"{not json"),
+    ],
+)
 def test_request_id_is_echoed_or_generated(server, method, path, data):
     status, headers, _ = run(_request(method, server.url + path, headers={"X-Request-Id": "trace-42.abc"}, data=data))
     assert headers["X-Request-Id"] == "trace-42.abc", (status, headers)

@@ -2,6 +2,7 @@
 command line, the OpenAI dialect the load generator speaks to it, and (where llama-server is
 installed, `pip install -e .[peers]`) a real run; CI has no llama.cpp, so that test skips.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,6 +44,7 @@ def _script(path, body: str) -> str:
 
 # --- command line and context ----------------------------------------------------------------
 
+
 def test_context_holds_the_longest_prompt_and_the_budget_in_every_slot():
     assert llama_cpp.context_size(10, 117, 128) == 10 * 256
     assert llama_cpp.context_size(1, 117, 139) == 256  # exactly one step
@@ -64,6 +66,7 @@ def test_server_command_has_one_slot_per_user_and_the_physical_cores():
 
 
 # --- finding the binaries --------------------------------------------------------------------
+
 
 def test_missing_binary_is_one_line_naming_the_extra(no_llama_cpp):
     with pytest.raises(LlamaCppUnavailable) as info:
@@ -95,6 +98,7 @@ def test_bench_refuses_before_starting_any_server(no_llama_cpp, capsys):
 
 
 # --- weights ---------------------------------------------------------------------------------
+
 
 def test_requantized_once_then_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
@@ -140,24 +144,36 @@ def test_shipped_quant_needs_no_quantize_tool(no_llama_cpp, monkeypatch):
 
 # --- the OpenAI dialect, against a server that answers as llama-server does ----------------------
 
+
 def _llama_like_app(bodies: list[dict]) -> web.Application:
     """/v1/completions as llama-server streams it: a chunk per token (an empty one for a partial
     character), a final chunk with finish_reason and usage, then [DONE]."""
+
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         bodies.append(body)
         n = body["max_tokens"]
         if not body.get("stream"):
-            return web.json_response({"choices": [{"text": "x" * n, "index": 0, "finish_reason": "length"}],
-                                      "usage": {"prompt_tokens": 3, "completion_tokens": n}})
+            return web.json_response(
+                {
+                    "choices": [{"text": "x" * n, "index": 0, "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": n},
+                }
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for i in range(n):
             text = "" if i == 1 else f"t{i}"
             await resp.write(_event({"choices": [{"text": text, "index": 0, "finish_reason": None}]}))
             await asyncio.sleep(0.005)
-        await resp.write(_event({"choices": [{"text": "", "index": 0, "finish_reason": "length"}],
-                                 "usage": {"prompt_tokens": 3, "completion_tokens": n}}))
+        await resp.write(
+            _event(
+                {
+                    "choices": [{"text": "", "index": 0, "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": n},
+                }
+            )
+        )
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
@@ -194,6 +210,7 @@ def test_openai_plain_answer():
 
 
 # --- the real thing, where llama.cpp is installed ---------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def llama_setup():

@@ -5,6 +5,7 @@ disk offload through `from_pretrained` (weights read from files), and the hooks 
 attaches for "cpu" entries of a GPU map (weights kept in a RAM state dict). A tiny random Llama
 (2 layers, hidden 64) keeps each test to a second or two.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -17,21 +18,34 @@ from accelerate.hooks import AlignDevicesHook, attach_align_device_hook_on_block
 from accelerate.utils import OffloadedWeightsLoader, extract_submodules_state_dict, find_tied_parameters  # noqa: E402
 
 from engine_core.loader import cast_offloaded_weights, cpu_resident_modules, keep_resident_on_cpu  # noqa: E402
+from hardware.profile import simulated_profile  # noqa: E402
 from model.shape import load_model_shape  # noqa: E402
 from planning.overrides import overrides_from_flags  # noqa: E402
 from planning.planner import make_plan  # noqa: E402
-from hardware.profile import simulated_profile  # noqa: E402
 
 HEADS = ["model.embed_tokens", "lm_head"]
-DEVICE_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
-              "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+DEVICE_MAP = {
+    "model.embed_tokens": "cpu",
+    "model.rotary_emb": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "cpu",
+    "model.norm": "cpu",
+    "lm_head": "cpu",
+}
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def tiny(request, tmp_path_factory):
     config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=request.param)
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=request.param,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     folder = tmp_path_factory.mktemp("tiny-llama")
@@ -40,8 +54,9 @@ def tiny(request, tmp_path_factory):
 
 
 def load(folder, **kwargs):
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=kwargs.pop("dtype", torch.float32),
-                                                             **kwargs).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=kwargs.pop("dtype", torch.float32), **kwargs
+    ).eval()
 
 
 def logits(model, ids):
@@ -55,9 +70,12 @@ def dispatch_like_a_gpu_map(model, offloaded: list[str]) -> None:
     state = extract_submodules_state_dict(model.state_dict(), offloaded)
     tied = {model.get_parameter(names[0]).data_ptr(): {} for names in find_tied_parameters(model)}
     attach_align_device_hook_on_blocks(
-        model, execution_device={**{name: "cpu" for name in DEVICE_MAP}, "": "cpu"},
-        offload={name: name in offloaded for name in DEVICE_MAP}, weights_map=OffloadedWeightsLoader(state_dict=state),
-        tied_params_map=tied)
+        model,
+        execution_device={**{name: "cpu" for name in DEVICE_MAP}, "": "cpu"},
+        offload={name: name in offloaded for name in DEVICE_MAP},
+        weights_map=OffloadedWeightsLoader(state_dict=state),
+        tied_params_map=tied,
+    )
 
 
 def assert_resident_on_cpu(model, tied: bool) -> None:

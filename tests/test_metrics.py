@@ -1,5 +1,6 @@
 """GET /metrics on a real server: vLLM's series with model_name and engine labels, kiln's own, the
 process collectors, and every refusal counted by HTTP status and reason (a 429 storm included)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -78,10 +79,26 @@ def test_vllm_series_with_model_and_engine_labels(server):
 
     async def load():
         async with aiohttp.ClientSession(headers=AUTH) as session:
-            assert await _request(session, "POST", "/generate", server.url,
-                                  {"prompt": "Hello", "max_new_tokens": 6, "ignore_eos": True}) == 200
-            assert await _request(session, "POST", "/v1/completions", server.url,
-                                  {"prompt": "Hi", "max_tokens": 4, "stream": True, "ignore_eos": True}) == 200
+            assert (
+                await _request(
+                    session,
+                    "POST",
+                    "/generate",
+                    server.url,
+                    {"prompt": "Hello", "max_new_tokens": 6, "ignore_eos": True},
+                )
+                == 200
+            )
+            assert (
+                await _request(
+                    session,
+                    "POST",
+                    "/v1/completions",
+                    server.url,
+                    {"prompt": "Hi", "max_tokens": 4, "stream": True, "ignore_eos": True},
+                )
+                == 200
+            )
 
     run(load())
     after = scrape(server.url)
@@ -94,24 +111,38 @@ def test_vllm_series_with_model_and_engine_labels(server):
     assert delta("vllm:request_generation_tokens_count", **ENGINE) == 2
     assert delta("vllm:request_generation_tokens_sum", **ENGINE) == 10
     assert delta("vllm:request_params_max_tokens_sum", **ENGINE) == 10
-    for name in ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
-                 "vllm:request_decode_time_seconds", "vllm:request_time_per_output_token_seconds"):
+    for name in (
+        "vllm:time_to_first_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:request_decode_time_seconds",
+        "vllm:request_time_per_output_token_seconds",
+    ):
         assert delta(name + "_count", **ENGINE) == 2, name
         assert delta(name + "_bucket", le="+Inf", **ENGINE) == 2, name
     # inter-token latency: one observation per gap between tokens (5 + 3), sum = decode time
     for name in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"):
         assert delta(name + "_count", **ENGINE) == 8, name
         assert delta(name + "_bucket", le="+Inf", **ENGINE) == 8, name
-        assert delta(name + "_sum", **ENGINE) == pytest.approx(delta("vllm:request_decode_time_seconds_sum",
-                                                                     **ENGINE))
+        assert delta(name + "_sum", **ENGINE) == pytest.approx(delta("vllm:request_decode_time_seconds_sum", **ENGINE))
     # the engine's own queue and prefill durations arrive with each request's first output
-    for name in ("vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds",
-                 "vllm:request_inference_time_seconds", "vllm:time_per_prefill_token_request_seconds"):
+    for name in (
+        "vllm:request_queue_time_seconds",
+        "vllm:request_prefill_time_seconds",
+        "vllm:request_inference_time_seconds",
+        "vllm:time_per_prefill_token_request_seconds",
+    ):
         assert delta(name + "_count", **ENGINE) == 2, name
-    assert 0 < delta("vllm:request_prefill_time_seconds_sum", **ENGINE) < delta(
-        "vllm:time_to_first_token_seconds_sum", **ENGINE)  # prefill is part of time to first token
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:gpu_cache_usage_perc"):
+    assert (
+        0
+        < delta("vllm:request_prefill_time_seconds_sum", **ENGINE)
+        < delta("vllm:time_to_first_token_seconds_sum", **ENGINE)
+    )  # prefill is part of time to first token
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
+    ):
         assert has(after, name, **ENGINE), name
         assert 0 <= value(after, name, **ENGINE) < math.inf
     assert value(after, "kiln_engine_kv_slots", engine="engine-0") == 1
@@ -136,14 +167,17 @@ def test_every_refusal_is_counted_by_status_and_reason(server):
                 await _request(session, "POST", "/generate", server.url, {"prompt": "x", "top_p": 7}, AUTH),
                 await _request(session, "GET", "/no/such/route", server.url, headers=AUTH),
                 await _request(session, "GET", "/generate", server.url, headers=AUTH),
-                await _request(session, "POST", "/v1/completions", server.url,
-                               {"model": "other", "prompt": "x"}, AUTH),
+                await _request(session, "POST", "/v1/completions", server.url, {"model": "other", "prompt": "x"}, AUTH),
             ]
 
     assert run(refusals()) == [401, 400, 400, 404, 405, 404]
     after = scrape(server.url)
-    delta = lambda **labels: (value(after, "kiln_refused_requests_total", **labels)  # noqa: E731
-                              - value(before, "kiln_refused_requests_total", **labels))
+
+    def delta(**labels):
+        return value(after, "kiln_refused_requests_total", **labels) - value(
+            before, "kiln_refused_requests_total", **labels
+        )
+
     assert delta(status="401", reason="unauthorized") == 1
     assert delta(status="400", reason="invalid_request") == 2
     assert delta(status="404", reason="not_found") == 1
@@ -194,4 +228,3 @@ def test_a_429_storm_is_counted_and_kv_usage_is_a_ratio(server):
     delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
     assert delta("kiln_refused_requests_total", status="429", reason="overloaded") == refused
     assert usage_seen and usage_seen[0] == (1.0, 1.0), usage_seen  # one slot of one held: 100 %
-

@@ -1,4 +1,5 @@
 """Several engines behind one frontend: routing, an attached engine, engine loss, the tcp secret."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,9 +36,14 @@ def two_engines(default_model_path):
 
 def attach_engine(*args: str, env: dict | None = None, stdout=subprocess.PIPE) -> subprocess.Popen:
     """`cli.py engine ...`; its output on a pipe (read it with communicate) or in the file given as stdout."""
-    return subprocess.Popen([sys.executable, str(REPO_ROOT / "cli.py"), "engine", *args], cwd=REPO_ROOT,
-                            stdout=stdout, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "cli.py"), "engine", *args],
+        cwd=REPO_ROOT,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_burst_spreads_over_engines(two_engines):
@@ -76,16 +82,23 @@ def test_attached_engine_joins_and_serves(two_engines, tmp_path):
     with open(log_path, "w") as log:
         engine = attach_engine("--cpu", "--frontend", port, "--engine-id", "attached-1", *ATTACHED_PLAN, stdout=log)
     try:
-        wait_for(lambda: any(e["id"] == "attached-1" and e["ready"] for e in two_engines.info()["engines"])
-                 or engine.poll() is not None, 300, "the attached engine to be ready")
+        wait_for(
+            lambda: (
+                any(e["id"] == "attached-1" and e["ready"] for e in two_engines.info()["engines"])
+                or engine.poll() is not None
+            ),
+            300,
+            "the attached engine to be ready",
+        )
         assert engine.poll() is None, log_path.read_text()
         wait_for(lambda: all(e["running"] == 0 for e in two_engines.info()["engines"]), 60, "idle engines")
 
         async def burst():  # three idle engines, three requests: each engine gets one (least outstanding work)
             async with aiohttp.ClientSession() as session:
                 body = {**GREEDY, "max_new_tokens": 4}
-                return await asyncio.gather(*(post_json(session, two_engines.url + "/generate", body)
-                                              for _ in range(3)))
+                return await asyncio.gather(
+                    *(post_json(session, two_engines.url + "/generate", body) for _ in range(3))
+                )
 
         results = run(burst())
         assert all(status == 200 for status, _ in results), results
@@ -97,8 +110,11 @@ def test_attached_engine_joins_and_serves(two_engines, tmp_path):
         except subprocess.TimeoutExpired:
             engine.kill()
             engine.wait()
-    wait_for(lambda: all(e["id"] != "attached-1" for e in two_engines.info()["engines"]), 60,
-             "the stopped engine to leave /info")
+    wait_for(
+        lambda: all(e["id"] != "attached-1" for e in two_engines.info()["engines"]),
+        60,
+        "the stopped engine to leave /info",
+    )
 
 
 def test_engine_with_another_model_is_refused(two_engines, tmp_path):
@@ -144,8 +160,13 @@ def test_killed_engine_ends_its_streams_survivor_serves_and_it_comes_back(defaul
         status, body = run(generate(proc.url, GREEDY))  # the survivor, or the victim if already back
         assert status == 200, body
         # serve started the victim, so it restarts it under the same name
-        wait_for(lambda: any(e["id"] == victim["id"] and e["ready"] and e["pid"] != victim["pid"]
-                             for e in proc.info()["engines"]), 120, "the killed engine to be restarted")
+        wait_for(
+            lambda: any(
+                e["id"] == victim["id"] and e["ready"] and e["pid"] != victim["pid"] for e in proc.info()["engines"]
+            ),
+            120,
+            "the killed engine to be restarted",
+        )
     finally:
         proc.stop()
 
@@ -160,8 +181,9 @@ def test_error_events_arrive_within_ten_seconds_of_engine_loss(default_model_pat
         async def scenario():
             async with aiohttp.ClientSession() as session:
                 body = {"prompt": "List prime numbers:", "max_new_tokens": 300, "ignore_eos": True}
-                tasks = [asyncio.create_task(stream_events(session, proc.url + "/generate_stream", body))
-                         for _ in range(6)]
+                tasks = [
+                    asyncio.create_task(stream_events(session, proc.url + "/generate_stream", body)) for _ in range(6)
+                ]
                 await asyncio.sleep(4)
                 for engine in proc.info()["engines"]:
                     os.kill(engine["pid"], signal.SIGKILL)
@@ -178,25 +200,41 @@ def test_error_events_arrive_within_ten_seconds_of_engine_loss(default_model_pat
 
 def test_tcp_engine_needs_the_secret(default_model_path):
     engine_port = free_port_pair()  # serve binds it and the next one; its HTTP port must be neither
-    proc = ServerProcess("--engines", "1", "--engine-port", str(engine_port), *SMALL, env={"KILN_SECRET": "right"},
-                         avoid_ports=(engine_port, engine_port + 1))
+    proc = ServerProcess(
+        "--engines",
+        "1",
+        "--engine-port",
+        str(engine_port),
+        *SMALL,
+        env={"KILN_SECRET": "right"},
+        avoid_ports=(engine_port, engine_port + 1),
+    )
     try:
         proc.wait_ready()
-        stranger = attach_engine("--cpu", "--frontend", f"tcp://127.0.0.1:{engine_port}", *SMALL,
-                                 env={"KILN_SECRET": "wrong"})
+        stranger = attach_engine(
+            "--cpu", "--frontend", f"tcp://127.0.0.1:{engine_port}", *SMALL, env={"KILN_SECRET": "wrong"}
+        )
         output, _ = stranger.communicate(timeout=120)
         assert stranger.returncode != 0
         assert "secret" in output, output
         assert len(proc.info()["engines"]) == 1
-        friend = attach_engine("--cpu", "--frontend", f"tcp://127.0.0.1:{engine_port}", "--engine-id", "friend",
-                               *SMALL, env={"KILN_SECRET": "right"})
+        friend = attach_engine(
+            "--cpu",
+            "--frontend",
+            f"tcp://127.0.0.1:{engine_port}",
+            "--engine-id",
+            "friend",
+            *SMALL,
+            env={"KILN_SECRET": "right"},
+        )
         try:
-            wait_for(lambda: any(e["id"] == "friend" and e["ready"] for e in proc.info()["engines"]), 180,
-                     "the engine with the right secret to attach")
+            wait_for(
+                lambda: any(e["id"] == "friend" and e["ready"] for e in proc.info()["engines"]),
+                180,
+                "the engine with the right secret to attach",
+            )
         finally:
             friend.send_signal(signal.SIGTERM)
             friend.wait(30)
     finally:
         proc.stop()
-
-

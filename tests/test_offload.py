@@ -5,16 +5,17 @@ The planner part is pure arithmetic on simulated machines. The engine part runs 
 disk offload (weights memory-mapped, read in per forward by AlignDevicesHooks) → our batched model
 runner, and checks greedy output token for token against transformers' own generate.
 """
+
 from __future__ import annotations
 
 import aiohttp
 import msgspec
 import pytest
 
+from hardware.profile import GiB, simulated_profile
 from model.shape import load_model_shape
 from planning.overrides import overrides_from_env, overrides_from_flags, resolve_overrides
 from planning.planner import PlanError, make_plan
-from hardware.profile import GiB, simulated_profile
 from tests.conftest import REPO_ROOT, running_server
 from tests.http_client import generate, post_json, run
 
@@ -82,10 +83,9 @@ def test_default_model_plan_on_this_machine(default_model_path):
 @pytest.fixture(scope="module")
 def offload_server(default_model_path):
     # float32: the batched check below needs batch-invariant numerics (bf16 rounding can differ by batch shape)
-    yield from running_server("--max-context", "512", "--max-batch", "4", "--dtype", "float32",
-                         env={"GPU_LAYERS": str(KEPT)})
-
-
+    yield from running_server(
+        "--max-context", "512", "--max-batch", "4", "--dtype", "float32", env={"GPU_LAYERS": str(KEPT)}
+    )
 
 
 @pytest.mark.slow
@@ -95,8 +95,7 @@ def test_disk_offloaded_server_matches_transformers_greedy(offload_server, defau
 
     plan = offload_server.info()["plan"]
     assert plan["offload"] is True and plan["device"] == "cpu"
-    assert [k for k, v in plan["device_map"].items() if v == "disk"] == [
-        f"model.layers.{i}" for i in range(KEPT, 30)]
+    assert [k for k, v in plan["device_map"].items() if v == "disk"] == [f"model.layers.{i}" for i in range(KEPT, 30)]
     log = offload_server.log_path.read_text()
     assert f"{30 - KEPT} of 30 decoder layers offloaded" in log, offload_server.log()
 
@@ -107,7 +106,7 @@ def test_disk_offloaded_server_matches_transformers_greedy(offload_server, defau
     model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=dtype).eval()
     ids = tokenizer(PROMPT["prompt"], return_tensors="pt").input_ids
     with torch.inference_mode():
-        expected = model.generate(ids, max_new_tokens=PROMPT["max_new_tokens"], do_sample=False)[0, ids.shape[1]:]
+        expected = model.generate(ids, max_new_tokens=PROMPT["max_new_tokens"], do_sample=False)[0, ids.shape[1] :]
     assert body["token_ids"] == expected.tolist()
     assert body["text"] == tokenizer.decode(expected, skip_special_tokens=True)
 
@@ -116,8 +115,9 @@ def test_disk_offloaded_server_matches_transformers_greedy(offload_server, defau
         async with aiohttp.ClientSession() as session:
             import asyncio
 
-            return await asyncio.gather(*(post_json(session, offload_server.url + "/generate", PROMPT)
-                                          for _ in range(3)))
+            return await asyncio.gather(
+                *(post_json(session, offload_server.url + "/generate", PROMPT) for _ in range(3))
+            )
 
     for status, again in run(many()):
         assert status == 200 and again["token_ids"] == body["token_ids"]

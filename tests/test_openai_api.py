@@ -1,4 +1,5 @@
 """The OpenAI-compatible routes on a real server, checked against the native /generate."""
+
 from __future__ import annotations
 
 import aiohttp
@@ -24,25 +25,45 @@ async def _stream(url: str, path: str, body: dict, max_events: int | None = None
 
 def test_completions_match_generate(server):
     _, native = run(generate(server.url, {"prompt": PROMPT, "max_new_tokens": 20, "temperature": 0}))
-    status, body = run(_post(server.url, "/v1/completions",
-                             {"model": "SmolLM2-135M-Instruct", "prompt": PROMPT, "max_tokens": 20, "temperature": 0}))
+    status, body = run(
+        _post(
+            server.url,
+            "/v1/completions",
+            {"model": "SmolLM2-135M-Instruct", "prompt": PROMPT, "max_tokens": 20, "temperature": 0},
+        )
+    )
     assert status == 200, body
     assert body["object"] == "text_completion" and body["model"] == "SmolLM2-135M-Instruct"
     (choice,) = body["choices"]
     assert choice["text"] == native["text"] and choice["finish_reason"] == native["finish_reason"]
-    assert body["usage"] == {"prompt_tokens": native["usage"]["prompt_tokens"], "completion_tokens": 20,
-                             "total_tokens": native["usage"]["prompt_tokens"] + 20}
+    assert body["usage"] == {
+        "prompt_tokens": native["usage"]["prompt_tokens"],
+        "completion_tokens": 20,
+        "total_tokens": native["usage"]["prompt_tokens"] + 20,
+    }
 
-    events = run(_stream(server.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 20, "temperature": 0,
-                                                          "stream": True}))
+    events = run(
+        _stream(server.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 20, "temperature": 0, "stream": True})
+    )
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert "".join(c["choices"][0]["text"] for c in chunks) == native["text"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert all("usage" not in c for c in chunks)  # usage only when asked for
 
-    events = run(_stream(server.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 20, "temperature": 0,
-                                                          "stream": True, "stream_options": {"include_usage": True}}))
+    events = run(
+        _stream(
+            server.url,
+            "/v1/completions",
+            {
+                "prompt": PROMPT,
+                "max_tokens": 20,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+    )
     assert events[-1] == "[DONE]"
     *content, usage = events[:-1]
     assert "".join(c["choices"][0]["text"] for c in content) == native["text"]
@@ -76,25 +97,57 @@ def test_chat_takes_text_parts_and_null_assistant_content(server):
     status, body = run(_post(server.url, "/v1/chat/completions", {**request, "messages": history}))
     assert status == 200, body
 
-    events = run(_stream(server.url, "/v1/chat/completions", {**request, "messages": CHAT, "stream": True,
-                                                               "stream_options": {"include_usage": True}}))
+    events = run(
+        _stream(
+            server.url,
+            "/v1/chat/completions",
+            {**request, "messages": CHAT, "stream": True, "stream_options": {"include_usage": True}},
+        )
+    )
     *content, usage = events[:-1]
     assert all("usage" not in c for c in content) and content[-1]["choices"][0]["finish_reason"] is not None
     assert usage["object"] == "chat.completion.chunk" and usage["choices"] == []
     assert usage["usage"] == plain["usage"]
 
 
-HARMLESS = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "seed": 3,
-            "stream_options": {"include_usage": False}, "presence_penalty": 0, "frequency_penalty": 0.0,
-            "logit_bias": {}, "n": 1, "ignore_eos": None, "min_tokens": None, "stop": None}
+HARMLESS = {
+    "user": "u1",
+    "metadata": {"k": "v"},
+    "store": False,
+    "service_tier": "auto",
+    "seed": 3,
+    "stream_options": {"include_usage": False},
+    "presence_penalty": 0,
+    "frequency_penalty": 0.0,
+    "logit_bias": {},
+    "n": 1,
+    "ignore_eos": None,
+    "min_tokens": None,
+    "stop": None,
+}
 
 
-@pytest.mark.parametrize("path, extra", [
-    ("/v1/completions", {**HARMLESS, "logprobs": None, "echo": False, "best_of": 1, "suffix": None}),
-    ("/v1/chat/completions", {**HARMLESS, "logprobs": False, "top_logprobs": 0, "tool_choice": "none",
-                              "tools": [], "parallel_tool_calls": True, "response_format": {"type": "text"},
-                              "modalities": ["text"], "presence_penalty": None, "temperature": None}),
-])
+@pytest.mark.parametrize(
+    "path, extra",
+    [
+        ("/v1/completions", {**HARMLESS, "logprobs": None, "echo": False, "best_of": 1, "suffix": None}),
+        (
+            "/v1/chat/completions",
+            {
+                **HARMLESS,
+                "logprobs": False,
+                "top_logprobs": 0,
+                "tool_choice": "none",
+                "tools": [],
+                "parallel_tool_calls": True,
+                "response_format": {"type": "text"},
+                "modalities": ["text"],
+                "presence_penalty": None,
+                "temperature": None,
+            },
+        ),
+    ],
+)
 def test_optional_harmless_fields_are_accepted(server, path, extra):
     prompt = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}
     status, body = run(_post(server.url, path, {**prompt, "max_tokens": 2, **extra}))
@@ -137,8 +190,14 @@ def test_list_prompts_and_n_give_one_choice_each(server, default_model_path):
 
 def test_seeded_choices_differ_and_repeat(server):
     """With `seed`, choice i is seeded seed + i: the choices differ from each other, and the request repeats."""
-    request = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0, "seed": 7, "n": 4,
-               "ignore_eos": True}
+    request = {
+        "prompt": "Once upon a time",
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 7,
+        "n": 4,
+        "ignore_eos": True,
+    }
     first = run(_post(server.url, "/v1/completions", request))[1]
     second = run(_post(server.url, "/v1/completions", request))[1]
     assert _texts(first) == _texts(second)
@@ -149,8 +208,9 @@ def test_streamed_choices_interleave_by_index(server):
     prompts = ["def add(a, b):", "Roses are red,"]
     request = {"prompt": prompts, "n": 2, "max_tokens": 8, "temperature": 0}
     _, whole = run(_post(server.url, "/v1/completions", request))
-    events = run(_stream(server.url, "/v1/completions", {**request, "stream": True,
-                                                          "stream_options": {"include_usage": True}}))
+    events = run(
+        _stream(server.url, "/v1/completions", {**request, "stream": True, "stream_options": {"include_usage": True}})
+    )
     assert events[-1] == "[DONE]"
     *chunks, usage = events[:-1]
     assert all(len(c["choices"]) == 1 for c in chunks)
@@ -163,8 +223,13 @@ def test_streamed_choices_interleave_by_index(server):
     assert sorted(c["index"] for c in finals) == [0, 1, 2, 3]
     assert usage["choices"] == [] and usage["usage"] == whole["usage"]
 
-    events = run(_stream(server.url, "/v1/chat/completions", {"messages": CHAT, "n": 2, "max_tokens": 6,
-                                                               "temperature": 0, "stream": True}))
+    events = run(
+        _stream(
+            server.url,
+            "/v1/chat/completions",
+            {"messages": CHAT, "n": 2, "max_tokens": 6, "temperature": 0, "stream": True},
+        )
+    )
     chunks = events[:-1]
     assert [c["choices"][0]["delta"].get("role") for c in chunks[:2]] == ["assistant", "assistant"]
     assert {c["choices"][0]["index"] for c in chunks} == {0, 1}
@@ -182,8 +247,9 @@ def test_completion_logprobs(server):
         assert logprob <= 0 and len(top) in (3, 4) and top[token] == logprob
         assert logprob == pytest.approx(max(top.values()))  # greedy: the sampled token is the most likely
     assert logprobs["text_offset"][0] == len(PROMPT)  # offsets count from the start of the prompt
-    assert [b - a for a, b in zip(logprobs["text_offset"], logprobs["text_offset"][1:])] == \
-        [len(t) for t in logprobs["tokens"][:-1]]
+    assert [b - a for a, b in zip(logprobs["text_offset"], logprobs["text_offset"][1:])] == [
+        len(t) for t in logprobs["tokens"][:-1]
+    ]
 
     # echo: the prompt's tokens first, the first with no logprob; the completion as before
     status, echoed = run(_post(server.url, "/v1/completions", {**request, "echo": True}))
@@ -201,24 +267,41 @@ def test_completion_logprobs(server):
     assert echo_logprobs["text_offset"][0] == 0 and echo_logprobs["text_offset"][n_prompt:] == logprobs["text_offset"]
 
     # lm-eval-harness's loglikelihood request: score the prompt, generate nothing
-    status, scored = run(_post(server.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True,
-                                                                "logprobs": 1, "temperature": 0}))
+    status, scored = run(
+        _post(
+            server.url,
+            "/v1/completions",
+            {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0},
+        )
+    )
     assert status == 200, scored
     (scored_choice,) = scored["choices"]
     assert scored_choice["text"] == PROMPT and scored["usage"]["completion_tokens"] == 0
     assert scored_choice["logprobs"]["token_logprobs"] == pytest.approx(
-        echo_logprobs["token_logprobs"][:n_prompt], abs=1e-4)
+        echo_logprobs["token_logprobs"][:n_prompt], abs=1e-4
+    )
     # lm-eval-harness batches prompts (and asks for one token more): one choice per prompt, each scored
-    status, batch = run(_post(server.url, "/v1/completions", {"prompt": ["The sky is", PROMPT], "max_tokens": 1,
-                                                               "echo": True, "logprobs": 1, "temperature": 0}))
+    status, batch = run(
+        _post(
+            server.url,
+            "/v1/completions",
+            {"prompt": ["The sky is", PROMPT], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0},
+        )
+    )
     assert status == 200, batch
     second = batch["choices"][1]["logprobs"]
     assert len(second["tokens"]) == n_prompt + 1 and second["tokens"][:n_prompt] == echo_logprobs["tokens"][:n_prompt]
-    assert second["token_logprobs"][:n_prompt + 1] == pytest.approx(echo_logprobs["token_logprobs"][:n_prompt + 1],
-                                                                    abs=1e-4)
+    assert second["token_logprobs"][: n_prompt + 1] == pytest.approx(
+        echo_logprobs["token_logprobs"][: n_prompt + 1], abs=1e-4
+    )
     assert batch["choices"][0]["text"].startswith("The sky is")
-    events = run(_stream(server.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True,
-                                                          "logprobs": 1, "stream": True}))
+    events = run(
+        _stream(
+            server.url,
+            "/v1/completions",
+            {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1, "stream": True},
+        )
+    )
     (chunk,) = events[:-1]
     assert chunk["choices"][0]["text"] == PROMPT and chunk["choices"][0]["finish_reason"] == "length"
     assert len(chunk["choices"][0]["logprobs"]["tokens"]) == n_prompt
@@ -248,8 +331,9 @@ def test_chat_logprobs(server):
     assert all(entry["top_logprobs"] == [] for entry in bare["choices"][0]["logprobs"]["content"])
 
     events = run(_stream(server.url, "/v1/chat/completions", {**request, "stream": True}))
-    streamed = [entry for c in events[1:-1] if c["choices"][0]["logprobs"]
-                for entry in c["choices"][0]["logprobs"]["content"]]
+    streamed = [
+        entry for c in events[1:-1] if c["choices"][0]["logprobs"] for entry in c["choices"][0]["logprobs"]["content"]
+    ]
     assert [e["token"] for e in streamed] == [e["token"] for e in content]
     assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in content], abs=1e-4)
 
@@ -258,8 +342,13 @@ REPETITIVE = "The cat. The cat. The cat. The cat."
 
 
 def _greedy(server, **extra) -> dict:
-    status, body = run(_post(server.url, "/v1/completions", {"prompt": REPETITIVE, "max_tokens": 12,
-                                                              "temperature": 0, "logprobs": 0, **extra}))
+    status, body = run(
+        _post(
+            server.url,
+            "/v1/completions",
+            {"prompt": REPETITIVE, "max_tokens": 12, "temperature": 0, "logprobs": 0, **extra},
+        )
+    )
     assert status == 200, body
     return body["choices"][0]
 
@@ -277,7 +366,8 @@ def test_penalties_and_logit_bias_steer_greedy_output(server, default_model_path
             assert steered["logprobs"]["tokens"][0] == plain["logprobs"]["tokens"][0]
             # and logprobs are of the raw logits, before penalties
             assert steered["logprobs"]["token_logprobs"][0] == pytest.approx(
-                plain["logprobs"]["token_logprobs"][0], abs=1e-4)
+                plain["logprobs"]["token_logprobs"][0], abs=1e-4
+            )
     forced = tokenizer.token_to_id(" banana") or tokenizer.encode(" banana").ids[0]
     biased = _greedy(server, logit_bias={str(forced): 100})
     assert biased["logprobs"]["tokens"] == [tokenizer.decode([forced])] * 12
@@ -295,8 +385,10 @@ def test_min_tokens_holds_off_end_of_sequence(server, default_model_path):
     request = {"prompt": "Hello", "max_tokens": 10, "temperature": 0, "logit_bias": {str(eos): 100}}
     _, ended = run(_post(server.url, "/v1/completions", request))
     assert ended["choices"][0]["finish_reason"] == "stop" and ended["usage"]["completion_tokens"] <= 1
-    for path, body in (("/v1/completions", request),
-                       ("/v1/chat/completions", {**request, "prompt": None, "messages": CHAT})):
+    for path, body in (
+        ("/v1/completions", request),
+        ("/v1/chat/completions", {**request, "prompt": None, "messages": CHAT}),
+    ):
         body = {k: v for k, v in body.items() if v is not None}
         status, held = run(_post(server.url, path, {**body, "min_tokens": 4}))
         assert status == 200, held
@@ -305,13 +397,17 @@ def test_min_tokens_holds_off_end_of_sequence(server, default_model_path):
 
 def test_every_choice_is_freed(server):
     """n choices hold n slots; finished, failed or abandoned, all of them are released."""
-    request = {"prompt": "Tell me a very long story.", "max_tokens": 300, "ignore_eos": True, "n": 3,
-               "stream": True}
+    request = {"prompt": "Tell me a very long story.", "max_tokens": 300, "ignore_eos": True, "n": 3, "stream": True}
     events = run(_stream(server.url, "/v1/completions", request, max_events=4))  # then the client goes away
     assert len(events) == 4
     # the first prompts' choices are submitted before the last prompt is refused: they are aborted too
-    status, body = run(_post(server.url, "/v1/completions", {"prompt": ["a", "b", "word " * 5000], "n": 2,
-                                                              "max_tokens": 300, "ignore_eos": True}))
+    status, body = run(
+        _post(
+            server.url,
+            "/v1/completions",
+            {"prompt": ["a", "b", "word " * 5000], "n": 2, "max_tokens": 300, "ignore_eos": True},
+        )
+    )
     assert status == 400 and body["error"]["param"] == "prompt[2]", body
 
     def idle():
@@ -319,32 +415,39 @@ def test_every_choice_is_freed(server):
         return engine["running"] == 0 and engine["kv_slots_used"] == 0 and server.info()["requests_in_flight"] == 0
 
     from tests.polling import wait_for
+
     wait_for(idle, 30, "every choice's slot to be freed")
 
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
-@pytest.mark.parametrize("path, extra, param", [
-    ("/v1/chat/completions", {"tools": [TOOL]}, "tools"),
-    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
-    ("/v1/chat/completions", {"functions": [TOOL["function"]]}, "functions"),
-    ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("/v1/chat/completions", {"tools": [TOOL], "tool_choice": "auto"}, "tools"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-     "response_format"),
-    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
-    ("/v1/chat/completions", {"audio": {"voice": "alloy"}}, "audio"),
-    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
-    ("/v1/chat/completions", {"frobnicate": 1}, "frobnicate"),
-    ("/v1/chat/completions", {"echo": True}, "echo"),
-    ("/v1/chat/completions", {"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
-    ("/v1/completions", {"best_of": 2}, "best_of"),
-    ("/v1/completions", {"suffix": "end"}, "suffix"),
-    ("/v1/completions", {"tools": [TOOL]}, "tools"),
-    ("/v1/completions", {"response_format": {"type": "text"}}, "response_format"),
-])
+@pytest.mark.parametrize(
+    "path, extra, param",
+    [
+        ("/v1/chat/completions", {"tools": [TOOL]}, "tools"),
+        ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+        ("/v1/chat/completions", {"functions": [TOOL["function"]]}, "functions"),
+        ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"tools": [TOOL], "tool_choice": "auto"}, "tools"),
+        (
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+        ),
+        ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+        ("/v1/chat/completions", {"audio": {"voice": "alloy"}}, "audio"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        ("/v1/chat/completions", {"frobnicate": 1}, "frobnicate"),
+        ("/v1/chat/completions", {"echo": True}, "echo"),
+        ("/v1/chat/completions", {"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
+        ("/v1/completions", {"best_of": 2}, "best_of"),
+        ("/v1/completions", {"suffix": "end"}, "suffix"),
+        ("/v1/completions", {"tools": [TOOL]}, "tools"),
+        ("/v1/completions", {"response_format": {"type": "text"}}, "response_format"),
+    ],
+)
 def test_unsupported_fields_are_refused_by_name(server, path, extra, param):
     prompt = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}
     status, body = run(_post(server.url, path, {**prompt, "max_tokens": 2, **extra}))
@@ -354,15 +457,19 @@ def test_unsupported_fields_are_refused_by_name(server, path, extra, param):
 
 
 def test_chat_completions_use_the_chat_template(server):
-    status, body = run(_post(server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 24,
-                                                                   "temperature": 0}))
+    status, body = run(
+        _post(server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 24, "temperature": 0})
+    )
     assert status == 200, body
     assert body["object"] == "chat.completion"
     message = body["choices"][0]["message"]
     assert message["role"] == "assistant" and "Paris" in message["content"]
 
-    events = run(_stream(server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 24, "temperature": 0,
-                                                               "stream": True}))
+    events = run(
+        _stream(
+            server.url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 24, "temperature": 0, "stream": True}
+        )
+    )
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
@@ -371,48 +478,80 @@ def test_chat_completions_use_the_chat_template(server):
     assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
 
 
-@pytest.mark.parametrize("path, payload, status, param", [
-    ("/v1/chat/completions", {"max_tokens": 5}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "http://x"}}]}]},
-     400, "messages[0].content[1].type"),
-    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
-     400, "messages[0].tool_calls"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "audio": {}}]}, 400,
-     "messages[0].audio"),
-    ("/v1/completions", {"prompt": []}, 400, "prompt"),
-    ("/v1/completions", {"prompt": [1, "a"]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": [[1, 2], "a"]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": [[1, 2], []]}, 400, "prompt[1]"),
-    ("/v1/completions", {"prompt": [[1, 2], [10**9]]}, 400, "prompt[1]"),
-    ("/v1/completions", {"prompt": [-1]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt[1]"),
-    ("/v1/completions", {"prompt": ["a"] * 65}, 400, "prompt"),
-    ("/v1/completions", {"prompt": ["a"] * 5, "n": 16}, 400, "n"),
-    ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n"),
-    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 101}}, 400, "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {str(10**9): 1}}, 400, "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
-    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
-    ("/v1/completions", {"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21, "logprobs": True},
-     400, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
-    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
-    ("/v1/chat/completions", {"messages": [{"role": "", "content": "x"}]}, 400, "messages[0].role"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {"role": "r" * 10_000, "content": "y"}]},
-     400, "messages[1].role"),
-])
+@pytest.mark.parametrize(
+    "path, payload, status, param",
+    [
+        ("/v1/chat/completions", {"max_tokens": 5}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "x"},
+                            {"type": "image_url", "image_url": {"url": "http://x"}},
+                        ],
+                    }
+                ]
+            },
+            400,
+            "messages[0].content[1].type",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+            400,
+            "messages[0].tool_calls",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x", "audio": {}}]},
+            400,
+            "messages[0].audio",
+        ),
+        ("/v1/completions", {"prompt": []}, 400, "prompt"),
+        ("/v1/completions", {"prompt": [1, "a"]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": [[1, 2], "a"]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": [[1, 2], []]}, 400, "prompt[1]"),
+        ("/v1/completions", {"prompt": [[1, 2], [10**9]]}, 400, "prompt[1]"),
+        ("/v1/completions", {"prompt": [-1]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt[1]"),
+        ("/v1/completions", {"prompt": ["a"] * 65}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["a"] * 5, "n": 16}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 101}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {str(10**9): 1}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+        ("/v1/completions", {"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21, "logprobs": True},
+            400,
+            "top_logprobs",
+        ),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+        ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+        ("/v1/chat/completions", {"messages": [{"role": "", "content": "x"}]}, 400, "messages[0].role"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}, {"role": "r" * 10_000, "content": "y"}]},
+            400,
+            "messages[1].role",
+        ),
+    ],
+)
 def test_openai_errors_name_the_parameter(server, path, payload, status, param):
     got, body = run(_post(server.url, path, payload))
     assert got == status, body
@@ -448,8 +587,10 @@ def test_special_token_text_in_a_message_stays_plain_text(default_model_path):
     assert ids.count(im_start) == template_only.count(im_start) == 3  # system, user, assistant
     assert tokenizer.decode(ids, skip_special_tokens=False) == template.render(messages)
     plain = [{"role": "user", "content": "What is the capital of France?"}]  # no special text: unchanged
-    assert asyncio.run(PromptEncoder(tokenizer).encode_pieces(template.render_pieces(plain))) == \
-        tokenizer.encode(template.render(plain), add_special_tokens=False).ids
+    assert (
+        asyncio.run(PromptEncoder(tokenizer).encode_pieces(template.render_pieces(plain)))
+        == tokenizer.encode(template.render(plain), add_special_tokens=False).ids
+    )
 
 
 def test_a_chat_message_cannot_open_a_system_turn(server, default_model_path):
@@ -457,8 +598,11 @@ def test_a_chat_message_cannot_open_a_system_turn(server, default_model_path):
     template, tokenizer, literal = _chat_tokenizers(default_model_path)
     skeleton = tokenizer.encode(template.render([{"role": "user", "content": ""}]), add_special_tokens=False).ids
     expected = len(skeleton) + len(literal.encode(INJECTION, add_special_tokens=False).ids)
-    status, body = run(_post(server.url, "/v1/chat/completions",
-                             {"messages": [{"role": "user", "content": INJECTION}], "max_tokens": 1}))
+    status, body = run(
+        _post(
+            server.url, "/v1/chat/completions", {"messages": [{"role": "user", "content": INJECTION}], "max_tokens": 1}
+        )
+    )
     assert status == 200, body
     assert body["usage"]["prompt_tokens"] == expected
 

@@ -5,6 +5,7 @@ counts × bytes against memory minus the stated reserves), not copied from plann
 Where a case sits so close to a boundary that the planner's activation estimate decides it,
 the derivation says "ambiguous" and only the invariants are checked.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from hardware.profile import GiB, MiB, simulated_profile
 from model.shape import load_model_shape, shape_from_config
 from planning.overrides import merge_overrides, overrides_from_env, overrides_from_flags, resolve_overrides
 from planning.plan import PlanOverrides, ServingPlan, accelerate_max_memory
 from planning.planner import PlanError, make_plan
-from hardware.profile import GiB, MiB, simulated_profile
 from planning.report import format_plan_table, plan_to_json, run_plan_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +37,11 @@ GPUS = {
     "A100": "A100:81920MiB:8.0",
     "H100": "H100:81559MiB:9.0",
 }
-MACHINES = {**{name: ([spec], "64GiB", False) for name, spec in GPUS.items()},
-            "CPU16": ([], "16GiB", True), "CPU8": ([], "8GiB", True)}
+MACHINES = {
+    **{name: ([spec], "64GiB", False) for name, spec in GPUS.items()},
+    "CPU16": ([], "16GiB", True),
+    "CPU8": ([], "8GiB", True),
+}
 
 # The rules as the issue states them.
 GPU_SHARE, GPU_OVERHEAD = 0.90, 1 * GiB
@@ -155,8 +159,17 @@ def check_invariants(model: str, plan: ServingPlan, p) -> None:
     left = plan.budget_bytes - plan.reserve_bytes - on_device
     if plan.max_batch < 16 and plan.max_context == top:
         assert (plan.max_batch + 1) * plan.max_context * plan.kv_bytes_per_token > left
-    assert set(plan.reasons) >= {"device", "dtype", "quantization", "offload", "max_batch", "max_context",
-                                 "kv_cache_tokens", "compile", "prefill_chunk"}
+    assert set(plan.reasons) >= {
+        "device",
+        "dtype",
+        "quantization",
+        "offload",
+        "max_batch",
+        "max_context",
+        "kv_cache_tokens",
+        "compile",
+        "prefill_chunk",
+    }
     assert plan.overridden == []
 
 
@@ -288,14 +301,18 @@ def test_among_formats_that_beat_float32_everywhere_the_fastest_overall_wins():
 def test_a_forced_dtype_or_no_quantization_turns_int8_off(flags):
     plan = make_plan(shape("starcoder2-3b"), cpu_machine(True, AVX512_INT8_FAST), overrides_from_flags(**flags))
     assert plan.quantization is None and plan.dtype == flags.get("dtype", "bf16").replace("bf16", "bfloat16").replace(
-        "fp32", "float32")
+        "fp32", "float32"
+    )
 
 
-@pytest.mark.parametrize("bf16", [
-    {"bfloat16@1": 11.0, "bfloat16@8": 42.0},  # under 10% faster: a near-tie keeps the exact format
-    {"bfloat16@1": 6.0, "bfloat16@8": 50.0},  # faster at batch 1, slower at batch 8
-    {"bfloat16@1": 6.0},  # not measured at every batch size float32 was
-])
+@pytest.mark.parametrize(
+    "bf16",
+    [
+        {"bfloat16@1": 11.0, "bfloat16@8": 42.0},  # under 10% faster: a near-tie keeps the exact format
+        {"bfloat16@1": 6.0, "bfloat16@8": 50.0},  # faster at batch 1, slower at batch 8
+        {"bfloat16@1": 6.0},  # not measured at every batch size float32 was
+    ],
+)
 def test_bf16_must_be_clearly_faster_at_every_batch(bf16):
     timings = {"float32@1": 12.0, "float32@8": 45.0, **bf16}
     assert make_plan(shape("starcoder2-3b"), cpu_machine(True, timings)).dtype == "float32"
@@ -320,7 +337,10 @@ def test_no_measurement_falls_back_to_the_flags_and_says_so(cpu_bf16, expected):
 def test_cpu_formats_row_shows_the_timings_on_cpu_only():
     cpu = make_plan(shape("starcoder2-3b"), cpu_machine(False, AVX2_BF16_SLOW))
     table = format_plan_table(cpu, width=200)
-    assert "cpu_formats" in table and "float32 12.0 / 45.0, bfloat16 24.0 / 90.0 ms per decode step at batch 1 / 8" in table
+    assert (
+        "cpu_formats" in table
+        and "float32 12.0 / 45.0, bfloat16 24.0 / 90.0 ms per decode step at batch 1 / 8" in table
+    )
     assert json.loads(plan_to_json(cpu))["cpu_format_ms"] == AVX2_BF16_SLOW
     unmeasured = format_plan_table(make_plan(shape("starcoder2-3b"), cpu_machine(False, {})), width=200)
     assert "not measured yet" in unmeasured
@@ -359,7 +379,9 @@ ACTIVATIONS_8B_SMALL_GPU = (0.5 * GiB, 0.75 * GiB)
 
 def small_gpu_needs(s, cfg, *, embed: bool, lm_head: bool) -> tuple[float, float]:
     """(lower, upper) GPU bytes to run one NF4 decoder layer with the given heads on the GPU."""
-    layer_nf4 = 2 * (s.layer_params - s.decoder_linear_params // s.num_layers) + NF4 * s.decoder_linear_params / s.num_layers
+    layer_nf4 = (
+        2 * (s.layer_params - s.decoder_linear_params // s.num_layers) + NF4 * s.decoder_linear_params / s.num_layers
+    )
     streamed = 2 * s.layer_params  # one offloaded layer, 16-bit, on the GPU while it runs
     heads = 2 * (s.embedding_params * embed + s.lm_head_params * lm_head)
     base = heads + layer_nf4 + streamed + GPU_OVERHEAD + 2048 * kv_per_token(cfg, 2)
@@ -457,8 +479,9 @@ def test_smaller_gpu_memory_fraction_offloads_more():
 
 def test_no_offload_flag_refuses_when_it_would_be_needed():
     with pytest.raises(PlanError, match="offload is off"):
-        make_plan(shape("llama-3.1-8b"), simulated_profile(["T4:6GiB:7.5"], "32GiB"),
-                  overrides_from_flags(cpu_offload=False))
+        make_plan(
+            shape("llama-3.1-8b"), simulated_profile(["T4:6GiB:7.5"], "32GiB"), overrides_from_flags(cpu_offload=False)
+        )
 
 
 def test_gpu_plus_ram_too_small_is_refused_with_numbers():
@@ -481,10 +504,20 @@ def test_overrides_win_and_are_recorded():
     o = overrides_from_flags(max_batch=3, max_context=4096, dtype="fp16", quantization="4bit", compile=True)
     plan = make_plan(s, profile("A100"), o)
     assert (plan.max_batch, plan.max_context, plan.dtype, plan.quantization, plan.compile) == (
-        3, 4096, "float16", "nf4", True)
+        3,
+        4096,
+        "float16",
+        "nf4",
+        True,
+    )
     assert set(plan.overridden) == {"max_batch", "max_context", "dtype", "quantization", "compile"}
-    for key, flag in [("max_batch", "--max-batch 3"), ("max_context", "--max-context 4096"),
-                      ("dtype", "--dtype float16"), ("quantization", "--quantization nf4"), ("compile", "--compile")]:
+    for key, flag in [
+        ("max_batch", "--max-batch 3"),
+        ("max_context", "--max-context 4096"),
+        ("dtype", "--dtype float16"),
+        ("quantization", "--quantization nf4"),
+        ("compile", "--compile"),
+    ]:
         assert f"forced by {flag}" in plan.reasons[key]
 
 
@@ -552,8 +585,19 @@ def test_forced_context_above_model_maximum_is_refused():
 def test_json_has_the_contract_keys():
     plan = make_plan(shape("starcoder2-15b"), profile("RTX4090"))
     data = json.loads(plan_to_json(plan))
-    for key in ("device", "dtype", "quantization", "double_quant", "offload", "device_map", "max_batch",
-                "max_context", "kv_cache_tokens", "weights_bytes", "reasons"):
+    for key in (
+        "device",
+        "dtype",
+        "quantization",
+        "double_quant",
+        "offload",
+        "device_map",
+        "max_batch",
+        "max_context",
+        "kv_cache_tokens",
+        "weights_bytes",
+        "reasons",
+    ):
         assert key in data
     assert data["quantization"] == "nf4"
     assert msgspec.json.decode(plan_to_json(plan), type=ServingPlan) == plan
@@ -564,8 +608,17 @@ def test_json_has_the_contract_keys():
 def test_table_lists_every_decision():
     plan = make_plan(shape("starcoder2-3b"), profile("A100"), overrides_from_flags(max_batch=4))
     table = format_plan_table(plan, width=100)
-    for key in ("device", "dtype", "quantization", "offload", "max_batch", "max_context", "kv_cache_tokens",
-                "compile", "prefill_chunk"):
+    for key in (
+        "device",
+        "dtype",
+        "quantization",
+        "offload",
+        "max_batch",
+        "max_context",
+        "kv_cache_tokens",
+        "compile",
+        "prefill_chunk",
+    ):
         assert key in table
     assert "max_batch *" in table and "forced by --max-batch 4" in table
 
@@ -583,9 +636,11 @@ def test_run_plan_command_json(capsys):
 
 
 def test_plan_command_is_fast_and_torch_free():
-    code = ("import sys, time; t = time.time(); from planning.report import run_plan_command; "
-            "rc = run_plan_command(None); assert rc == 0, rc; assert 'torch' not in sys.modules; "
-            "print(time.time() - t, file=sys.stderr)")
+    code = (
+        "import sys, time; t = time.time(); from planning.report import run_plan_command; "
+        "rc = run_plan_command(None); assert rc == 0, rc; assert 'torch' not in sys.modules; "
+        "print(time.time() - t, file=sys.stderr)"
+    )
     start = time.time()
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -1,5 +1,6 @@
 """Progress where a person waits: the conversion heartbeat, bench's token bar, the help examples, the
 frontend's "waiting for engine" lines. Cheap: nothing here converts or loads a model."""
+
 from __future__ import annotations
 
 import asyncio
@@ -53,8 +54,11 @@ def test_bench_bar_counts_tokens_and_redraws_rarely_off_a_terminal():
 
 
 def test_stream_advances_the_bar_per_token_event():
-    events = [{"text": "a", "token_ids": [1]}, {"text": "bc", "token_ids": [2, 3]},
-              {"text": "d", "token_ids": [4], "finish_reason": "length"}]
+    events = [
+        {"text": "a", "token_ids": [1]},
+        {"text": "bc", "token_ids": [2, 3]},
+        {"text": "d", "token_ids": [4], "finish_reason": "length"},
+    ]
     seen: list[int] = []
 
     async def generate_stream(request: web.Request) -> web.StreamResponse:
@@ -77,8 +81,9 @@ def test_stream_advances_the_bar_per_token_event():
         rec = RequestRecord(user=0, index=0, prompt_id="p", start_s=0.0)
         try:
             async with aiohttp.ClientSession() as session:
-                await _stream_one(session, f"http://127.0.0.1:{port}", NATIVE, {}, rec, time.perf_counter(),
-                                  seen.append)
+                await _stream_one(
+                    session, f"http://127.0.0.1:{port}", NATIVE, {}, rec, time.perf_counter(), seen.append
+                )
         finally:
             await runner.cleanup()
         return rec
@@ -115,13 +120,18 @@ def test_waiting_lines_say_what_each_engine_is_doing():
 
     now = time.monotonic()
     server = Server.__new__(Server)
-    server.supervisor = SimpleNamespace(children={
-        "engine-0": ChildEngine("engine-0", None, process=object(), started_at=now - 12),
-        "engine-1": ChildEngine("engine-1", None, process=object(), started_at=now - 3),
-        "engine-2": ChildEngine("engine-2", None, process=object(), started_at=now - 30),
-    })
-    server.client = SimpleNamespace(engines={"engine-0": SimpleNamespace(ready=False),
-                                             "engine-2": SimpleNamespace(ready=True)})
+    server.supervisor = SimpleNamespace(
+        children={
+            "engine-0": ChildEngine("engine-0", None, process=object(), started_at=now - 12),
+            "engine-1": ChildEngine("engine-1", None, process=object(), started_at=now - 3),
+            "engine-2": ChildEngine("engine-2", None, process=object(), started_at=now - 30),
+        }
+    )
+    server.client = SimpleNamespace(
+        engines={"engine-0": SimpleNamespace(ready=False), "engine-2": SimpleNamespace(ready=True)}
+    )
     lines = server.waiting_lines()
-    assert lines == ["kiln: waiting for engine engine-0: loading the model and warming up (12 s)",
-                     "kiln: waiting for engine engine-1: starting (planning, connecting) (3 s)"]
+    assert lines == [
+        "kiln: waiting for engine engine-0: loading the model and warming up (12 s)",
+        "kiln: waiting for engine engine-1: starting (planning, connecting) (3 s)",
+    ]

@@ -1,6 +1,7 @@
 """kiln scraped by a real Prometheus server (Debian's `prometheus` package; `.ci/run` installs it where it
 can): after a short load, PromQL for request rate, TTFT p50 and KV-cache usage returns numbers, and so
 does every query of the shipped Grafana dashboard (deploy/grafana/*.json)."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ from tests.http_client import generate, run
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(PROMETHEUS is None, reason="no `prometheus` binary: install Debian's package "
-                                                  "(apt-get install prometheus) to run this test"),
+    pytest.mark.skipif(
+        PROMETHEUS is None,
+        reason="no `prometheus` binary: install Debian's package (apt-get install prometheus) to run this test",
+    ),
 ]
 MODEL = "SmolLM2-135M-Instruct"
 WINDOW = "5m"  # the dashboards' $__rate_interval here: wide enough to hold the whole short load
@@ -43,11 +46,19 @@ def prometheus(server):
         config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             "scrape_configs:\n"
-            f"  - job_name: kiln\n    static_configs:\n      - targets: ['127.0.0.1:{server.port}']\n")
+            f"  - job_name: kiln\n    static_configs:\n      - targets: ['127.0.0.1:{server.port}']\n"
+        )
         log = open(Path(folder) / "prometheus.log", "w")
         process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={folder}/data",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={folder}/data",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             _wait(lambda: _ready(url), "Prometheus to start", process, Path(log.name))
@@ -84,8 +95,9 @@ def _wait(check, what: str, process: subprocess.Popen | None = None, log: Path |
 
 def query(url: str, promql: str) -> list[float]:
     """An instant query's sample values (NaN included), [] for no data."""
-    with urllib.request.urlopen(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}",
-                                timeout=10) as response:
+    with urllib.request.urlopen(
+        f"{url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}", timeout=10
+    ) as response:
         body = json.loads(response.read())
     assert body["status"] == "success", body
     result = body["data"]["result"]
@@ -120,15 +132,21 @@ def loaded(server, prometheus):
 def test_request_rate_ttft_and_kv_usage_in_promql(loaded):
     model = f'model_name="{MODEL}"'
     # Prometheus scrapes every second: wait until the load's last samples are in, not just any sample
-    rate = _wait(lambda: positive(loaded, f"sum(rate(vllm:request_success_total{{{model}}}[{WINDOW}]))"),
-                 "a request rate")
+    rate = _wait(
+        lambda: positive(loaded, f"sum(rate(vllm:request_success_total{{{model}}}[{WINDOW}]))"), "a request rate"
+    )
     assert rate[0] > 0
-    ttft = _wait(lambda: positive(loaded, "histogram_quantile(0.5, sum by(le) (rate("
-                                          f"vllm:time_to_first_token_seconds_bucket{{{model}}}[{WINDOW}])))"),
-                 "a TTFT p50")
+    ttft = _wait(
+        lambda: positive(
+            loaded,
+            f"histogram_quantile(0.5, sum by(le) (rate(vllm:time_to_first_token_seconds_bucket{{{model}}}[{WINDOW}])))",
+        ),
+        "a TTFT p50",
+    )
     assert ttft[0] > 0
-    usage = _wait(lambda: numbers(loaded, f'vllm:kv_cache_usage_perc{{{model},engine="engine-0"}}'),
-                  "the KV-cache usage")
+    usage = _wait(
+        lambda: numbers(loaded, f'vllm:kv_cache_usage_perc{{{model},engine="engine-0"}}'), "the KV-cache usage"
+    )
     assert 0 <= usage[0] <= 1
     # the dashboard's error rate counts refusals (the load had one 400), so a 429 storm cannot read 0
     (expr,) = [e for _, title, e in dashboard_queries() if title == "Error Rate"]

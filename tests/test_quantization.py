@@ -1,5 +1,6 @@
 """QUANTIZATION=4bit on the real path: `cli.py serve` → planner → bitsandbytes NF4 + double quantization
 on CPU → our batched model runner, compared with transformers' own NF4 generate."""
+
 from __future__ import annotations
 
 import aiohttp
@@ -19,8 +20,6 @@ def nf4_server(default_model_path):
     yield from running_server("--max-context", "512", "--max-batch", "4", env={"QUANTIZATION": "4bit"})
 
 
-
-
 def test_info_shows_nf4_with_double_quant(nf4_server):
     plan = nf4_server.info()["plan"]
     assert plan["quantization"] == "nf4"
@@ -34,15 +33,17 @@ def _nf4_reference(path: str, compute_dtype: str, body: dict) -> list[int]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[compute_dtype]
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=config,
-                                                 device_map={"": "cpu"}).eval()
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=config, device_map={"": "cpu"}
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer(body["prompt"], return_tensors="pt").input_ids
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=body["max_new_tokens"], do_sample=False)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_nf4_greedy_is_coherent_and_matches_transformers_nf4(nf4_server, default_model_path):
@@ -63,8 +64,9 @@ def test_nf4_batch_gives_the_same_greedy_text(nf4_server):
         import asyncio
 
         async with aiohttp.ClientSession() as session:
-            return await asyncio.gather(*(post_json(session, nf4_server.url + "/generate", b)
-                                          for b in (PROMPT, CHAT, PROMPT)))
+            return await asyncio.gather(
+                *(post_json(session, nf4_server.url + "/generate", b) for b in (PROMPT, CHAT, PROMPT))
+            )
 
     (s1, a), (s2, chat), (s3, b) = run(many())
     assert s1 == s2 == s3 == 200

@@ -1,4 +1,5 @@
 """bench.random_model: a tiny random model builds in seconds, loads with transformers, carries a tokenizer."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,13 @@ from bench.random_model import build_random_model, tiny_config, write_config_dir
 def tiny_llama(tmp_path_factory, default_model_path):
     root = tmp_path_factory.mktemp("random")
     config_dir = write_config_dir(tiny_config("llama"), root / "config")
-    return build_random_model(config_dir, root / "model", dtype="float32", tokenizer_dir=default_model_path,
-                              overrides={"num_hidden_layers": 3})
+    return build_random_model(
+        config_dir,
+        root / "model",
+        dtype="float32",
+        tokenizer_dir=default_model_path,
+        overrides={"num_hidden_layers": 3},
+    )
 
 
 def test_tiny_model_loads_with_its_tokenizer(tiny_llama):
@@ -38,8 +44,9 @@ def test_num_layers_and_dtype(tmp_path, default_model_path):
     from transformers import AutoModelForCausalLM
 
     config_dir = write_config_dir(tiny_config("starcoder2"), tmp_path / "config")
-    out = build_random_model(config_dir, tmp_path / "model", dtype="bfloat16", num_layers=1,
-                             tokenizer_dir=default_model_path, init_std=0.5)
+    out = build_random_model(
+        config_dir, tmp_path / "model", dtype="bfloat16", num_layers=1, tokenizer_dir=default_model_path, init_std=0.5
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 1 and model.dtype == torch.bfloat16
     assert model.model.layers[0].mlp.c_fc.bias.abs().sum().item() == 0

@@ -5,6 +5,7 @@ Real processes throughout: the server starts its own Ray cluster (or joins one s
 places the engine actors, each actor runs `cli.py engine` over tcp with the run's secret. Skipped,
 with the reason, where Ray (the `ray` extra) is not installed; `.ci/run` installs it and runs them.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -109,8 +110,10 @@ def test_killed_engine_is_restarted_by_ray_and_its_stream_ends_with_an_error(ray
         return [e for e in ready_engines(ray_server) if e["id"] == victim["id"] and e["pid"] != victim["pid"]]
 
     new = wait_for(healed, 120, "Ray to restart the killed engine's actor and the new engine to be ready")[0]
-    print(f"\nheal time after kill -9: {time.monotonic() - killed_at:.1f} s "
-          f"(engine {victim['id']}: pid {victim['pid']} -> {new['pid']})")
+    print(
+        f"\nheal time after kill -9: {time.monotonic() - killed_at:.1f} s "
+        f"(engine {victim['id']}: pid {victim['pid']} -> {new['pid']})"
+    )
     assert new["node"] == victim["node"]
 
     def served_by_new_engine():
@@ -133,10 +136,24 @@ RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
 def ray_start(*args: str, log: Path) -> subprocess.Popen:
     """`ray start --block ...`: stays in the foreground, and stops the node's processes when terminated."""
     ray_cli = Path(sys.executable).parent / "ray"
-    process = subprocess.Popen([str(ray_cli), "start", "--block", "--num-cpus", "1", "--disable-usage-stats",
-                                "--object-store-memory", str(100 * 1024 * 1024), *args], cwd=REPO_ROOT,
-                               stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, **RAY_ENV})
+    process = subprocess.Popen(
+        [
+            str(ray_cli),
+            "start",
+            "--block",
+            "--num-cpus",
+            "1",
+            "--disable-usage-stats",
+            "--object-store-memory",
+            str(100 * 1024 * 1024),
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **RAY_ENV},
+    )
     wait_for(lambda: "Ray runtime started" in log.read_text() or process.poll() is not None, 120, f"ray start {args}")
     assert process.poll() is None, log.read_text()[-3000:]
     return process
@@ -167,8 +184,11 @@ def test_engines_attach_from_a_second_node_and_a_lost_node_takes_only_its_engine
         nodes.append(ray_start("--address", address, log=tmp_path / "node2.log"))
         server = ServerProcess("--ray", address, "--engines-per-node", "1", *SMALL, env=RAY_ENV)
         server.wait_ready(timeout=300)
-        engines = wait_for(lambda: len(ready_engines(server)) == 2 and ready_engines(server), 300,
-                           "one engine ready on each of the two nodes")
+        engines = wait_for(
+            lambda: len(ready_engines(server)) == 2 and ready_engines(server),
+            300,
+            "one engine ready on each of the two nodes",
+        )
         assert len({e["node"] for e in engines}) == 2, engines  # two nodes, one engine each
         for _ in range(4):
             status, body = run(generate(server.url, {"prompt": "Hi", "max_new_tokens": 4, "temperature": 0}))
@@ -177,8 +197,11 @@ def test_engines_attach_from_a_second_node_and_a_lost_node_takes_only_its_engine
         # lose the second node: its engine goes, the other one keeps serving
         head_node_ids = {e["id"] for e in engines}
         stop_node(nodes.pop())
-        survivors = wait_for(lambda: len(server.info()["engines"]) == 1 and server.info()["engines"], 120,
-                             "the lost node's engine to be dropped")
+        survivors = wait_for(
+            lambda: len(server.info()["engines"]) == 1 and server.info()["engines"],
+            120,
+            "the lost node's engine to be dropped",
+        )
         assert survivors[0]["id"] in head_node_ids
         status, body = run(generate(server.url, {"prompt": "Hi", "max_new_tokens": 4, "temperature": 0}))
         assert status == 200 and body["engine"] == survivors[0]["id"], body

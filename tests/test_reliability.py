@@ -3,6 +3,7 @@
 These run real servers. The engine client's failure points (routing, redispatch, liveness) are
 driven in-process with scripted engines in tests/test_engine_client.py.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -47,8 +48,9 @@ def test_hostile_inputs_get_4xx_never_5xx_and_never_lock_the_server_out(server):
 
             async def send(route, body):
                 async with limit:
-                    async with session.post(server.url + route, data=body,
-                                            headers={"Content-Type": "application/json"}) as response:
+                    async with session.post(
+                        server.url + route, data=body, headers={"Content-Type": "application/json"}
+                    ) as response:
                         return route, body[:80], response.status, await response.text()
 
             results = await asyncio.gather(*(send(route, body) for route, body in payloads))
@@ -71,8 +73,9 @@ def test_oversized_input_names_the_limit(server):
     status, body = run(_post(server.url, "/generate", {"prompt": "a" * 1_500_000}))
     assert status == 400 and body["error"]["field"] == "prompt"
     assert f"context window is {context} tokens" in body["error"]["message"]
-    status, body = run(_post(server.url, "/v1/chat/completions",
-                             {"messages": [{"role": "user", "content": "a" * 1_500_000}]}))
+    status, body = run(
+        _post(server.url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 1_500_000}]})
+    )
     assert status == 400 and body["error"]["field"] == "messages"
     status, body = run(_post(server.url, "/generate", b'{"prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}'))
     assert status == 413 and body["error"]["type"] == "request_too_large" and "KiB" in body["error"]["message"]
@@ -94,10 +97,17 @@ def test_frontend_memory_returns_near_idle_after_large_refused_requests(server):
     frontend = psutil.Process(server.process.pid)
     idle_mb = frontend.memory_info().rss / 2**20
     three_mb = "a" * (3 * 2**20)
-    payloads = ([("/generate", json.dumps({"prompt": three_mb}).encode())] * 200
-                + [("/v1/completions", json.dumps({"prompt": three_mb + three_mb}).encode())] * 50
-                + [("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "é" * 1_500_000}]},
-                                                       ensure_ascii=False).encode())] * 50)
+    payloads = (
+        [("/generate", json.dumps({"prompt": three_mb}).encode())] * 200
+        + [("/v1/completions", json.dumps({"prompt": three_mb + three_mb}).encode())] * 50
+        + [
+            (
+                "/v1/chat/completions",
+                json.dumps({"messages": [{"role": "user", "content": "é" * 1_500_000}]}, ensure_ascii=False).encode(),
+            )
+        ]
+        * 50
+    )
 
     async def scenario():
         async with aiohttp.ClientSession() as session:
@@ -105,8 +115,9 @@ def test_frontend_memory_returns_near_idle_after_large_refused_requests(server):
 
             async def send(route, body):
                 async with limit:
-                    async with session.post(server.url + route, data=body,
-                                            headers={"Content-Type": "application/json"}) as response:
+                    async with session.post(
+                        server.url + route, data=body, headers={"Content-Type": "application/json"}
+                    ) as response:
                         await response.read()
                         return response.status
 
@@ -115,8 +126,11 @@ def test_frontend_memory_returns_near_idle_after_large_refused_requests(server):
     statuses = run(scenario())
     assert statuses.count(400) == 250 and statuses.count(413) == 50, sorted(set(statuses))
     margin_mb = 150
-    wait_for(lambda: frontend.memory_info().rss / 2**20 < idle_mb + margin_mb, 30,
-             f"the frontend's memory to return under {idle_mb:.0f} + {margin_mb} MB")
+    wait_for(
+        lambda: frontend.memory_info().rss / 2**20 < idle_mb + margin_mb,
+        30,
+        f"the frontend's memory to return under {idle_mb:.0f} + {margin_mb} MB",
+    )
 
 
 @pytest.mark.slow
@@ -153,7 +167,8 @@ def test_clients_leaving_at_any_stage_leave_nothing_registered(server):
 def _idle(info: dict) -> bool:
     return info["requests_in_flight"] == 0 and all(
         e["running"] == 0 and e["waiting"] == 0 and e["kv_slots_used"] == 0 and e["outstanding_requests"] == 0
-        for e in info["engines"])
+        for e in info["engines"]
+    )
 
 
 @pytest.mark.slow
@@ -204,8 +219,11 @@ def test_soak_with_disconnects_and_an_engine_kill(server):
     assert all(status in (429, 503) for kind, status in outcomes if kind == "refused"), outcomes
     assert "error" in kinds, "the killed engine's streams should end with an explicit error event"
     assert all("lost" in last["error"]["message"] for kind, last in outcomes if kind == "error")
-    health = wait_for(lambda: _health(server.url)["status"] == "ok" and _health(server.url), 120,
-                      "the supervisor to restart the engine")
+    health = wait_for(
+        lambda: _health(server.url)["status"] == "ok" and _health(server.url),
+        120,
+        "the supervisor to restart the engine",
+    )
     assert health["engines"] == 1
     engine = server.info()["engines"][0]
     assert engine["id"] == victim["id"] and engine["pid"] != victim["pid"]
@@ -226,9 +244,12 @@ def test_engine_exits_within_seconds_of_its_frontend_being_killed(default_model_
 
         async def start_stream():
             async with aiohttp.ClientSession() as session:
-                return await stream_events(session, proc.url + "/generate_stream",
-                                           {"prompt": "A long story:", "max_new_tokens": 400, "ignore_eos": True},
-                                           max_events=2)
+                return await stream_events(
+                    session,
+                    proc.url + "/generate_stream",
+                    {"prompt": "A long story:", "max_new_tokens": 400, "ignore_eos": True},
+                    max_events=2,
+                )
 
         run(start_stream())  # the engine is now generating 400 tokens for a client that left... and
         proc.process.send_signal(signal.SIGKILL)  # ...its frontend dies
@@ -247,8 +268,11 @@ def test_an_engine_whose_steps_all_fail_is_restarted_then_the_server_gives_up(de
         first_pid = proc.engine_pids()[0]
         errors = _fail_until_dropped(proc)
         assert all(status == 500 and body["error"]["type"] == "engine_error" for status, body in errors), errors
-        health = wait_for(lambda: (lambda h: h if h["status"] != "ok" else None)(_health(proc.url)), 30,
-                          "/health to say the engine is restarting")
+        health = wait_for(
+            lambda: (lambda h: h if h["status"] != "ok" else None)(_health(proc.url)),
+            30,
+            "/health to say the engine is restarting",
+        )
         assert health["status"] == "restarting" and "steps in a row failed" in health["reason"], health
         wait_for(lambda: _health(proc.url)["status"] == "ok", 120, "the restarted engine")
         assert proc.engine_pids()[0] != first_pid
@@ -307,8 +331,11 @@ def _metrics(url: str) -> dict[str, float]:
 
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
         text = response.read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 async def _post(url: str, path: str, body) -> tuple[int, dict]:

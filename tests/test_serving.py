@@ -1,4 +1,5 @@
 """End to end on the real path: `cli.py serve` → engine process → default model on CPU, over loopback HTTP."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,6 @@ from tests.http_client import generate, post_json, run, stream_events
 pytestmark = pytest.mark.slow
 
 FIB = {"prompt": "def fibonacci(n):", "max_new_tokens": 48, "temperature": 0}
-
-
 
 
 async def _stream(url: str, body: dict, max_events=None) -> list[dict]:
@@ -41,7 +40,7 @@ def test_greedy_generate_matches_transformers(default_model_path):
     model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
     prompt = tokenizer(FIB["prompt"], return_tensors="pt").input_ids
     with torch.inference_mode():
-        expected = model.generate(prompt, max_new_tokens=FIB["max_new_tokens"], do_sample=False)[0, prompt.shape[1]:]
+        expected = model.generate(prompt, max_new_tokens=FIB["max_new_tokens"], do_sample=False)[0, prompt.shape[1] :]
     assert body["token_ids"] == expected.tolist()
     assert body["text"] == tokenizer.decode(expected, skip_special_tokens=True)
     assert body["usage"] == {"prompt_tokens": prompt.shape[1], "completion_tokens": len(expected)}
@@ -68,8 +67,16 @@ def test_stream_pieces_concatenate_to_generate_text(server):
 
 
 def test_concurrent_streams_share_batches(server):
-    bodies = [{"prompt": f"Write a haiku about the number {i}.", "max_new_tokens": 24, "temperature": 0.7,
-               "seed": i, "ignore_eos": True} for i in range(10)]
+    bodies = [
+        {
+            "prompt": f"Write a haiku about the number {i}.",
+            "max_new_tokens": 24,
+            "temperature": 0.7,
+            "seed": i,
+            "ignore_eos": True,
+        }
+        for i in range(10)
+    ]
 
     async def all_streams():
         async with aiohttp.ClientSession() as session:
@@ -100,8 +107,11 @@ def test_disconnected_stream_frees_its_slot(server):
 
 def test_non_ascii_round_trip(server):
     # a prompt the model answers with umlauts in every weight format (fp32, bf16, int8), the emoji stays in the prompt
-    body = {"prompt": "🧀 Liste deutscher Wörter mit Umlauten: Käse, Müller, Größe,", "max_new_tokens": 40,
-            "temperature": 0}
+    body = {
+        "prompt": "🧀 Liste deutscher Wörter mit Umlauten: Käse, Müller, Größe,",
+        "max_new_tokens": 40,
+        "temperature": 0,
+    }
     status, full = run(generate(server.url, body))
     assert status == 200
     events = run(_stream(server.url, body))
@@ -125,30 +135,39 @@ def test_stop_string_never_leaks(server):
 
 
 def test_seeded_sampling_is_reproducible(server):
-    body = {"prompt": "Once upon a time", "max_new_tokens": 16, "temperature": 0.9, "top_p": 0.9, "top_k": 50,
-            "seed": 1234}
+    body = {
+        "prompt": "Once upon a time",
+        "max_new_tokens": 16,
+        "temperature": 0.9,
+        "top_p": 0.9,
+        "top_k": 50,
+        "seed": 1234,
+    }
     first, second = run(generate(server.url, body)), run(generate(server.url, body))
     assert first[1]["token_ids"] == second[1]["token_ids"]
 
 
-@pytest.mark.parametrize("payload, field", [
-    (b"{not json", "body"),
-    ({"max_new_tokens": 5}, "prompt"),
-    ({"prompt": 42}, "prompt"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
-    ({"prompt": "hi", "max_new_tokens": "ten"}, "max_new_tokens"),
-    ({"prompt": "hi", "temperature": -0.5}, "temperature"),
-    ({"prompt": "hi", "top_p": 0}, "top_p"),
-    ({"prompt": "hi", "top_k": -1}, "top_k"),
-    ({"prompt": "hi", "top_k": 2**64}, "top_k"),
-    ({"prompt": "hi", "max_new_tokens": 2**40}, "max_new_tokens"),
-    (b'{"prompt": "\xff"}', "body"),
-    ({"prompt": "hi", "stop": "x"}, "stop"),
-    ({"prompt": "hi", "seed": 1.5}, "seed"),
-    ({"prompt": "hi", "seed": 10**30}, "seed"),
-    ([1, 2, 3], "body"),
-])
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        (b"{not json", "body"),
+        ({"max_new_tokens": 5}, "prompt"),
+        ({"prompt": 42}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompt": "hi", "max_new_tokens": "ten"}, "max_new_tokens"),
+        ({"prompt": "hi", "temperature": -0.5}, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": "hi", "top_k": -1}, "top_k"),
+        ({"prompt": "hi", "top_k": 2**64}, "top_k"),
+        ({"prompt": "hi", "max_new_tokens": 2**40}, "max_new_tokens"),
+        (b'{"prompt": "\xff"}', "body"),
+        ({"prompt": "hi", "stop": "x"}, "stop"),
+        ({"prompt": "hi", "seed": 1.5}, "seed"),
+        ({"prompt": "hi", "seed": 10**30}, "seed"),
+        ([1, 2, 3], "body"),
+    ],
+)
 @pytest.mark.parametrize("route", ["/generate", "/generate_stream"])
 def test_bad_input_is_400_naming_the_field(server, payload, field, route):
     async def send():
@@ -216,8 +235,11 @@ def test_metrics_count_requests_and_engine_load(server):
     with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/plain")
         text = response.read().decode()
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-               for line in text.splitlines() if line and not line.startswith("#")}
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert samples['kiln_requests_total{outcome="length"}'] >= 1
     assert samples["kiln_generation_tokens_total"] >= 3
     assert samples["kiln_time_to_first_token_seconds_count"] >= 1

@@ -2,6 +2,7 @@
 time, and the server keeps answering everybody else meanwhile. Raw sockets on loopback against a real
 server started with short timeouts (KILN_HEADER_TIMEOUT_S, KILN_BODY_TIMEOUT_S).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,11 @@ TRICKLE_EVERY_S = 0.3
 
 @pytest.fixture(scope="module")
 def server(default_model_path):
-    yield from running_server("--max-context", "512", env={"KILN_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
-                                                           "KILN_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)})
+    yield from running_server(
+        "--max-context",
+        "512",
+        env={"KILN_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "KILN_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)},
+    )
 
 
 async def _trickle(writer: asyncio.StreamWriter, chunks) -> None:
@@ -70,8 +74,9 @@ def _endless(chunk: bytes):
 
 
 def test_a_client_trickling_headers_is_disconnected(server):
-    received, others_served = run(_slow_client(
-        server.port, b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\n", _endless(b"X-Slow: 1\r\n")))
+    received, others_served = run(
+        _slow_client(server.port, b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\n", _endless(b"X-Slow: 1\r\n"))
+    )
     assert received == b"" and others_served
 
 
@@ -81,8 +86,10 @@ def test_a_connection_that_never_sends_a_request_is_disconnected(server):
 
 
 def test_a_client_trickling_its_body_gets_408_and_is_disconnected(server):
-    headers = (b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               b"Content-Length: 100000\r\n\r\n")
+    headers = (
+        b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000\r\n\r\n"
+    )
     received, others_served = run(_slow_client(server.port, headers + b'{"prompt": "', _endless(b"a")))
     assert received.startswith(b"HTTP/1.1 408"), received[:200]
     error = json.loads(received.split(b"\r\n\r\n", 1)[1])["error"]
@@ -92,11 +99,14 @@ def test_a_client_trickling_its_body_gets_408_and_is_disconnected(server):
 
 def test_an_oversized_content_length_is_refused_before_the_body_is_sent(server):
     """413 at once from the header alone: nothing of the body is read, buffered or waited for."""
+
     async def scenario():
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         try:
-            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 50000000\r\n\r\n")
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 50000000\r\n\r\n"
+            )
             await writer.drain()
             return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSED_WITHIN_S)
         finally:

@@ -1,5 +1,6 @@
 """TGI's dialect over raw HTTP: POST /, and TGI bodies on /generate and /generate_stream (real server,
 default model on CPU). The real client libraries are driven in test_clients_tgi.py."""
+
 from __future__ import annotations
 
 import aiohttp
@@ -110,13 +111,16 @@ def test_stream_events(server, native, route, extra):
         assert "top_tokens" not in event
     last = events[-1]
     assert last["generated_text"] == native["text"]
-    assert last["details"] == {"finish_reason": "length", "generated_tokens": N, "seed": None,
-                               "input_length": native["usage"]["prompt_tokens"]}
+    assert last["details"] == {
+        "finish_reason": "length",
+        "generated_tokens": N,
+        "seed": None,
+        "input_length": native["usage"]["prompt_tokens"],
+    }
     tokens = [e["token"] for e in events]
     assert [t["id"] for t in tokens] == native["token_ids"]
     assert "".join(t["text"] for t in tokens) == native["text"]
-    assert [t["logprob"] for t in tokens] == pytest.approx([t["logprob"] for t in full["details"]["tokens"]],
-                                                           abs=1e-3)
+    assert [t["logprob"] for t in tokens] == pytest.approx([t["logprob"] for t in full["details"]["tokens"]], abs=1e-3)
 
 
 def test_stream_without_details_still_ends_with_generated_text(server, native):
@@ -161,8 +165,18 @@ def test_return_full_text(server, native):
 
 
 def test_sampling_is_seeded_and_reports_its_seed(server):
-    body = _tgi({"do_sample": True, "seed": 7, "temperature": 0.9, "top_p": 0.9, "top_k": 40,
-                 "repetition_penalty": 1.1, "frequency_penalty": 0.2, "details": True})
+    body = _tgi(
+        {
+            "do_sample": True,
+            "seed": 7,
+            "temperature": 0.9,
+            "top_p": 0.9,
+            "top_k": 40,
+            "repetition_penalty": 1.1,
+            "frequency_penalty": 0.2,
+            "details": True,
+        }
+    )
     (s1, first), (s2, second) = _post(server.url + "/generate", body), _post(server.url + "/generate", body)
     assert s1 == s2 == 200, (first, second)
     assert first == second
@@ -171,40 +185,59 @@ def test_sampling_is_seeded_and_reports_its_seed(server):
 
 def test_off_values_and_nulls_are_accepted(server, native):
     """What TGI's clients send when the caller set nothing: every parameter, mostly null or off."""
-    parameters = {"best_of": 1, "typical_p": None, "truncate": None, "watermark": False, "grammar": None,
-                  "adapter_id": None, "do_sample": False, "repetition_penalty": None, "frequency_penalty": None,
-                  "return_full_text": False, "stop": [], "seed": None, "temperature": None, "top_k": None,
-                  "top_p": None, "details": False, "decoder_input_details": False, "top_n_tokens": None}
+    parameters = {
+        "best_of": 1,
+        "typical_p": None,
+        "truncate": None,
+        "watermark": False,
+        "grammar": None,
+        "adapter_id": None,
+        "do_sample": False,
+        "repetition_penalty": None,
+        "frequency_penalty": None,
+        "return_full_text": False,
+        "stop": [],
+        "seed": None,
+        "temperature": None,
+        "top_k": None,
+        "top_p": None,
+        "details": False,
+        "decoder_input_details": False,
+        "top_n_tokens": None,
+    }
     status, body = _post(server.url + "/generate", _tgi(parameters))
     assert status == 200, body
     assert body == {"generated_text": native["text"]}
 
 
-@pytest.mark.parametrize("route, payload, field", [
-    ("/generate", _tgi({"best_of": 2}), "parameters.best_of"),
-    ("/generate", _tgi({"typical_p": 0.5}), "parameters.typical_p"),
-    ("/generate", _tgi({"truncate": 8}), "parameters.truncate"),
-    ("/generate", _tgi({"watermark": True}), "parameters.watermark"),
-    ("/generate", _tgi({"grammar": {"type": "regex", "value": "a+"}}), "parameters.grammar"),
-    ("/generate", _tgi({"adapter_id": "lora"}), "parameters.adapter_id"),
-    ("/generate", _tgi({"temperature": 0}), "parameters.temperature"),
-    ("/generate", _tgi({"top_p": 0}), "parameters.top_p"),
-    ("/generate", _tgi({"top_k": 0}), "parameters.top_k"),
-    ("/generate", _tgi({"max_new_tokens": 0}), "parameters.max_new_tokens"),
-    ("/generate", _tgi({"top_n_tokens": 21}), "parameters.top_n_tokens"),
-    ("/generate", _tgi({"repetition_penalty": 0}), "parameters.repetition_penalty"),
-    ("/generate", _tgi({"stop": "x"}), "parameters.stop"),
-    ("/generate", _tgi({"no_such_parameter": 1}), "parameters.no_such_parameter"),
-    ("/generate", _tgi(no_such_field=1), "no_such_field"),
-    ("/generate", _tgi(inputs=""), "inputs"),
-    ("/generate", {"inputs": 42}, "inputs"),
-    ("/generate", _tgi(stream=True), "stream"),
-    ("/generate_stream", _tgi(stream=False), "stream"),
-    ("/generate_stream", _tgi({"decoder_input_details": True}), "parameters.decoder_input_details"),
-    ("/", _tgi({"decoder_input_details": True}, stream=True), "parameters.decoder_input_details"),
-    ("/", _tgi({"best_of": 2}, stream=True), "parameters.best_of"),
-    ("/", {"prompt": PROMPT}, "inputs"),
-])
+@pytest.mark.parametrize(
+    "route, payload, field",
+    [
+        ("/generate", _tgi({"best_of": 2}), "parameters.best_of"),
+        ("/generate", _tgi({"typical_p": 0.5}), "parameters.typical_p"),
+        ("/generate", _tgi({"truncate": 8}), "parameters.truncate"),
+        ("/generate", _tgi({"watermark": True}), "parameters.watermark"),
+        ("/generate", _tgi({"grammar": {"type": "regex", "value": "a+"}}), "parameters.grammar"),
+        ("/generate", _tgi({"adapter_id": "lora"}), "parameters.adapter_id"),
+        ("/generate", _tgi({"temperature": 0}), "parameters.temperature"),
+        ("/generate", _tgi({"top_p": 0}), "parameters.top_p"),
+        ("/generate", _tgi({"top_k": 0}), "parameters.top_k"),
+        ("/generate", _tgi({"max_new_tokens": 0}), "parameters.max_new_tokens"),
+        ("/generate", _tgi({"top_n_tokens": 21}), "parameters.top_n_tokens"),
+        ("/generate", _tgi({"repetition_penalty": 0}), "parameters.repetition_penalty"),
+        ("/generate", _tgi({"stop": "x"}), "parameters.stop"),
+        ("/generate", _tgi({"no_such_parameter": 1}), "parameters.no_such_parameter"),
+        ("/generate", _tgi(no_such_field=1), "no_such_field"),
+        ("/generate", _tgi(inputs=""), "inputs"),
+        ("/generate", {"inputs": 42}, "inputs"),
+        ("/generate", _tgi(stream=True), "stream"),
+        ("/generate_stream", _tgi(stream=False), "stream"),
+        ("/generate_stream", _tgi({"decoder_input_details": True}), "parameters.decoder_input_details"),
+        ("/", _tgi({"decoder_input_details": True}, stream=True), "parameters.decoder_input_details"),
+        ("/", _tgi({"best_of": 2}, stream=True), "parameters.best_of"),
+        ("/", {"prompt": PROMPT}, "inputs"),
+    ],
+)
 def test_refusals_are_400_naming_the_field_in_tgi_shape(server, route, payload, field):
     status, body = _post(server.url + route, payload)
     assert status == 400, body

@@ -1,4 +1,5 @@
 """The engine's CPU thread choice follows measured step times (times injected; torch's count restored)."""
+
 from __future__ import annotations
 
 import pytest
