@@ -17,8 +17,7 @@ def test_rows_round_trip_within_a_step():
     q, scale = quantize_rows(weight)
     assert q.dtype == torch.int8 and q.abs().max() <= 127
     step = scale.float()[:, None]
-    # half a step of rounding, plus the scale's own bf16 rounding (2^-9 relative) times up to 127 steps
-    assert ((q.float() * step - weight).abs() <= step * (0.5 + 127 * 2**-9)).all()
+    assert ((q.float() * step - weight).abs() <= step * (0.5 + 1e-3)).all()  # rounded against the stored scale
 
 
 def test_int8_linear_matches_the_linear_it_replaces():
