@@ -24,6 +24,8 @@ import gc
 import math
 from pathlib import Path
 
+from planning.dtypes import torch_dtype
+
 KINDS = ("embeddings + lm_head", "decoder linear", "norms", "other")
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "configs"
 NF4_PLAIN_BYTES_PER_PARAM = 0.5 + 4 / 64  # two codes per byte + one fp32 absmax per 64 weights
@@ -110,9 +112,8 @@ def mib(n: int) -> str:
 
 
 def measure(path: str, dtype_name: str) -> None:
-    import torch
 
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    dtype = torch_dtype(dtype_name)
     columns: dict[str, dict[str, int]] = {}
     params: dict[str, int] = {}
     for mode in ("16bit", "nf4", "nf4+dq"):

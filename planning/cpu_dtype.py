@@ -9,8 +9,8 @@ CPU_KV_DTYPE = "float32"
 # K/V stay fp32 on CPU: torch's CPU attention kernels are far slower in bf16 (decode at 160 cached tokens,
 # batch 10: 780 vs 120 µs per layer on a 2-core EPYC), worth twice the KV bytes of a small model.
 CPU_KV_REASON = (
-    "float32 on CPU: torch's CPU attention kernels are several times slower in bf16 than in fp32 at "
-    "decode, so K/V stay fp32 whatever the weight dtype"
+    "float32 on CPU: torch's CPU attention kernels are not reliably faster in bf16 (on some CPUs several "
+    "times slower at decode) and fp32 keeps the attention exact, so K/V stay fp32 whatever the weight dtype"
 )
 # Weight formats the CPU loader can use, in order of preference on a tie; measured by engine_core/cpu_formats.py.
 # "int8": int8 weight-only linears (one scale per row) with bf16 activations (engine_core/int8_weights.py); int8

@@ -283,7 +283,7 @@ def test_duration_mode_runs_until_the_deadline():
     assert len(result.records) >= 4 and all(r.ok for r in result.records)
     assert {r.user for r in result.records} == {0, 1}
     assert all(r.output_tokens == 2 for r in result.records)  # no usage: counted from token_ids
-    assert 0.5 <= result.wall_s < 2.0
+    assert 0.5 <= result.wall_s < 30  # the duration, then the requests in flight finish (room for a busy machine)
 
 
 def test_run_benchmark_rejects_bad_arguments(capsys):

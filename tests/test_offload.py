@@ -14,6 +14,7 @@ import pytest
 
 from hardware.profile import GiB, simulated_profile
 from model.shape import load_model_shape
+from planning.dtypes import torch_dtype
 from planning.overrides import overrides_from_env, overrides_from_flags, resolve_overrides
 from planning.planner import PlanError, make_plan
 from tests.conftest import REPO_ROOT, running_server
@@ -102,7 +103,7 @@ def test_disk_offloaded_server_matches_transformers_greedy(offload_server, defau
     status, body = run(generate(offload_server.url, PROMPT))
     assert status == 200, body
     tokenizer = AutoTokenizer.from_pretrained(default_model_path)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[plan["dtype"]]
+    dtype = torch_dtype(plan["dtype"])
     model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=dtype).eval()
     ids = tokenizer(PROMPT["prompt"], return_tensors="pt").input_ids
     with torch.inference_mode():

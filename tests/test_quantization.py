@@ -6,6 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from planning.dtypes import torch_dtype
 from tests.conftest import running_server
 from tests.http_client import generate, post_json, run
 
@@ -32,7 +33,7 @@ def _nf4_reference(path: str, compute_dtype: str, body: dict) -> list[int]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[compute_dtype]
+    dtype = torch_dtype(compute_dtype)
     config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
     )
