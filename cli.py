@@ -1,9 +1,11 @@
 """kiln: host a causal language model behind HTTP, sized to the machine it runs on.
 
-python cli.py serve [--model M] [--port 8000]      run the server
-python cli.py plan [--model M] [--gpu T4:16GiB:7.5] what the server would do on a machine
-python cli.py bench --stream --users 10            throughput and TTFT under load
-python cli.py engine --gpu 1                       attach one more engine to a running server
+    python cli.py serve [--model M] [--port 8000]      run the server
+    python cli.py plan [--model M] [--gpu T4:16GiB:7.5] what the server would do on a machine
+    python cli.py bench --stream --users 10            throughput and TTFT under load
+    python cli.py engine --gpu 1                       attach one more engine to a running server
+
+Each command's options: python cli.py COMMAND --help.
 """
 
 from __future__ import annotations

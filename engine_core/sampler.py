@@ -35,9 +35,22 @@ def token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[Tok
     if k > 0:
         top_values, top_ids = torch.topk(logprobs, k, dim=-1)
         top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        for target, ids, values in zip(targets, top_ids, top_values):
+            _target_first_among_ties(target, ids, values)
     else:
         top_values = top_ids = [[] for _ in targets]
     return [TokenLogprobs(t, c, i, v) for t, c, i, v in zip(targets, chosen, top_ids, top_values)]
+
+
+def _target_first_among_ties(target: int, ids: list[int], values: list[float]) -> None:
+    """topk orders equal values arbitrarily; 16-bit logits tie often enough that a greedy token (argmax:
+    the first of equals) could be listed second. Put the chosen token first among the values equal to it."""
+    if target in ids:
+        at = ids.index(target)
+        first = values.index(values[at])
+        if first < at:
+            ids.insert(first, ids.pop(at))
+            values.insert(first, values.pop(at))
 
 
 class Sampler:

@@ -128,7 +128,7 @@ def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
 
 LENGTH_BUCKETS = build_1_2_5_buckets(1_000_000)
 # kiln's request outcomes (str(FinishReason), "abort" for a client gone, "error" for an engine failure):
-# each engine's vllm:request_success_total has all of them from its first request on, as vLLM's has.
+# each engine's vllm:request_success_total has all of them, at zero, from the first scrape that knows it.
 OUTCOMES = ("stop", "length", "abort", "error")
 COMMON_REFUSALS = (
     (400, "invalid_request"),
@@ -181,7 +181,7 @@ class WeightedHistogram:
 
 class _EngineSeries:
     """The vLLM request series of one (model_name, engine), made at once so that every series exists
-    (at zero) from an engine's first finished request on, as vLLM makes them per engine at start."""
+    (at zero) from the first scrape after the engine's hello, as vLLM makes them per engine at start."""
 
     def __init__(self, metrics: Metrics, engine: str):
         labels = (metrics.model_name, engine)
@@ -322,6 +322,7 @@ class _WeightedCollector(Collector):
 class Metrics:
     def __init__(self, client: EngineClient, model_name: str | None = None):
         self.model_name = model_name or client.model_name
+        self._client = client
         self.registry = CollectorRegistry()
         r = self.registry
         # ---- kiln's own --------------------------------------------------------------------
@@ -475,9 +476,7 @@ class Metrics:
         self.e2e.observe(total)
         if outcome == "error":
             self.refuse(500, "engine_error")
-        series = self._per_engine.get(engine)
-        if series is None:
-            series = self._per_engine[engine] = _EngineSeries(self, engine)
+        series = self._series(engine)
         success = series.success.get(outcome)
         if success is None:
             success = self.vllm_success.labels(*series.success_labels, outcome)
@@ -509,5 +508,15 @@ class Metrics:
             series.request_tpot.observe(tpot)
             WeightedHistogram.observe(series.itl, self.itl.upper, tpot, generated - 1)
 
+    def _series(self, engine: str) -> _EngineSeries:
+        series = self._per_engine.get(engine)
+        if series is None:
+            series = self._per_engine[engine] = _EngineSeries(self, engine)
+        return series
+
     def exposition(self) -> bytes:
+        # every engine's request series exist (at zero) from the first scrape that knows the engine, before
+        # its first request ends: a counter first seen at 4 would give rate() nothing for those 4
+        for engine_id in list(self._client.engines):
+            self._series(engine_id)
         return generate_latest(self.registry)

@@ -36,6 +36,11 @@ with running_server([sys.executable, "-c", sys.argv[2], port], f"http://127.0.0.
 """
 
 
+def default_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_bench_stopped_by_a_signal_stops_its_server(sig):
     bench = subprocess.Popen(
@@ -44,6 +49,7 @@ def test_a_bench_stopped_by_a_signal_stops_its_server(sig):
         stdout=subprocess.PIPE,
         text=True,
         stderr=subprocess.DEVNULL,
+        preexec_fn=default_signals,  # as from a terminal, even when the tests run under nohup (SIGHUP ignored)
     )
     servers = []
     try:
