@@ -12,7 +12,7 @@ from typing import Annotated
 
 import msgspec
 
-from ipc.messages import SamplingParams
+from ipc.messages import SamplingParams, TokenLogprobs
 
 MAX_STOP_STRINGS = 16
 MIN_TEMPERATURE = 1e-5  # below this, logits / temperature overflow: treat as greedy
@@ -79,18 +79,42 @@ class Timings(msgspec.Struct):
     total_s: float
 
 
-class GenerateResponse(msgspec.Struct):
+class TopLogprob(msgspec.Struct):
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, omit_defaults=True):
+    """One token's log-probability (of the raw logits) and, when asked for k > 0, the k most likely."""
+
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = []
+
+
+def native_logprobs(entries: list[TokenLogprobs]) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(e.token_id, e.logprob, [TopLogprob(i, v) for i, v in zip(e.top_ids, e.top_logprobs)])
+        for e in entries
+    ]
+
+
+class GenerateResponse(msgspec.Struct, omit_defaults=True):
     text: str
     finish_reason: str
     usage: Usage
     timings: Timings
     token_ids: list[int]
     engine: str  # which engine served it (see /info)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1..n-1, when asked
 
 
 class StreamPiece(msgspec.Struct, omit_defaults=True):
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # one per token id of this piece, when asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first piece, when asked
     finish_reason: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None

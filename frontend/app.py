@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 from tokenizers import Tokenizer
 
-from frontend.api import ApiError, GenerateResponse, StreamPiece, parse_generate_request
+from frontend.api import ApiError, GenerateResponse, StreamPiece, native_logprobs, parse_generate_request
 from frontend.chat_template import ChatTemplate
 from frontend.context import (
     BODY_TIMEOUT_S,
@@ -62,6 +62,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return json_response(ApiError(500, str(exc), kind="engine_error").body(), 500)
     finally:
         await generation.close()
+    asked = generation.body
     return json_response(
         GenerateResponse(
             text=generation.detok.text,
@@ -70,6 +71,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
             timings=generation.timings(),
             token_ids=generation.token_ids,
             engine=generation.engine_id,
+            logprobs=native_logprobs(generation.logprobs) if asked.logprobs is not None else None,
+            prompt_logprobs=native_logprobs(generation.prompt_logprobs or [])
+            if asked.prompt_logprobs is not None
+            else None,
         )
     )
 
@@ -83,8 +88,14 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         await generation.start()  # errors before the stream starts are plain 4xx JSON
         async with sse_response(request, allow_all_methods=True) as sse:
             try:
+                first = True
                 async for text, token_ids in generation.pieces():
                     piece = StreamPiece(text=text, token_ids=token_ids)
+                    if generation.body.logprobs is not None and token_ids:
+                        piece.logprobs = native_logprobs(generation.logprobs[-len(token_ids) :])
+                    if first and generation.body.prompt_logprobs is not None:
+                        piece.prompt_logprobs = native_logprobs(generation.prompt_logprobs or [])
+                    first = False
                     if generation.finish_reason is not None:
                         piece.finish_reason = generation.finish_reason
                         piece.usage = generation.usage()

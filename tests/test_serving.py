@@ -55,6 +55,39 @@ def test_default_plan_greedy_is_coherent_and_repeatable(server):
     assert "fibonacci(n - 1)" in first[1]["text"]
 
 
+def test_native_logprobs_in_full_and_streamed_answers(server):
+    body = {**FIB, "max_new_tokens": 12, "logprobs": 2, "prompt_logprobs": 0}
+    status, full = run(generate(server.url, body))
+    assert status == 200, full
+    entries = full["logprobs"]
+    assert [e["token_id"] for e in entries] == full["token_ids"]
+    for e in entries:  # greedy: the chosen token is the most likely, listed first
+        assert e["logprob"] <= 0 and len(e["top"]) == 2 and e["top"][0]["token_id"] == e["token_id"]
+        assert e["top"][0]["logprob"] == pytest.approx(e["logprob"]) and e["top"][1]["logprob"] <= e["logprob"]
+    prompt = full["prompt_logprobs"]
+    assert len(prompt) == full["usage"]["prompt_tokens"] - 1 and all("top" not in e for e in prompt)
+    events = run(_stream(server.url, body))
+    streamed = [e for ev in events for e in ev.get("logprobs", [])]
+    assert [e["token_id"] for e in streamed] == full["token_ids"]
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in entries], abs=1e-5)
+    assert events[0]["prompt_logprobs"] == prompt and all("prompt_logprobs" not in ev for ev in events[1:])
+    _, plain = run(generate(server.url, FIB))
+    assert "logprobs" not in plain and "prompt_logprobs" not in plain  # only when asked
+
+
+def test_native_sampling_controls(server):
+    _, plain = run(generate(server.url, {**FIB, "max_new_tokens": 6}))
+    _, biased = run(generate(server.url, {**FIB, "max_new_tokens": 6, "logit_bias": {"42": 100}}))
+    assert biased["token_ids"] == [42] * 6 != plain["token_ids"]
+    _, full = run(generate(server.url, FIB))
+    _, penalized = run(generate(server.url, {**FIB, "repetition_penalty": 5.0}))
+    assert penalized["token_ids"] != full["token_ids"]  # the plain answer repeats `fibonacci(n` from its prompt
+    status, body = run(generate(server.url, {**FIB, "logit_bias": {"99999999": 1}}))
+    assert status == 400 and body["error"]["field"] == "logit_bias"
+    status, body = run(generate(server.url, {**FIB, "presence_penalty": 3}))
+    assert status == 400 and body["error"]["field"] == "presence_penalty"
+
+
 def test_stream_pieces_concatenate_to_generate_text(server):
     _, full = run(generate(server.url, FIB))
     events = run(_stream(server.url, FIB))
