@@ -69,7 +69,7 @@ class WeightPool:
 
     def __init__(self, flat: torch.Tensor) -> None:
         self.flat, self.offset = flat, 0
-        self.scales = torch.full((MAX_SCALE_ROWS,), 1 / INT8_RANGE, dtype=ACTIVATION_DTYPE)
+        self.scales = torch.full((MAX_SCALE_ROWS,), 1 / INT8_RANGE, dtype=ACTIVATION_DTYPE) if self.int8 else None
 
     @property
     def int8(self) -> bool:

@@ -161,14 +161,12 @@ class Engine:
     def _update(self, chunks: list[ScheduledChunk], result: StepResult) -> list[RequestOutput]:
         """Hand the step to the scheduler, then one output per sequence that got a token or finished
         (its first also carries the engine-side timing and, when asked, the prompt's logprobs)."""
-        sampling = [c for c in chunks if c.sample]
-        live = {c.seq.request_id for c in sampling if self.scheduler.by_id.get(c.seq.request_id) is c.seq}
         self.stats.served += len(self.scheduler.update(chunks, result.tokens))
         outputs = []
         now = time.perf_counter()
-        for chunk, token, logprobs in zip(sampling, result.tokens, result.logprobs):
+        for chunk, token, logprobs in zip([c for c in chunks if c.sample], result.tokens, result.logprobs):
             seq = chunk.seq
-            if seq.request_id not in live:
+            if seq.finish_reason is FinishReason.ABORT:
                 continue  # aborted mid-step: it never emits another token
             first = chunk.is_prefill
             new = [token] if seq.params.max_new_tokens > 0 else []

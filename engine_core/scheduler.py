@@ -90,10 +90,13 @@ class Scheduler:
         return seq
 
     def abort(self, request_id: str) -> Sequence | None:
-        """Drop a request wherever it is and free its slot; unknown ids are ignored."""
+        """Drop a request wherever it is and free its slot; unknown ids are ignored. A sequence that had
+        not finished is marked ABORT, so a step it was part of knows to drop its results."""
         seq = self.by_id.pop(request_id, None)
         if seq is None:
             return None
+        if seq.finish_reason is None:
+            seq.finish_reason = FinishReason.ABORT
         if seq.slot >= 0:
             self.running.remove(seq)
             heapq.heappush(self.free_slots, seq.slot)
@@ -137,7 +140,7 @@ class Scheduler:
         for chunk in chunks:
             seq = chunk.seq
             token = next(sampled) if chunk.sample else None
-            if self.by_id.get(seq.request_id) is not seq:
+            if seq.finish_reason is FinishReason.ABORT:
                 continue
             seq.num_computed = chunk.start + chunk.length
             if token is None:

@@ -101,7 +101,7 @@ class FinishReason(enum.IntEnum):
 
     STOP = 0  # end of sequence (or, decided in the frontend, a stop string)
     LENGTH = 1  # max_new_tokens or the context window
-    ABORT = 2  # cancelled by the client
+    ABORT = 2  # cancelled (by the client, or a failed step): marks the sequence in the engine, never sent
     ERROR = 3  # refused or failed; `error` says why
 
     def __str__(self) -> str:

@@ -98,14 +98,20 @@ def plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverrid
         builder.reasons["device"] += f"; gpu_memory_fraction ignored ({describe(overrides, 'gpu_memory_fraction')})"
     fmt, why = cpu_dtype_default(profile)
     dtype = builder.choose_dtype(INT8_COMPUTE_DTYPE if fmt == "int8" else fmt, why)
-    int8 = fmt == "int8" and overrides.dtype is None and overrides.quantization is None
     if overrides.gpu_layers is not None and overrides.gpu_layers < shape.num_layers:
         return plan_disk_offload(builder, profile, dtype, budget, _reserve(builder, budget, dtype, False))
     cands = _candidates(builder, dtype, budget)
     chosen = pick(cands)
     if chosen is None:
         raise _refusal(shape, cands, budget)
-    int8 = int8 and chosen.dtype == dtype and not chosen.quantized
+    # int8 where it measured fastest, unless a flag forced the dtype or no quantization, or RAM forced another
+    int8 = (
+        fmt == "int8"
+        and overrides.dtype is None
+        and overrides.quantization is None
+        and chosen.dtype == dtype
+        and not chosen.quantized
+    )
     _explain(builder, chosen, dtype, budget, int8)
     return builder.build(
         device="cpu",

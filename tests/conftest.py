@@ -17,6 +17,19 @@ from engine_core.engine_io import pid_alive  # noqa: F401  (the tests' process c
 from ipc.ports import free_port, free_port_pair  # noqa: F401  (one definition, shared with bench and serve --ray)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The default model's shape (SmolLM2-135M) as a config.json, and CPU format timings measured with it once
+SMOL_LIKE = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+}
+TIMINGS = {"float32@1": 31.4, "float32@8": 60.5, "bfloat16@1": 22.8, "bfloat16@8": 22.8}
 
 
 def get_json(url: str, timeout: float = 10.0):

@@ -15,19 +15,7 @@ from model.shape import shape_from_config
 from planning.cpu_dtype import CPU_WEIGHT_FORMATS
 from planning.overrides import overrides_from_flags
 from planning.plan import PlanOverrides
-
-SMOL_LIKE = {
-    "model_type": "llama",
-    "hidden_size": 576,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "intermediate_size": 1536,
-    "vocab_size": 49152,
-    "max_position_embeddings": 8192,
-    "tie_word_embeddings": True,
-}
-TIMINGS = {"float32@1": 31.4, "float32@8": 60.5, "bfloat16@1": 22.8, "bfloat16@8": 22.8}
+from tests.conftest import SMOL_LIKE, TIMINGS
 
 
 def cpu_profile(timings=None):

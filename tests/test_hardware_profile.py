@@ -14,6 +14,7 @@ from hardware import profile as hp
 from hardware.profile import GiB, MiB, detect_hardware, parse_gpu_spec, parse_size, simulated_profile
 from model.gguf_meta import GGUFError, read_gguf_metadata
 from model.shape import ModelConfigError, load_model_shape, model_shape_for_spec, shape_from_config
+from tests.conftest import SMOL_LIKE, TIMINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -199,18 +200,7 @@ def test_gguf_shape_of_embedded_default(default_gguf):
     assert s.tie_word_embeddings and s.lm_head_params == 0
     assert s.total_params == pytest.approx(134.5e6, rel=0.01)
     # the tensor table agrees with the Llama arithmetic applied to the same numbers
-    cfg = {
-        "model_type": "llama",
-        "hidden_size": 576,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "intermediate_size": 1536,
-        "vocab_size": 49152,
-        "max_position_embeddings": 8192,
-        "tie_word_embeddings": True,
-    }
-    by_config = shape_from_config(cfg)
+    by_config = shape_from_config(SMOL_LIKE)
     assert by_config.total_params == s.total_params
     assert by_config.decoder_linear_params == s.decoder_linear_params
     assert by_config.layer_params == s.layer_params
@@ -248,19 +238,6 @@ def test_gguf_reader_rejects_other_files(tmp_path):
 
 
 # ---------------------------------------------------------------- cached CPU format timings
-
-SMOL_LIKE = {
-    "model_type": "llama",
-    "hidden_size": 576,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "intermediate_size": 1536,
-    "vocab_size": 49152,
-    "max_position_embeddings": 8192,
-    "tie_word_embeddings": True,
-}
-TIMINGS = {"float32@1": 31.4, "float32@8": 60.5, "bfloat16@1": 22.8, "bfloat16@8": 22.8}
 
 
 def test_cpu_format_timings_round_trip_through_the_cache(tmp_path):
