@@ -54,7 +54,7 @@ def load(model: str, overrides, max_batch: int, context: int):
         torch.zeros(1, device=device)  # the CUDA context first: peak statistics need it
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     loaded = load_model(model, plan)
-    if plan.compile:
+    if plan.compile and device.type != "cpu":  # on CPU the runner compiles its decode step whole
         from engine_core.loader import compile_model
 
         print(compile_model(loaded), flush=True)
@@ -64,7 +64,9 @@ def load(model: str, overrides, max_batch: int, context: int):
         else sum(t.numel() * t.element_size() for t in (*loaded.parameters(), *loaded.buffers()))
     )  # int8 weights are buffers
     kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
-    runner = ModelRunner(loaded, max_batch, context, device, kv_dtype, cuda_graphs=plan.cuda_graphs)
+    runner = ModelRunner(
+        loaded, max_batch, context, device, kv_dtype, cuda_graphs=plan.cuda_graphs, compiled_decode=plan.compile
+    )
     return plan, runner, weights
 
 
@@ -109,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from model.source import use_kiln_inductor_cache
     from planning.plan import PlanOverrides
 
+    use_kiln_inductor_cache()
     batches = [int(b) for b in args.batches.split(",")]
     forced = {"dtype": args.dtype, "quantization": args.quantization}
     overrides = PlanOverrides(
@@ -120,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         max_context=args.context,
     )
     plan, runner, weights = load(args.model, overrides, max(batches), args.context)
-    if plan.compile:  # compile every decode shape before timing (capture needs it done outside the graph)
+    if runner.compiled is not None:  # CPU: compile (and measure against eager) as the engine's warmup does
+        print(runner.compiled.warm(), flush=True)
+    elif plan.compile:  # compile every decode shape before timing (capture needs it done outside the graph)
         for batch in batches:
             time_decode(runner, batch, args.prompt, 1)
     graphs = runner.graphs.capture_all() if runner.graphs is not None else "eager (no CUDA graphs on this plan)"

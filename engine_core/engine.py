@@ -52,8 +52,14 @@ class Engine:
         self.scheduler = Scheduler(plan.max_batch, plan.prefill_chunk, plan.max_context, eos_token_ids)
         kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
         self.runner = ModelRunner(
-            model, plan.max_batch, plan.max_context, device, kv_dtype, cuda_graphs=plan.cuda_graphs
-        )  # the planner's call: whole model on one GPU
+            model,
+            plan.max_batch,
+            plan.max_context,
+            device,
+            kv_dtype,
+            cuda_graphs=plan.cuda_graphs,  # the planner's call: whole model on one GPU
+            compiled_decode=plan.compile,  # CPU only: one compiled graph for decode steps
+        )
         self.sampler = Sampler(device)
         self.device = device
         # CPU: the thread count each step size runs with is measured, not guessed (thread_policy.py)
@@ -74,6 +80,9 @@ class Engine:
             self.scheduler.update(chunks, logits.sample.argmax(dim=-1).tolist())
         if self.runner.graphs is not None:
             log.info(self.runner.graphs.capture_all())
+        if self.runner.compiled is not None:
+            log.info("compiling the decode step (first start: a minute or two on a small CPU; cached after)")
+            log.info(self.runner.compiled.warm())
         self._update_stats()
 
     def run(self) -> None:

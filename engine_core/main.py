@@ -17,6 +17,7 @@ import time
 
 import msgspec
 
+from model.source import use_kiln_inductor_cache
 from planning.plan import PlanOverrides, ServingPlan
 
 log = logging.getLogger("kiln.engine")
@@ -127,6 +128,8 @@ def load_engine(io, model_path: str, plan: ServingPlan):
 
     model = load_model(model_path, plan)
     if plan.compile:
+        use_kiln_inductor_cache()
+    if plan.compile and plan.device != "cpu":  # on CPU the runner compiles its decode step whole
         log.info(compile_model(model))
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos = eos if eos is not None else model.config.eos_token_id
@@ -144,6 +147,7 @@ def configure_logging(engine_id: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.engine_id)
+    use_kiln_inductor_cache()  # before anything in torch asks inductor for its cache folder
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend stops its engines itself
     return run_engine(
         input_address=args.input,

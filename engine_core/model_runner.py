@@ -4,6 +4,7 @@ The HF model runs its own modules however they were loaded (16-bit, bitsandbytes
 offload, whose hooks fire by themselves); attention is kiln's (engine_core/attention.py), over a
 slot cache allocated once. On a GPU, decode-only steps replay CUDA graphs captured per
 (batch bucket, key-span bucket): one launch instead of hundreds of kernels, no host sync inside.
+On a CPU with compile on, they run one torch.compile'd graph of the whole model (compiled_decode.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from engine_core import attention
 from engine_core.attention import DecodeLayout, PrefillChunk, StepContext
+from engine_core.compiled_decode import CompiledDecode, is_decode_only
 from engine_core.kv_cache import KVCache
 from engine_core.scheduler import ScheduledChunk
 
@@ -49,6 +51,7 @@ class ModelRunner:
         device: torch.device,
         kv_dtype,
         cuda_graphs: bool = False,
+        compiled_decode: bool = False,
     ):
         from model.shape import unsupported_architecture
 
@@ -75,6 +78,7 @@ class ModelRunner:
         # the windows layers pass as `sliding_window`: none (global layers) and the config's, if any
         self.windows = (None,) + ((config.sliding_window,) if getattr(config, "sliding_window", None) else ())
         self.graphs = DecodeGraphs(self) if cuda_graphs and device.type == "cuda" else None
+        self.compiled = CompiledDecode(self) if compiled_decode and device.type == "cpu" else None
 
     # ------------------------------------------------------------------ the step
 
@@ -83,6 +87,8 @@ class ModelRunner:
         """Run the step; the logits of the rows the step needs (see StepLogits)."""
         if self.graphs is not None and self.graphs.covers(chunks):
             return StepLogits(self.graphs.run(chunks), [None] * len(chunks))
+        if self.compiled is not None and self.compiled.covers(chunks):
+            return StepLogits(self.compiled.run(chunks), [None] * len(chunks))
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -179,9 +185,7 @@ class DecodeGraphs:
         self.failed: str | None = None
 
     def covers(self, chunks: list[ScheduledChunk]) -> bool:
-        if self.failed or not self.graphs or not chunks or len(chunks) > self.batch_buckets[-1]:
-            return False
-        return all(c.start >= len(c.seq.prompt_ids) and c.sample for c in chunks)
+        return not self.failed and bool(self.graphs) and is_decode_only(chunks, self.batch_buckets[-1])
 
     def capture_all(self) -> str:
         """Capture every bucket now (warmup), so memory is known before users arrive; on any failure

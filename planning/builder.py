@@ -7,6 +7,9 @@ writes the compile / prefill / KV reasons and lists the forced fields, all the s
 
 from __future__ import annotations
 
+import os
+import shutil
+
 from hardware.profile import format_bytes as fb
 from model.shape import ModelShape
 from planning.batch import choose_batch_context, context_limits
@@ -16,6 +19,24 @@ from planning.plan import PlanOverrides, ServingPlan
 COMPILE_DEFAULT = (
     "eager by default: torch.compile costs a long warmup and needs Triton; enable with --compile or ENABLE_COMPILE=1"
 )
+CPU_COMPILE_ON = (
+    "on: decode steps run as one torch.compile'd graph of the whole model (the eager step spends as long "
+    "dispatching small ops as in its matmuls); compiled at first start (a minute or two on a few cores, "
+    "cached after) and kept only where warmup measures it faster than eager; off with --no-compile or "
+    "ENABLE_COMPILE=0"
+)
+CPU_COMPILE_NO_CXX = "eager: torch.compile on CPU needs a C++ compiler and none was found (g++, c++, clang++ or $CXX)"
+CPU_COMPILE_NF4 = "eager: bitsandbytes' 4-bit CPU layers are not compiled; int8, bf16 and fp32 plans compile"
+
+
+def cpu_compile_default(quantized: bool) -> tuple[bool, str]:
+    """Compile a CPU plan's decode step unless its weights are NF4 or no C++ compiler is installed."""
+    if quantized:
+        return False, CPU_COMPILE_NF4
+    names = [os.environ.get("CXX") or "", "g++", "c++", "clang++"]
+    if not any(name and shutil.which(name) for name in names):
+        return False, CPU_COMPILE_NO_CXX
+    return True, CPU_COMPILE_ON
 
 
 class PlanBuilder:
@@ -69,12 +90,12 @@ class PlanBuilder:
         )
         return batch, ctx, kv_tokens
 
-    def _explain_compile(self) -> bool:
+    def _explain_compile(self, default: tuple[bool, str]) -> bool:
         compile_ = self.overrides.compile
         if compile_ is not None:
             self.reasons["compile"] = self.forced("compile", "torch.compile on" if compile_ else "eager")
         else:
-            self.reasons["compile"] = COMPILE_DEFAULT
+            compile_, self.reasons["compile"] = default
         self.reasons["prefill_chunk"] = f"{self.chunk} prompt tokens per step: {self.chunk_why}"
         return bool(compile_)
 
@@ -95,14 +116,15 @@ class PlanBuilder:
         budget_bytes: int,
         max_memory=None,
         int8: bool = False,
+        compile_default: tuple[bool, str] = (False, COMPILE_DEFAULT),
         **fields,
     ) -> ServingPlan:
         """Size the KV cache from `kv_room`, then the ServingPlan. `quantized`: NF4; `int8`: int8 weight-only
-        linears (CPU). `max_memory` may be a function of the KV cache bytes (a whole-GPU plan gives
-        accelerate what the KV cache leaves); `fields` are the rest (offload, device_map, offload_bytes,
-        cuda_graphs, kv_dtype, cpu_format_ms)."""
+        linears (CPU). `compile_default`: (on, why) when no flag decides. `max_memory` may be a function of
+        the KV cache bytes (a whole-GPU plan gives accelerate what the KV cache leaves); `fields` are the
+        rest (offload, device_map, offload_bytes, cuda_graphs, kv_dtype, cpu_format_ms)."""
         batch, ctx, kv_tokens = self._size_kv_cache(kv_room, kv_per_token)
-        compile_ = self._explain_compile()
+        compile_ = self._explain_compile(compile_default)
         kv_cache_bytes = kv_tokens * kv_per_token
         if callable(max_memory):
             max_memory = max_memory(kv_cache_bytes)

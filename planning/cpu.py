@@ -7,7 +7,7 @@ from hardware.profile import HardwareProfile
 from hardware.profile import format_bytes as fb
 from model.shape import ModelShape
 from planning.batch import context_limits
-from planning.builder import PlanBuilder
+from planning.builder import PlanBuilder, cpu_compile_default
 from planning.cpu_dtype import CPU_KV_DTYPE, INT8_COMPUTE_DTYPE, cpu_dtype_default, cpu_plan_fields
 from planning.memory import Candidate, activation_peak_bytes, int8_weight_bytes, pick, ram_reserve, weight_bytes
 from planning.offload import plan_disk_offload
@@ -124,5 +124,6 @@ def plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverrid
         reserve_bytes=chosen.reserve,
         budget_bytes=budget,
         offload_bytes=0,
+        compile_default=cpu_compile_default(chosen.quantized),
         **cpu_plan_fields(builder.reasons, profile),
     )

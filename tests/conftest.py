@@ -17,6 +17,10 @@ from engine_core.engine_io import pid_alive  # noqa: F401  (the tests' process c
 from ipc.ports import free_port, free_port_pair  # noqa: F401  (one definition, shared with bench and serve --ray)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# A CPU plan compiles its decode step by default: a minute or more per engine start on a small machine.
+# Servers the suite starts run eager unless a test asks (test_engine_loop and test_compiled_serving
+# compile, and check the compiled step token for token); an explicit ENABLE_COMPILE wins.
+os.environ.setdefault("ENABLE_COMPILE", "0")
 # The default model's shape (SmolLM2-135M) as a config.json, and CPU format timings measured with it once
 SMOL_LIKE = {
     "model_type": "llama",

@@ -547,9 +547,22 @@ def test_flags_beat_env():
     assert merge_overrides(PlanOverrides(), PlanOverrides()) == PlanOverrides()
 
 
-def test_compile_default_is_eager():
+def test_compile_default_is_eager_on_gpu_and_compiled_on_cpu(monkeypatch):
     plan = make_plan(shape("starcoder2-3b"), profile("H100"))
     assert plan.compile is False and "eager" in plan.reasons["compile"]
+    cpu = make_plan(shape("starcoder2-3b"), cpu_machine(False, AVX2_BF16_SLOW), PlanOverrides())
+    assert cpu.compile is True and cpu.reasons["compile"].startswith("on: decode steps run as one torch.compile")
+    assert "measures it faster than eager" in cpu.reasons["compile"]
+    nf4 = make_plan(shape("starcoder2-3b"), cpu_machine(False, AVX2_BF16_SLOW), PlanOverrides(quantization="nf4"))
+    assert nf4.compile is False and "4-bit" in nf4.reasons["compile"]
+    off = make_plan(
+        shape("starcoder2-3b"), cpu_machine(False, AVX2_BF16_SLOW), overrides_from_env({"ENABLE_COMPILE": "0"})
+    )
+    assert off.compile is False and "ENABLE_COMPILE=0" in off.reasons["compile"]
+    monkeypatch.setenv("PATH", "")  # no C++ compiler: inductor could not build its CPU kernels
+    monkeypatch.delenv("CXX", raising=False)
+    bare = make_plan(shape("starcoder2-3b"), cpu_machine(False, AVX2_BF16_SLOW), PlanOverrides())
+    assert bare.compile is False and "C++ compiler" in bare.reasons["compile"]
 
 
 def test_bad_flag_values_are_rejected():
