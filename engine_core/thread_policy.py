@@ -8,7 +8,10 @@ No CPU flag or load average predicts which is better at a given moment, so the e
 per step size (a power-of-two bucket of its token count) it keeps a moving average of the time per
 step for each candidate thread count, runs the faster one, and every `explore_every` steps of that
 size tries another candidate once, so a change in the machine's load is noticed within seconds.
-A step size seen for the first time starts with the count the latest comparison preferred.
+A step size seen for the first time starts with the count the latest comparison preferred. When one
+size's own verdict flips, the load changed: the other sizes' timings of the count that lost were taken
+under the old load and are dropped, so those sizes start again from the new preference (prompt-chunk
+sizes timed idle at two threads would otherwise keep stalling a second a step on a busy core).
 A try that comes out far slower than the running choice (a busy core can stall a two-thread step
 for a second and more) doubles that size's interval between tries, up to `MAX_EXPLORE_EVERY`
 steps, so exploring never costs more than a few percent; a try that wins resets it.
@@ -43,6 +46,7 @@ class ThreadTuner:
         self.average: dict[tuple[int, int], float] = {}  # (bucket, threads) -> seconds per step
         self.steps: dict[int, int] = {}  # bucket -> steps since the last try of another count
         self.interval: dict[int, int] = {}  # bucket -> steps between tries, doubled while tries lose badly
+        self.verdict: dict[int, int] = {}  # bucket -> the count its latest full comparison found fastest
         self.current = torch.get_num_threads()
         # what the latest comparison anywhere found: a new step size starts from it instead of paying
         # for a stalled try at once (the load that decides is the machine's, not the step size's)
@@ -97,6 +101,11 @@ class ThreadTuner:
         self.average[key] = seconds if old is None else (1 - weight) * old + weight * seconds
         if all((bucket, n) in self.average for n in self.candidates):
             best = self._best(bucket)
+            lost = self.verdict.get(bucket, best)
+            if lost != best:  # this size's own verdict flipped: the load changed, other sizes' timings of
+                for stale in [k for k in self.average if k[1] == lost and k[0] != bucket]:  # the loser are stale
+                    del self.average[stale]
+            self.verdict[bucket] = best
             if best != self.preferred or not self.compared:
                 log.info(
                     "CPU threads: %d preferred now; ms per step by size and thread count: %s", best, self.describe()

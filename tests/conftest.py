@@ -105,11 +105,14 @@ def default_model_path() -> str:
     return resolve_model(None).path
 
 
+COMPILE_READY_TIMEOUT_S = 900.0  # a first compile of the decode step on a loaded 2-core machine, plus loading
+
+
 def running_server(*args: str, env: dict | None = None):
     """Generator for module fixtures: a started server, always stopped afterwards."""
     proc = ServerProcess(*args, env=env)
     try:
-        proc.wait_ready()
+        proc.wait_ready(COMPILE_READY_TIMEOUT_S if (env or {}).get("ENABLE_COMPILE") == "1" else 240.0)
         yield proc
     finally:
         proc.stop()

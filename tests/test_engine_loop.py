@@ -119,6 +119,24 @@ def test_greedy_logprobs_equal_transformers(engine, reference):
     assert engine.runner.compiled.steps > 0  # the decode steps above ran the compiled graph
 
 
+def test_thread_count_changes_do_not_recompile_the_decode_graph(engine):
+    """The thread policy switches torch between one thread and all cores as it measures; each switch once
+    recompiled the whole graph (tens of seconds, and the frontend declared the engine hung)."""
+    from torch._dynamo.utils import counters
+
+    from engine_core.thread_policy import ThreadTuner
+
+    engine.threads = ThreadTuner()  # a fresh policy tries every count at once, within this test's steps
+    graphs, steps = counters["stats"]["unique_graphs"], engine.runner.compiled.steps
+    with Loop(engine) as loop:
+        for n in range(3):  # long enough for the tuner to try every thread count on decode steps
+            loop.submit(f"t{n}", PROMPT, max_new_tokens=24, temperature=0.0, ignore_eos=True)
+        loop.collect({"t0", "t1", "t2"})
+    tried = {threads for (_, threads) in engine.threads.average}
+    assert len(tried) == len(engine.threads.candidates)  # both counts ran (a 1-core machine has one)
+    assert engine.runner.compiled.steps > steps and counters["stats"]["unique_graphs"] == graphs
+
+
 def test_prompt_scoring_without_generating(engine, reference):
     """lm-eval's loglikelihood request: max_new_tokens 0 with prompt logprobs, over several prefill chunks."""
     prompt = PROMPT * 22  # longer than one prefill chunk of this plan

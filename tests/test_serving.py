@@ -8,12 +8,26 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import ServerProcess, get_json, pid_alive
+from tests.conftest import COMPILE_READY_TIMEOUT_S, ServerProcess, get_json, pid_alive, running_server
 from tests.http_client import generate, post_json, run, stream_events
 
 pytestmark = pytest.mark.slow
 
 FIB = {"prompt": "def fibonacci(n):", "max_new_tokens": 48, "temperature": 0}
+COMPILED = {"ENABLE_COMPILE": "1"}  # the default CPU plan: decode steps compiled (the suite's default is eager)
+
+
+@pytest.fixture(scope="module")
+def server(default_model_path):
+    """This module's server runs the default plan as `serve` does, decode steps compiled."""
+    yield from running_server("--max-context", "512", env=COMPILED)
+
+
+def decode_path(proc: ServerProcess) -> str:
+    """The engine's warmup verdict: which decode path it measured faster and kept."""
+    lines = [line for line in proc.log_path.read_text().splitlines() if "decode steps: " in line]
+    assert lines, "the engine did not compile and measure its decode step"
+    return lines[-1]
 
 
 async def _stream(url: str, body: dict, max_events=None) -> list[dict]:
@@ -28,11 +42,13 @@ def test_greedy_generate_matches_transformers(default_model_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    proc = ServerProcess("--dtype", "float32", "--max-context", "256", "--max-batch", "2")
+    proc = ServerProcess("--dtype", "float32", "--max-context", "256", "--max-batch", "2", env=COMPILED)
     try:
-        proc.wait_ready()
+        proc.wait_ready(COMPILE_READY_TIMEOUT_S)
         status, body = run(generate(proc.url, FIB))
-        assert proc.info()["plan"]["dtype"] == "float32"
+        plan = proc.info()["plan"]
+        assert plan["dtype"] == "float32" and plan["compile"] is True
+        print(decode_path(proc))  # compiled or eager, whichever measured faster here: the tokens must not care
     finally:
         proc.stop()
     assert status == 200, body
@@ -49,7 +65,8 @@ def test_greedy_generate_matches_transformers(default_model_path):
 
 
 def test_default_plan_greedy_is_coherent_and_repeatable(server):
-    """Whatever weight format the default plan measured fastest here (fp32, bf16 or int8)."""
+    """Whatever weight format the default plan measured fastest here (fp32, bf16 or int8), compiled."""
+    assert server.info()["plan"]["compile"] is True and decode_path(server)
     first, second = run(generate(server.url, FIB)), run(generate(server.url, FIB))
     assert first[1]["token_ids"] == second[1]["token_ids"]
     assert "fibonacci(n - 1)" in first[1]["text"]

@@ -65,6 +65,17 @@ def test_a_new_step_size_starts_from_what_the_last_comparison_found():
     assert tuner.choose(3) == 1  # no stalled try for the new size right away
 
 
+def test_a_size_measured_only_idle_tries_the_newly_preferred_count_at_once():
+    """Prompt chunks measured at two threads while the machine was idle; then a core gets busy and the
+    decode size finds one thread faster: the chunk size must not keep stalling until its own next try."""
+    tuner = ThreadTuner([1, 2], explore_every=32)
+    run_steps(tuner, 10, {1: 0.045, 2: 0.031}, 4)  # idle: two threads win at decode
+    run_steps(tuner, 100, {1: 0.200, 2: 0.090}, 1)  # a prompt chunk, at two threads only
+    run_steps(tuner, 10, {1: 0.046, 2: 1.6}, 40)  # a core gets busy: one thread wins at decode
+    assert tuner.preferred == 1
+    assert run_steps(tuner, 100, {1: 0.210, 2: 1.5}, 3) == [1, 1, 1]
+
+
 def test_tries_that_stall_are_made_rarely():
     """A two-thread step stalled by a busy core costs a second: trying it every 32 steps would double
     the average step, so such tries back off (up to 1024 steps apart) while they keep losing."""
