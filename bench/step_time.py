@@ -105,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=128, help="cached tokens per sequence")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers, as --compile does")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force compile on or off (default: the plan's choice, as serve makes it)",
+    )
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args(argv)
 
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     forced = {"dtype": args.dtype, "quantization": args.quantization}
     overrides = PlanOverrides(
         **{k: v for k, v in forced.items() if v is not None},
-        compile=args.compile or None,
+        compile=args.compile,
         max_batch=max(batches),
         max_context=args.context,
     )
