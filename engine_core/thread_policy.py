@@ -11,7 +11,9 @@ size tries another candidate once, so a change in the machine's load is noticed 
 A step size seen for the first time starts with the count the latest comparison preferred. When one
 size's own verdict flips, the load changed: the other sizes' timings of the count that lost were taken
 under the old load and are dropped, so those sizes start again from the new preference (prompt-chunk
-sizes timed idle at two threads would otherwise keep stalling a second a step on a busy core).
+sizes timed idle at two threads would otherwise keep stalling a second a step on a busy core). A step
+that takes `STALLED` times its count's own average says the same at once: that count's timings go and
+every size runs the other count until its own tries measure this one again.
 A try that comes out far slower than the running choice (a busy core can stall a two-thread step
 for a second and more) doubles that size's interval between tries, up to `MAX_EXPLORE_EVERY`
 steps, so exploring never costs more than a few percent; a try that wins resets it.
@@ -31,6 +33,7 @@ SMOOTHING = 0.3  # weight of the newest step in the running choice's moving aver
 EXPLORE_SMOOTHING = 0.6  # an occasional sample of another count weighs more: it is all we know of it now
 MAX_EXPLORE_EVERY = 1024
 FAR_SLOWER = 1.5  # a try this many times slower than the running choice backs exploration off
+STALLED = 4.0  # a step this many times its own count's average: the load changed under it
 
 
 def candidate_thread_counts() -> list[int]:
@@ -87,6 +90,9 @@ class ThreadTuner:
         key = (bucket, threads)
         best = self._best(bucket)
         running = self.average.get((bucket, best))
+        if threads == best and running is not None and seconds > STALLED * running and len(self.candidates) > 1:
+            self._stalled(threads, bucket, seconds)
+            return
         if threads == best or running is None:
             self.steps[bucket] = self.steps.get(bucket, 0) + 1
             weight = SMOOTHING
@@ -112,6 +118,22 @@ class ThreadTuner:
                 )
             self.preferred = best
             self.compared = True
+
+    def _stalled(self, threads: int, bucket: int, seconds: float) -> None:
+        """A step far slower than its count's own average: a core was taken (or freed). Every size's timings
+        at this count were taken under the old load, so they go, and the next steps of every size run the
+        other count until their own tries measure this one again."""
+        for stale in [k for k in self.average if k[1] == threads]:
+            del self.average[stale]
+        self.preferred = next(n for n in reversed(self.candidates) if n != threads)
+        self.verdict.clear()
+        log.info(
+            "CPU threads: a %d-thread step of %d+ tokens took %.0f ms, far above its average: %d preferred now",
+            threads,
+            2 ** (bucket - 1),
+            seconds * 1000,
+            self.preferred,
+        )
 
     def timed(self, tokens: int):
         """Context manager: run one step under the chosen thread count and record its time."""

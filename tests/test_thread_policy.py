@@ -76,6 +76,17 @@ def test_a_size_measured_only_idle_tries_the_newly_preferred_count_at_once():
     assert run_steps(tuner, 100, {1: 0.210, 2: 1.5}, 3) == [1, 1, 1]
 
 
+def test_one_stalled_step_moves_every_size_to_the_other_count():
+    """The first steps after a core gets busy are usually prompt chunks timed idle at two threads: one such
+    step taking many times its average must be the last, not the first of many."""
+    tuner = ThreadTuner([1, 2], explore_every=32)
+    run_steps(tuner, 10, {1: 0.045, 2: 0.031}, 4)
+    run_steps(tuner, 100, {1: 0.200, 2: 0.090}, 4)
+    assert tuner.choose(100) == 2
+    tuner.record(100, 2, 1.5)  # a core got busy mid-step
+    assert tuner.choose(100) == 1 and tuner.choose(10) == 1 and tuner.choose(3) == 1
+
+
 def test_tries_that_stall_are_made_rarely():
     """A two-thread step stalled by a busy core costs a second: trying it every 32 steps would double
     the average step, so such tries back off (up to 1024 steps apart) while they keep losing."""
