@@ -39,6 +39,7 @@ from bench.workload import DEFAULT_SET, load_prompts
 from planning.dtypes import DTYPE_ALIASES as _DTYPE_ALIASES
 
 BASELINES = ("naive", "llama.cpp")
+KILN_START_TIMEOUT_S = 900.0  # loading, the format probe and a first compile of the decode step (cached after)
 
 
 def fetch_info(url: str) -> dict | None:
@@ -161,7 +162,9 @@ def run_benchmark(
             runs["ours"] = _measure(url, cfg, "ours")
         else:
             own = f"http://127.0.0.1:{port or free_port()}"
-            with running_server(ours_command(int(own.rsplit(":", 1)[1]), model), own, name="kiln"):
+            # a first start compiles the CPU decode step: minutes on a small machine before the cache has it
+            command = ours_command(int(own.rsplit(":", 1)[1]), model)
+            with running_server(command, own, name="kiln", timeout_s=KILN_START_TIMEOUT_S):
                 info = fetch_info(own)
                 runs["ours"] = _measure(own, cfg, "ours")
         dtype = plan_dtype(info)
