@@ -3,7 +3,7 @@
 The model runs its own modules (norms, multipliers, rotary rules, MLPs), so every architecture
 computes exactly what transformers computes; only the attention call is ours. It reads the step's
 batch layout from a `StepContext` passed down as the `kiln_step` keyword argument, writes the new
-K/V into kiln's slot cache and attends over it: all decode tokens in one batched call, each
+K/V into kiln's paged block pool and attends over each sequence's blocks: all decode tokens in one batched call, each
 prompt chunk in one causal call over its cached prefix.
 
 All tokens of a step are flattened into one sequence ([1, n, ...]), so every linear layer runs
@@ -24,32 +24,37 @@ ATTENTION_NAME = "kiln"
 @dataclass(eq=False)
 class DecodeLayout:
     """The step's decode rows: one new token per sequence, attending over its first `lengths` cached
-    positions; `span` (a host int, ≥ every length) bounds the keys read, so shapes stay static."""
+    positions, which its row of `tables` (block ids) holds. The table width × block size (≥ every
+    length) bounds the keys read, so shapes stay static for a graph."""
 
     rows: torch.Tensor | None  # flat indices of the decode tokens; None = every token of the step, in order
-    slots: torch.Tensor
+    tables: torch.Tensor  # [rows, blocks] block ids (padding repeats a valid block; masked out)
     lengths: torch.Tensor
-    span: int
-    first_slot: int | None = None  # set when the rows' slots are first_slot, first_slot + 1, ... in order
+    first_block: int | None = None  # one row whose blocks are first_block, first_block + 1, ...: read in place
+
+    def span(self, block_size: int) -> int:
+        return self.tables.shape[1] * block_size
 
 
 @dataclass(frozen=True)
 class PrefillChunk:
     flat: int  # first index of the chunk in the flattened step
     length: int
-    slot: int
     start: int  # position of the chunk's first token in its sequence
+    table: torch.Tensor  # the block ids holding positions [0, start + length), in order
+    first_block: int | None = None  # set when those blocks are first_block, first_block + 1, ...: read in place
 
 
 @dataclass(eq=False)
 class StepContext:
     """What the attention of one step needs to know beyond q, k, v; built once per step."""
 
-    slots: torch.Tensor  # per flat token
+    cache_rows: torch.Tensor  # per flat token: its row in the flat cache view (block × block_size + offset)
     positions: torch.Tensor  # per flat token
     decode: DecodeLayout | None
     prefills: list[PrefillChunk]
-    positions_range: torch.Tensor  # arange(context) on the device
+    positions_range: torch.Tensor  # arange(longest span) on the device
+    block_size: int
     _masks: dict = field(default_factory=dict)  # shared by the layers of the step
 
     def prepare_masks(self, windows: tuple) -> None:
@@ -65,7 +70,7 @@ class StepContext:
         key = ("decode", window)
         if key not in self._masks:
             d = self.decode
-            key_pos = self.positions_range[: d.span][None, :]
+            key_pos = self.positions_range[: d.span(self.block_size)][None, :]
             mask = key_pos < d.lengths[:, None]
             if window:
                 mask &= key_pos >= d.lengths[:, None] - window
@@ -106,14 +111,15 @@ def _attend(q, k, v, mask, scale, softcap, causal=False):
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
 
 
-def _gather(cache: torch.Tensor, d: DecodeLayout) -> torch.Tensor:
-    """The decode rows' keys (or values) over the first `span` positions: [rows, kv_heads, span, d].
-    Rows on consecutive slots are a view of the cache (no copy: 30% less attention time at 10 rows on
-    CPU); otherwise index_select on the narrowed view copies only those rows and positions (advanced
-    indexing is 1.5x slower on CPU for the same copy)."""
-    if d.first_slot is not None:
-        return cache.narrow(0, d.first_slot, d.lengths.shape[0]).narrow(2, 0, d.span)
-    return cache.narrow(2, 0, d.span).index_select(0, d.slots)
+def _blocks(cache: torch.Tensor, table: torch.Tensor, first_block: int | None) -> torch.Tensor:
+    """[rows, blocks × block_size, kv_heads, d]: the blocks of each table row, in order. A run of
+    consecutive blocks (one sequence allocated in one go) is a view of the pool, no copy; otherwise
+    index_select copies whole blocks (contiguous runs of block_size × kv_heads × d values)."""
+    rows, width = table.shape
+    if first_block is not None:
+        return cache.narrow(0, first_block, width).reshape(1, width * cache.shape[1], *cache.shape[2:])
+    gathered = cache.index_select(0, table.reshape(-1))
+    return gathered.view(rows, width * cache.shape[1], *cache.shape[2:])
 
 
 def _attend_decode(ctx: StepContext, q, cache_k, cache_v, window, scale, softcap):
@@ -121,9 +127,11 @@ def _attend_decode(ctx: StepContext, q, cache_k, cache_v, window, scale, softcap
 
     The query heads that share a KV head become that head's query rows ([B, kv_heads, group, d]),
     so GQA needs no expanded copy of K/V and the call has a plain shape that SDPA's fused kernels
-    take with a mask (one kernel per layer on a GPU instead of the math path's half a dozen)."""
+    take with a mask (one kernel per layer on a GPU instead of the math path's half a dozen). K/V are
+    [B, kv_heads, span, d] views of the gathered blocks (strides, not copies)."""
     d = ctx.decode
-    keys, values = _gather(cache_k, d), _gather(cache_v, d)
+    keys = _blocks(cache_k, d.tables, d.first_block).transpose(1, 2)
+    values = _blocks(cache_v, d.tables, d.first_block).transpose(1, 2)
     batch, heads, dim = q.shape
     grouped = q.reshape(batch, keys.shape[1], heads // keys.shape[1], dim).to(keys.dtype)
     o = _attend(grouped, keys, values, ctx.decode_mask(window), scale, softcap)
@@ -154,17 +162,20 @@ def kiln_attention(
         raise RuntimeError("a model set to kiln attention runs inside kiln's ModelRunner only (no kiln_step given)")
     cache_k, cache_v = module.kiln_k, module.kiln_v
     q = query[0].transpose(0, 1)  # [n, heads, d]
-    cache_k[ctx.slots, :, ctx.positions] = key[0].transpose(0, 1).to(cache_k.dtype)
-    cache_v[ctx.slots, :, ctx.positions] = value[0].transpose(0, 1).to(cache_v.dtype)
+    flat_k, flat_v = cache_k.flatten(0, 1), cache_v.flatten(0, 1)  # [blocks × block_size, kv_heads, d]
+    flat_k[ctx.cache_rows] = key[0].transpose(0, 1).to(cache_k.dtype)
+    flat_v[ctx.cache_rows] = value[0].transpose(0, 1).to(cache_v.dtype)
     d = ctx.decode
-    if d is not None and d.rows is None:  # decode only (the CUDA-graph case): no scatter
+    if d is not None and d.rows is None:  # decode only (the graph case): no scatter
         return _attend_decode(ctx, q, cache_k, cache_v, sliding_window, scaling, softcap)[None], None
     out = torch.empty_like(q)
     if d is not None:
         out[d.rows] = _attend_decode(ctx, q[d.rows], cache_k, cache_v, sliding_window, scaling, softcap)
     for chunk in ctx.prefills:
         end = chunk.start + chunk.length
-        keys, values = cache_k[chunk.slot, :, :end][None], cache_v[chunk.slot, :, :end][None]
+        table = chunk.table[None]
+        keys = _blocks(cache_k, table, chunk.first_block)[:, :end].transpose(1, 2)
+        values = _blocks(cache_v, table, chunk.first_block)[:, :end].transpose(1, 2)
         qp = q[chunk.flat : chunk.flat + chunk.length].transpose(0, 1)[None].to(keys.dtype)
         o = _attend(qp, keys, values, ctx.prefill_mask(chunk, sliding_window), scaling, softcap, causal=True)
         out[chunk.flat : chunk.flat + chunk.length] = o[0].transpose(0, 1).to(out.dtype)
@@ -172,7 +183,7 @@ def kiln_attention(
 
 
 def attach_cache(attention_module, cache_k: torch.Tensor, cache_v: torch.Tensor) -> None:
-    """Give a layer's attention its slice of the slot cache ([slots, kv_heads, context, head_dim]).
+    """Give a layer's attention its blocks of the pool ([blocks, block_size, kv_heads, head_dim]).
 
     Non-persistent buffers: never saved, not offloaded, and torch.compile sees them as inputs of the
     layer rather than per-layer constants, so one compiled graph serves every layer."""

@@ -28,8 +28,8 @@ TIMED_STEPS = 6  # decode steps timed each way per batch size at warmup (after o
 
 
 def is_decode_only(chunks: list[ScheduledChunk], max_rows: int) -> bool:
-    """Every chunk is one sampled decode token (no prompt, no prompt scoring), at most `max_rows`."""
-    return 0 < len(chunks) <= max_rows and all(c.start >= len(c.seq.prompt_ids) and c.sample for c in chunks)
+    """Every chunk is one sampled token (no prompt scoring), at most `max_rows`."""
+    return 0 < len(chunks) <= max_rows and all(c.length == 1 and c.sample and not c.scores_prompt for c in chunks)
 
 
 def _guards_worth_checking(guards) -> list[bool]:
@@ -55,11 +55,11 @@ class CompiledDecode:
         self.measured: dict[int, tuple[float, float]] = {}  # batch -> (eager ms, compiled ms)
         self.steps = 0  # decode steps run compiled
 
-    def _decode_logits(self, ids, positions, slots, lengths, span: int) -> torch.Tensor:
+    def _decode_logits(self, ids, positions, cache_rows, lengths, tables) -> torch.Tensor:
         """What the compiler traces: the model over one decode token per row, all rows' logits."""
         runner = self.runner
-        layout = DecodeLayout(None, slots, lengths, span)
-        ctx = StepContext(slots, positions, layout, [], runner.positions_range)
+        layout = DecodeLayout(None, tables, lengths)
+        ctx = StepContext(cache_rows, positions, layout, [], runner.positions_range, runner.block_size)
         out = runner.model(
             input_ids=ids[None], position_ids=positions[None], logits_to_keep=0, use_cache=False, kiln_step=ctx
         )
@@ -72,18 +72,27 @@ class CompiledDecode:
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         self.steps += 1
         n = len(chunks)
+        bs = self.runner.block_size
+        width = max(c.start for c in chunks) // bs + 1
+        tables: list[int] = []
+        for c in chunks:
+            used = c.seq.blocks[: c.start // bs + 1]
+            tables += used + [used[-1]] * (width - len(used))  # padding: a valid block, masked out
         packed = torch.tensor(
-            [c.token_ids[0] for c in chunks] + [c.start for c in chunks] + [c.seq.slot for c in chunks]
+            [c.token_ids[0] for c in chunks]
+            + [c.start for c in chunks]
+            + [c.seq.blocks[c.start // bs] * bs + c.start % bs for c in chunks]
+            + tables
         )
-        ids, positions, slots = packed[:n], packed[n : 2 * n], packed[2 * n :]
-        return self.fn(ids, positions, slots, positions + 1, max(c.start for c in chunks) + 1)
+        ids, positions, rows = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n]
+        return self.fn(ids, positions, rows, positions + 1, packed[3 * n :].view(n, width))
 
     # ------------------------------------------------------------------ warmup
 
     @torch.inference_mode()
     def warm(self) -> str:
-        """Compile both graphs and time them against eager, on the first slots (call before any
-        request is admitted: it writes K/V there). Returns a line for the log."""
+        """Compile both graphs and time them against eager, on the first blocks of the pool (call before
+        any request is admitted: it writes K/V there). Returns a line for the log."""
         runner = self.runner
         sizes = [1] if runner.max_batch == 1 else [1, runner.max_batch]
         length = min(runner.max_context, 128)
@@ -104,13 +113,17 @@ class CompiledDecode:
         return f"decode steps: {verdict}; compiled in {compile_s:.0f} s; {timings}"
 
     def _time(self, fn, batch: int, length: int, steps: int) -> float:
-        """Median ms of `steps` decode steps for `batch` rows at `length` cached positions (slots 0..)."""
+        """Median ms of `steps` decode steps for `batch` rows at `length` cached positions (blocks 0..,
+        one run per row, as sequences admitted together get them)."""
+        bs = self.runner.block_size
+        width = -(-length // bs)
         ids = torch.zeros(batch, dtype=torch.long)
         positions = torch.full((batch,), length - 1, dtype=torch.long)
-        slots = torch.arange(batch)
+        tables = torch.arange(batch * width).view(batch, width) % self.runner.cache.num_blocks
+        rows = tables[:, -1] * bs + (length - 1) % bs
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            fn(ids, positions, slots, positions + 1, length).argmax(dim=-1).tolist()
+            fn(ids, positions, rows, positions + 1, tables).argmax(dim=-1).tolist()
             times.append((time.perf_counter() - start) * 1000)
         return statistics.median(times)

@@ -16,11 +16,12 @@ from typing import NamedTuple
 import msgspec
 import torch
 
+from engine_core.block_pool import BlockPool
 from engine_core.engine_io import HEARTBEAT_SECONDS, EngineIO
 from engine_core.loader import torch_dtype
 from engine_core.model_runner import ModelRunner
 from engine_core.sampler import Sampler, token_logprobs
-from engine_core.scheduler import ScheduledChunk, Scheduler
+from engine_core.scheduler import CacheCounters, ScheduledChunk, Scheduler
 from engine_core.thread_policy import ThreadTuner
 from ipc.messages import (
     Abort,
@@ -49,14 +50,20 @@ class Engine:
         self.io = io
         self.plan = plan
         self.eos_token_ids = eos_token_ids
-        self.scheduler = Scheduler(plan.max_batch, plan.prefill_chunk, plan.max_context, eos_token_ids)
+        block_size = plan.kv_block_size
+        self.pool = BlockPool(max(1, plan.kv_cache_tokens // block_size), block_size, plan.prefix_caching)
+        # no sequence may outgrow the pool alone (it would preempt itself for ever)
+        self.max_context = min(plan.max_context, self.pool.num_blocks * block_size)
+        self.scheduler = Scheduler(plan.max_batch, plan.prefill_chunk, self.max_context, eos_token_ids, self.pool)
         kv_dtype = torch_dtype(plan.kv_dtype or plan.dtype)
         self.runner = ModelRunner(
             model,
             plan.max_batch,
-            plan.max_context,
+            self.max_context,
             device,
             kv_dtype,
+            self.pool.num_blocks,
+            block_size,
             cuda_graphs=plan.cuda_graphs,  # the planner's call: whole model on one GPU
             compiled_decode=plan.compile,  # CPU only: one compiled graph for decode steps
         )
@@ -68,16 +75,20 @@ class Engine:
         self.running = True
 
     def warmup(self) -> None:
-        """A full prefill chunk, then every slot at once: the planned peaks, before any user arrives
-        (an out-of-memory surfaces here, at start, not mid-stream) and with allocations warmed."""
+        """A full prefill chunk, then the whole batch at once: the planned peaks, before any user arrives
+        (an out-of-memory surfaces here, at start, not mid-stream) and with allocations warmed. The dummy
+        prompts leave nothing in the prefix cache."""
         params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
-        long_prompt = [0] * max(1, min(self.plan.prefill_chunk, self.plan.max_context - 2))
-        for i in range(self.plan.max_batch):
+        long_prompt = [0] * max(1, min(self.plan.prefill_chunk, self.max_context - 2))
+        batch = min(self.plan.max_batch, self.pool.num_blocks // 2)
+        for i in range(max(1, batch)):
             self.scheduler.add(Request(f"warmup-{i}", long_prompt if i == 0 else [0] * 4, params))
         while len(self.scheduler):
             chunks = self.scheduler.schedule()
             logits = self.runner.forward(chunks)
             self.scheduler.update(chunks, logits.sample.argmax(dim=-1).tolist())
+        self.pool.clear_cache()
+        self.scheduler.counters = CacheCounters()
         if self.runner.graphs is not None:
             log.info(self.runner.graphs.capture_all())
         if self.runner.compiled is not None:
@@ -121,8 +132,8 @@ class Engine:
         params = request.params
         if not request.prompt_token_ids:
             error = "prompt has no tokens"
-        elif len(request.prompt_token_ids) >= self.plan.max_context:
-            error = f"prompt has {len(request.prompt_token_ids)} tokens; the context window is {self.plan.max_context}"
+        elif len(request.prompt_token_ids) >= self.max_context:
+            error = f"prompt has {len(request.prompt_token_ids)} tokens; the context window is {self.max_context}"
         elif request.request_id in self.scheduler.by_id:
             error = f"duplicate request id {request.request_id}"
         elif params.max_new_tokens < 0 or (params.max_new_tokens == 0 and params.prompt_logprobs is None):
@@ -177,7 +188,7 @@ class Engine:
             seq = chunk.seq
             if seq.finish_reason is FinishReason.ABORT:
                 continue  # aborted mid-step: it never emits another token
-            first = chunk.is_prefill
+            first, seq.first_output_sent = not seq.first_output_sent, True
             new = [token] if seq.params.max_new_tokens > 0 else []
             output = RequestOutput(
                 seq.request_id, new, seq.finish_reason, logprobs=[logprobs] if logprobs is not None and new else None
@@ -193,6 +204,13 @@ class Engine:
         self.stats.running = len(self.scheduler.running)
         self.stats.waiting = len(self.scheduler.waiting)
         self.stats.kv_slots_used = self.scheduler.slots_used
+        pool, counters = self.pool, self.scheduler.counters
+        self.stats.kv_blocks_total = pool.num_blocks
+        self.stats.kv_blocks_used = pool.num_used
+        self.stats.kv_blocks_cached = pool.num_cached
+        self.stats.prefix_cache_queries = counters.queries
+        self.stats.prefix_cache_hits = counters.hits
+        self.stats.preemptions = counters.preemptions
         if self.device.type == "cuda":
             self.stats.gpu_peak_bytes = torch.cuda.max_memory_allocated(self.device)
             self.stats.gpu_allocated_bytes = torch.cuda.memory_allocated(self.device)

@@ -1,4 +1,11 @@
-"""The KV cache: one slot per running sequence, each a full context window, allocated once."""
+"""The KV cache storage: one pool of fixed-size blocks per layer, shared by all sequences.
+
+Layout per layer: [blocks, block_size, kv_heads, head_dim], token-major inside a block, so a token's
+K (all heads) is one contiguous row of the flat view [blocks × block_size, kv_heads, head_dim] that
+new tokens are written into, and a sequence's keys are its blocks gathered in table order: a copy of
+whole blocks (a memcpy each), viewed as [kv_heads, positions, head_dim] for attention without another
+copy. Which sequence holds which block is the scheduler's business (engine_core/block_pool.py).
+"""
 
 from __future__ import annotations
 
@@ -9,16 +16,17 @@ import torch
 
 
 class KVCache:
-    """K and V for `slots` sequences × `context` positions per layer, allocated once.
+    """K and V for `num_blocks` blocks of `block_size` positions per layer, allocated once.
 
     On CPU the pool is one anonymous mmap: the kernel hands out zeroed 4 KiB pages on first
-    write, so the plan's whole budget is reserved but RAM is committed only as sequences fill
-    their slots (numpy/torch zeros would touch it all, or take 2 MiB huge pages per write).
-    Zeroed matters: masked positions are multiplied by 0, and stale NaN garbage would leak in.
+    write, so the plan's whole budget is reserved but RAM is committed only as blocks are first
+    filled (numpy/torch zeros would touch it all). Zeroed matters: masked positions are multiplied by
+    0 in attention, and NaN garbage would leak in (a reused block holds another sequence's finite K/V).
     """
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, context: int, head_dim: int, dtype, device):
-        shape = (2, layers, slots, kv_heads, context, head_dim)
+    def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (2, layers, num_blocks, block_size, kv_heads, head_dim)
         if torch.device(device).type == "cpu":
             itemsize = torch.empty((), dtype=dtype).element_size()
             self._buffer = mmap.mmap(-1, math.prod(shape) * itemsize)

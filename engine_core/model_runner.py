@@ -2,14 +2,16 @@
 
 The HF model runs its own modules however they were loaded (16-bit, bitsandbytes NF4, accelerate
 offload, whose hooks fire by themselves); attention is kiln's (engine_core/attention.py), over a
-slot cache allocated once. On a GPU, decode-only steps replay CUDA graphs captured per
-(batch bucket, key-span bucket): one launch instead of hundreds of kernels, no host sync inside.
+paged pool of KV blocks allocated once (engine_core/kv_cache.py); the scheduler says which blocks each
+sequence holds. On a GPU, decode-only steps replay CUDA graphs captured per (batch bucket, key-span
+bucket) over static block-table tensors: one launch instead of hundreds of kernels, no host sync inside.
 On a CPU with compile on, they run one torch.compile'd graph of the whole model (compiled_decode.py).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import NamedTuple
 
 import torch
@@ -19,7 +21,7 @@ from engine_core import attention
 from engine_core.attention import DecodeLayout, PrefillChunk, StepContext
 from engine_core.compiled_decode import CompiledDecode, is_decode_only
 from engine_core.kv_cache import KVCache
-from engine_core.scheduler import ScheduledChunk
+from engine_core.scheduler import ScheduledChunk, Sequence
 
 log = logging.getLogger("kiln.engine")
 
@@ -50,6 +52,8 @@ class ModelRunner:
         max_context: int,
         device: torch.device,
         kv_dtype,
+        num_blocks: int | None = None,  # default: room for max_batch sequences of max_context tokens
+        block_size: int = 16,
         cuda_graphs: bool = False,
         compiled_decode: bool = False,
     ):
@@ -71,10 +75,13 @@ class ModelRunner:
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        self.cache = KVCache(len(layers), max_batch, kv_heads, max_context, head_dim, kv_dtype, device)
+        self.block_size = block_size
+        self.max_blocks = math.ceil(max_context / block_size)  # the widest block table a sequence needs
+        num_blocks = num_blocks or max_batch * self.max_blocks
+        self.cache = KVCache(len(layers), num_blocks, block_size, kv_heads, head_dim, kv_dtype, device)
         for layer, k, v in zip(layers, self.cache.k, self.cache.v):
             attention.attach_cache(layer.self_attn, k, v)
-        self.positions_range = torch.arange(max_context, device=device)
+        self.positions_range = torch.arange(self.max_blocks * block_size, device=device)
         # the windows layers pass as `sliding_window`: none (global layers) and the config's, if any
         self.windows = (None,) + ((config.sliding_window,) if getattr(config, "sliding_window", None) else ())
         self.graphs = DecodeGraphs(self) if cuda_graphs and device.type == "cuda" else None
@@ -89,23 +96,26 @@ class ModelRunner:
             return StepLogits(self.graphs.run(chunks), [None] * len(chunks))
         if self.compiled is not None and self.compiled.covers(chunks):
             return StepLogits(self.compiled.run(chunks), [None] * len(chunks))
+        bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        decodes: list[tuple[int, int, int]] = []  # (slot, flat row, length) of each decode token
-        prefills: list[PrefillChunk] = []
+        cache_rows: list[int] = []
+        decodes: list[tuple[int, Sequence, int]] = []  # (flat row, sequence, length) of each one-token chunk
+        prefills: list[tuple[int, ScheduledChunk]] = []  # (flat row, chunk) of each longer or scoring chunk
         logit_rows: list[int] = []  # the sampled rows first, in chunk order; then prompt-scoring rows
         scored: list[tuple[int, int] | None] = []  # per chunk: (first, count) into the prompt-scoring rows
         score_rows: list[int] = []
         for chunk in chunks:
             flat = len(token_ids)
+            blocks = chunk.seq.blocks
             token_ids += chunk.token_ids
-            positions += range(chunk.start, chunk.start + chunk.length)
-            slots += [chunk.seq.slot] * chunk.length
-            if chunk.start >= len(chunk.seq.prompt_ids):
-                decodes.append((chunk.seq.slot, flat, chunk.start + 1))
+            span = range(chunk.start, chunk.start + chunk.length)
+            positions += span
+            cache_rows += [blocks[p // bs] * bs + p % bs for p in span]
+            if chunk.length == 1 and not chunk.scores_prompt:
+                decodes.append((flat, chunk.seq, chunk.start + 1))
             else:
-                prefills.append(PrefillChunk(flat, chunk.length, chunk.seq.slot, chunk.start))
+                prefills.append((flat, chunk))
             if chunk.sample:
                 logit_rows.append(flat + chunk.length - 1)
             scored.append((len(score_rows), chunk.length) if chunk.scores_prompt else None)
@@ -113,34 +123,49 @@ class ModelRunner:
                 score_rows += range(flat, flat + chunk.length)
         samples = len(logit_rows)
         logit_rows += score_rows
-        # decode rows in slot order: when their slots are one contiguous run (the scheduler hands out the
-        # lowest free slot), attention reads K/V in place instead of gathering a copy
-        decodes.sort()
-        d_slots, d_rows, d_lengths = (list(column) for column in zip(*decodes)) if decodes else ([], [], [])
         n = len(token_ids)
-        packed = torch.tensor(token_ids + positions + slots + logit_rows + d_rows + d_slots + d_lengths)
-        packed = packed.to(self.device, non_blocking=True)
-        ids, pos, slot_t, rows_t = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n], packed[3 * n :]
-        logit_index, rest = rows_t[: len(logit_rows)], rows_t[len(logit_rows) :]
+        # one host-to-device copy of everything: ids, positions, cache rows, logit rows, decode rows and
+        # lengths, the decode block tables (padded by repeating a row's last block: masked), prefill tables
+        width = max((math.ceil(length / bs) for _, _, length in decodes), default=0)
+        d_rows = [flat for flat, _, _ in decodes]
+        d_lengths = [length for _, _, length in decodes]
+        d_tables: list[int] = []
+        for _, seq, length in decodes:
+            used = seq.blocks[: math.ceil(length / bs)]
+            d_tables += used + [used[-1]] * (width - len(used))
+        p_tables: list[int] = []
+        for _, chunk in prefills:
+            p_tables += chunk.seq.blocks[: math.ceil((chunk.start + chunk.length) / bs)]
+        packed = torch.tensor(
+            token_ids + positions + cache_rows + logit_rows + d_rows + d_lengths + d_tables + p_tables
+        ).to(self.device, non_blocking=True)
+        ids, pos, rows_t = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n]
+        at = 3 * n
+        logit_index = packed[at : at + len(logit_rows)]
+        at += len(logit_rows)
         decode = None
         if decodes:
             b = len(decodes)
-            in_flat_order = d_rows == list(range(n))  # every token is a decode token, already in order
-            contiguous = d_slots[-1] - d_slots[0] == b - 1
-            decode = DecodeLayout(
-                None if in_flat_order else rest[:b],
-                rest[b : 2 * b],
-                rest[2 * b :],
-                max(d_lengths),
-                d_slots[0] if contiguous else None,
+            d_rows_t, d_lengths_t = packed[at : at + b], packed[at + b : at + 2 * b]
+            tables = packed[at + 2 * b : at + 2 * b + b * width].view(b, width)
+            at += 2 * b + b * width
+            first = _consecutive_run(d_tables) if b == 1 else None
+            decode = DecodeLayout(None if d_rows == list(range(n)) else d_rows_t, tables, d_lengths_t, first)
+        chunk_layouts = []
+        for flat, chunk in prefills:
+            count = math.ceil((chunk.start + chunk.length) / bs)
+            table = chunk.seq.blocks[:count]
+            chunk_layouts.append(
+                PrefillChunk(flat, chunk.length, chunk.start, packed[at : at + count], _consecutive_run(table))
             )
-        ctx = self._context(slot_t, pos, decode, prefills)
+            at += count
+        ctx = self._context(rows_t, pos, decode, chunk_layouts)
         logits = self._logits(ids, pos, logit_index, ctx)
         prompt = [None if at is None else logits[samples + at[0] : samples + at[0] + at[1]] for at in scored]
         return StepLogits(logits[:samples], prompt)
 
-    def _context(self, slots, positions, decode, prefills) -> StepContext:
-        return StepContext(slots, positions, decode, prefills, self.positions_range)
+    def _context(self, cache_rows, positions, decode, prefills) -> StepContext:
+        return StepContext(cache_rows, positions, decode, prefills, self.positions_range, self.block_size)
 
     def _logits(self, ids, positions, logit_index, ctx) -> torch.Tensor:
         ctx.prepare_masks(self.windows)
@@ -154,32 +179,45 @@ class ModelRunner:
         return out.logits[0].float()
 
 
+def _consecutive_run(blocks: list[int]) -> int | None:
+    """The first block when `blocks` are b, b + 1, b + 2, ... (attention then reads them in place)."""
+    if blocks and blocks[-1] - blocks[0] == len(blocks) - 1 and blocks == list(range(blocks[0], blocks[-1] + 1)):
+        return blocks[0]
+    return None
+
+
 class DecodeGraphs:
     """CUDA graphs of the decode-only step, one per (batch bucket, key-span bucket).
 
-    Each graph reads its inputs from static tensors (token, position, slot, length per row) that
-    are refilled before replay. A batch smaller than its bucket is padded by repeating its last row.
-    Spans double from MIN_SPAN to the context: attention reads at most twice the keys it needs.
-    All graphs share one memory pool, captured largest first, so they cost one step's activations.
+    Each graph reads its inputs from static tensors (token, position, cache row, length and block table
+    per row) that are refilled before replay. A batch smaller than its bucket is padded by repeating
+    its last row. Spans double from MIN_SPAN to the context (the block table's width follows): attention
+    reads at most twice the keys it needs. All graphs share one memory pool, captured largest first,
+    so they cost one step's activations.
     """
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self.batch_buckets = sorted(
-            {b for b in (1, 2, 4, 8, 12, 16, 24, 32) if b < runner.max_batch} | {runner.max_batch}
-        )
-        spans, span = [], min(MIN_SPAN, runner.max_context)
-        while span < runner.max_context:
+        buckets = {1, 2, 4, 8}
+        size = 16
+        while size < runner.max_batch:
+            buckets |= {size, size + size // 2}
+            size *= 2
+        self.batch_buckets = sorted({b for b in buckets if b < runner.max_batch} | {runner.max_batch})
+        bs = runner.block_size
+        spans, span = [], max(1, min(MIN_SPAN // bs, runner.max_blocks))
+        while span < runner.max_blocks:
             spans.append(span)
             span *= 2
-        self.span_buckets = spans + [runner.max_context]
+        self.span_buckets = spans + [runner.max_blocks]  # in blocks
         dev = runner.device
         top = self.batch_buckets[-1]
         self.ids = torch.zeros(top, dtype=torch.long, device=dev)
         self.positions = torch.zeros(top, dtype=torch.long, device=dev)
-        self.slots = torch.zeros(top, dtype=torch.long, device=dev)
+        self.cache_rows = torch.zeros(top, dtype=torch.long, device=dev)
         self.lengths = torch.ones(top, dtype=torch.long, device=dev)
-        self.host = torch.zeros(4, top, dtype=torch.long).pin_memory()
+        self.tables = torch.zeros(top, runner.max_blocks, dtype=torch.long, device=dev)
+        self.host = torch.zeros(4 + runner.max_blocks, top, dtype=torch.long).pin_memory()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.failed: str | None = None
@@ -201,16 +239,16 @@ class DecodeGraphs:
             return self.failed
         return (
             f"CUDA graphs for decode: {len(self.graphs)} captured, batch buckets {self.batch_buckets}, "
-            f"key spans {self.span_buckets[0]}..{self.span_buckets[-1]}"
+            f"key spans {self.span_buckets[0] * self.runner.block_size}..{self.span_buckets[-1] * self.runner.block_size}"
         )
 
     @torch.inference_mode()
     def _capture(self, batch: int, span: int) -> None:
         runner = self.runner
         ctx = runner._context(
-            self.slots[:batch],
+            self.cache_rows[:batch],
             self.positions[:batch],
-            DecodeLayout(None, self.slots[:batch], self.lengths[:batch], span),
+            DecodeLayout(None, self.tables[:batch, :span], self.lengths[:batch]),
             [],
         )
         rows = runner.positions_range[:batch]
@@ -229,19 +267,26 @@ class DecodeGraphs:
 
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         n = len(chunks)
+        bs = self.runner.block_size
         batch = next(b for b in self.batch_buckets if b >= n)
         longest = max(c.start + 1 for c in chunks)
-        span = next(s for s in self.span_buckets if s >= longest)
+        span = next(s for s in self.span_buckets if s * bs >= longest)
         # rows past n repeat the last sequence: they write the same K/V to the same place, and their
-        # logits are dropped, so padding needs no memory of its own and never touches another slot
+        # logits are dropped, so padding needs no memory of its own and never touches another block
         padded = chunks + [chunks[-1]] * (batch - n)
         host = self.host[:, :batch]
         host[0] = torch.tensor([c.token_ids[0] for c in padded])
         host[1] = torch.tensor([c.start for c in padded])
-        host[2] = torch.tensor([c.seq.slot for c in padded])
+        host[2] = torch.tensor([c.seq.blocks[c.start // bs] * bs + c.start % bs for c in padded])
         host[3] = host[1] + 1
-        for target, row in zip((self.ids, self.positions, self.slots, self.lengths), host):
+        tables = []
+        for c in padded:
+            used = c.seq.blocks[: c.start // bs + 1]
+            tables.append(used + [used[-1]] * (span - len(used)))
+        host[4 : 4 + span] = torch.tensor(tables).T
+        for target, row in zip((self.ids, self.positions, self.cache_rows, self.lengths), host):
             target[:batch].copy_(row, non_blocking=True)
+        self.tables[:batch, :span].copy_(host[4 : 4 + span].T, non_blocking=True)
         graph, logits = self.graphs[(batch, span)]
         graph.replay()
         return logits[:n].float()

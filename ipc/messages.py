@@ -38,13 +38,21 @@ class EngineStats(msgspec.Struct, array_like=True, gc=False):
 
     running: int = 0
     waiting: int = 0
-    kv_slots_used: int = 0
+    kv_slots_used: int = 0  # sequences holding KV blocks (the running batch, prompts in flight included)
     max_running_seen: int = 0
     served: int = 0
     steps: int = 0
     # GPU engines: torch.cuda.max_memory_allocated / memory_allocated on the engine's device (0 on CPU)
     gpu_peak_bytes: int = 0
     gpu_allocated_bytes: int = 0
+    # The paged KV pool (engine_core/block_pool.py): blocks of `plan.kv_block_size` tokens
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0  # held by a running sequence (usage = used / total)
+    kv_blocks_cached: int = 0  # holding a reusable prefix (in use or free until evicted)
+    # counters since the engine started (vLLM's prefix-cache series count tokens, not requests)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found cached (not computed again)
+    preemptions: int = 0  # sequences preempted (blocks freed, requeued to recompute) when the pool ran dry
 
 
 # ---- frontend → engine ----------------------------------------------------------------------
@@ -54,6 +62,9 @@ class Request(msgspec.Struct, tag="request", array_like=True, gc=False):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    # vLLM's `cache_salt`: cached prefix blocks are shared only among requests with the same salt
+    # (a cache hit answers faster, which leaks whether someone sent the same prefix)
+    cache_salt: str | None = None
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True, gc=False):

@@ -24,6 +24,8 @@ class PlanOverrides(msgspec.Struct, omit_defaults=True, frozen=True):
     gpu_memory_fraction: float | None = None
     cpu_offload: bool | None = None
     compile: bool | None = None
+    prefix_caching: bool | None = None  # automatic prefix caching (on unless --no-prefix-caching)
+    kv_cache_tokens: int | None = None  # the KV pool's size in tokens (e.g. to test pool pressure)
     gpu_layers: int | None = None  # decoder layers kept on the GPU, the rest offloaded (like llama.cpp -ngl);
     # on a CPU-only machine: decoder layers kept in RAM, the rest read from disk (accelerate disk offload)
     # Where each forced value came from, e.g. {"quantization": "QUANTIZATION=none"}; for reasons only.
@@ -37,14 +39,16 @@ class ServingPlan(msgspec.Struct, kw_only=True):
     double_quant: bool
     offload: bool
     device_map: dict[str, str | int] | None
-    max_batch: int
-    max_context: int
-    kv_cache_tokens: int
+    max_batch: int  # most sequences running at once (a cap; the pool's free blocks admit them)
+    max_context: int  # longest sequence, prompt + output
+    kv_cache_tokens: int  # the paged KV pool: kv_blocks × kv_block_size tokens shared by all sequences
     weights_bytes: int
     compile: bool = False
     cuda_graphs: bool = False  # decode steps replayed from CUDA graphs (whole model on one GPU)
     kv_dtype: str = ""  # dtype of the KV cache; "" = the weight dtype (GPU plans)
     prefill_chunk: int = 256  # tokens of prompt computed per engine step, bounds inter-token latency
+    kv_block_size: int = 16  # tokens per KV block: the unit of allocation and of prefix caching
+    prefix_caching: bool = True  # full blocks are keyed by their token prefix and reused across requests
     reasons: dict[str, str] = msgspec.field(default_factory=dict)
     overridden: list[str] = msgspec.field(default_factory=list)  # decisions a flag or env var forced
     # The numbers behind the decisions (added by the planner; 0 / None when unknown).

@@ -101,19 +101,22 @@ def prompts() -> list[list[int]]:
     return [torch.randint(2, TINY["vocab_size"], (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
 
 
-def kiln_greedy(model, prompt_ids: list[list[int]]) -> list[list[int]]:
+def kiln_greedy(model, prompt_ids: list[list[int]], scheduler: Scheduler | None = None, runner=None):
     """Serve every prompt at once through the scheduler and runner, as the engine loop does."""
     from engine_core.model_runner import ModelRunner
 
-    runner = ModelRunner(model, MAX_BATCH, MAX_CONTEXT, torch.device("cpu"), torch.float32)
-    scheduler = Scheduler(MAX_BATCH, PREFILL_CHUNK, MAX_CONTEXT, eos_token_ids=set())
+    if runner is None:
+        runner = ModelRunner(model, MAX_BATCH, MAX_CONTEXT, torch.device("cpu"), torch.float32)
+    if scheduler is None:  # (an empty scheduler is falsy: it has a length)
+        scheduler = Scheduler(MAX_BATCH, PREFILL_CHUNK, MAX_CONTEXT, eos_token_ids=set())
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
     sequences = [scheduler.add(Request(f"r{i}", ids, params)) for i, ids in enumerate(prompt_ids)]
     mixed_steps = 0
     while len(scheduler):
         chunks = scheduler.schedule()
-        mixed_steps += len({c.start >= len(c.seq.prompt_ids) for c in chunks}) == 2
+        mixed_steps += len({c.length == 1 for c in chunks}) == 2
         scheduler.update(chunks, runner.forward(chunks).sample.argmax(-1).tolist())
+        scheduler.pool.check()
     assert mixed_steps > 0, "no step mixed prompt chunks with decode tokens"
     return [seq.output_ids for seq in sequences]
 
@@ -140,6 +143,38 @@ def test_greedy_tokens_equal_transformers_generate(model_type):
     prompt_ids = prompts()
     expected = transformers_greedy(reference, prompt_ids)
     assert kiln_greedy(model, prompt_ids) == expected
+
+
+def sharing_prompts(base: list[list[int]]) -> list[list[int]]:
+    """Prompts that share prefixes with `base` and with each other: the same prompt again, one cut inside
+    a block and continued differently, one extended past the end, and one reaching back into its sibling."""
+    generator = torch.Generator().manual_seed(11)
+    tail = torch.randint(2, TINY["vocab_size"], (12,), generator=generator).tolist()
+    longest = max(base, key=len)
+    return [longest, longest[:27] + tail[:9], longest + tail[:5], base[1] + tail, base[1][:10] + tail[:3]]
+
+
+@pytest.mark.parametrize("model_type", sorted(CASES))
+def test_prefix_cache_hits_and_preemption_keep_greedy_tokens_exact(model_type):
+    """Greedy tokens with cache hits equal transformers' without, token for token: a second wave reuses
+    the first wave's blocks (whole prompts, prefixes cut inside a block), and a pool of one context's
+    worth of 4-token blocks forces running sequences to be preempted and recompute."""
+    from engine_core.block_pool import BlockPool
+    from engine_core.model_runner import ModelRunner
+
+    model = tiny_model(model_type)
+    reference = copy.deepcopy(model)
+    first_wave, second_wave = prompts(), sharing_prompts(prompts())
+    expected = transformers_greedy(reference, first_wave + second_wave)
+    blocks, block_size = MAX_CONTEXT // 4, 4
+    runner = ModelRunner(model, MAX_BATCH, MAX_CONTEXT, torch.device("cpu"), torch.float32, blocks, block_size)
+    scheduler = Scheduler(MAX_BATCH, PREFILL_CHUNK, MAX_CONTEXT, set(), BlockPool(blocks, block_size))
+    served = kiln_greedy(model, first_wave, scheduler, runner) + kiln_greedy(model, second_wave, scheduler, runner)
+    assert served == expected
+    counters = scheduler.counters
+    assert counters.preemptions > 0, "the small pool never preempted"
+    assert counters.hits >= len(second_wave) * block_size, counters
+    assert scheduler.pool.num_used == 0 and scheduler.pool.num_cached > 0
 
 
 def test_longrope_context_is_capped_where_its_factors_switch():
