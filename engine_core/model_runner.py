@@ -237,9 +237,10 @@ class DecodeGraphs:
             self.graphs.clear()
             torch.cuda.synchronize()
             return self.failed
+        bs = self.runner.block_size
         return (
             f"CUDA graphs for decode: {len(self.graphs)} captured, batch buckets {self.batch_buckets}, "
-            f"key spans {self.span_buckets[0] * self.runner.block_size}..{self.span_buckets[-1] * self.runner.block_size}"
+            f"key spans {self.span_buckets[0] * bs}..{self.span_buckets[-1] * bs}"
         )
 
     @torch.inference_mode()
