@@ -79,11 +79,19 @@ def overrides_as_flags(overrides) -> list[str]:
     """PlanOverrides (flags and env vars already resolved here) as `cli.py engine` flags, so every node
     plans with what the frontend was told, whatever its own environment says."""
     flags = []
-    for name in ("dtype", "quantization", "max_batch", "max_context", "gpu_memory_fraction", "gpu_layers"):
+    for name in (
+        "dtype",
+        "quantization",
+        "max_batch",
+        "max_context",
+        "kv_cache_tokens",
+        "gpu_memory_fraction",
+        "gpu_layers",
+    ):
         value = getattr(overrides, name, None)
         if value is not None:
             flags += ["--" + name.replace("_", "-"), str(value)]
-    for name in ("cpu_offload", "compile"):
+    for name in ("cpu_offload", "compile", "prefix_caching"):
         value = getattr(overrides, name, None)
         if value is not None:
             flags.append(("--" if value else "--no-") + name.replace("_", "-"))

@@ -1,8 +1,9 @@
 """The one place a ServingPlan is built: the policies (cpu, gpu, offload) decide, the builder records.
 
 A policy makes a `PlanBuilder` with what every plan shares (model, overrides, prefill chunk), fills
-in reasons as it decides, and ends with `build(...)`, which sizes the KV cache into batch × context,
-writes the compile / prefill / KV reasons and lists the forced fields, all the same way for every plan.
+in reasons as it decides, and ends with `build(...)`, which sizes the paged KV pool, the context and the
+batch (planning.batch), writes the compile / prefill / KV / prefix-caching reasons and lists the forced
+fields, all the same way for every plan.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 
 from hardware.profile import format_bytes as fb
 from model.shape import ModelShape
-from planning.batch import choose_batch_context, context_limits
+from planning.batch import KV_BLOCK_SIZE, batch_bound, choose_batch, context_bound, size_pool
 from planning.overrides import FIELDS, describe
 from planning.plan import PlanOverrides, ServingPlan
 
@@ -59,8 +60,13 @@ class PlanBuilder:
 
     @property
     def activation_context(self) -> int:
-        """The context the activation peak is sized for: the forced one, else the largest the plan may choose."""
-        return self.overrides.max_context or context_limits(self.shape)[1]
+        """The context the activation peak is sized for: the longest the plan may choose (window or forced)."""
+        return context_bound(self.shape, self.overrides)
+
+    @property
+    def activation_batch(self) -> int:
+        """The decode rows whose logits the activation peak holds: the most the plan may run at once."""
+        return batch_bound(self.overrides)
 
     def choose_dtype(self, default: str, why: str) -> str:
         """The forced dtype, else `default`; records the reason."""
@@ -77,18 +83,36 @@ class PlanBuilder:
         else:
             self.reasons["quantization"] = why
 
-    def _size_kv_cache(self, kv_room: int, kv_per_token: int) -> tuple[int, int, int]:
-        """(batch, context, KV tokens) for what is left after weights and reserve."""
-        tokens = max(0, kv_room) // kv_per_token
-        batch, ctx, why_b, why_c = choose_batch_context(tokens, self.shape, self.overrides)
-        kv_tokens = batch * ctx
-        self.reasons["max_batch"] = f"{batch}: {why_b}"
-        self.reasons["max_context"] = f"{ctx}: {why_c}"
-        self.reasons["kv_cache_tokens"] = (
-            f"{batch} × {ctx} = {kv_tokens} tokens × {kv_per_token} B/token = {fb(kv_tokens * kv_per_token)}, "
-            f"out of {fb(kv_room)} left after weights and reserve"
+    def _size_kv_cache(
+        self, kv_room: int, kv_per_token: int, on_cpu: bool, fmt: str, format_ms: dict[str, float]
+    ) -> tuple[int, int, int]:
+        """(batch, context, pool tokens) for `kv_room` bytes left after weights and reserve; `fmt` names the
+        CPU weight format whose measured decode steps (`format_ms`) set the batch."""
+        pool = size_pool(kv_room, kv_per_token, self.shape, self.overrides, on_cpu)
+        batch, why_b = choose_batch(pool, on_cpu, fmt, format_ms, self.overrides)
+        self.reasons["max_batch"] = why_b
+        self.reasons["max_context"] = f"{pool.context}: {pool.why_context}"
+        self.reasons["kv_cache_tokens"] = pool.why_tokens
+        layer_block = KV_BLOCK_SIZE * kv_per_token // self.shape.num_layers
+        self.reasons["kv_block_size"] = (
+            f"{KV_BLOCK_SIZE} tokens on every device: vLLM's default; prefixes are reused in {KV_BLOCK_SIZE}-token "
+            f"steps; one layer's block (K and V) is {fb(layer_block)}, so gathering by block is a plain memcpy"
         )
-        return batch, ctx, kv_tokens
+        return batch, pool.context, pool.tokens
+
+    def _explain_prefix_caching(self) -> bool:
+        if self.overrides.prefix_caching is False:
+            self.reasons["prefix_caching"] = "off: " + describe(self.overrides, "prefix_caching").replace(
+                "forced by", "forced off by", 1
+            )
+            return False
+        self.reasons["prefix_caching"] = (
+            f"on: full {KV_BLOCK_SIZE}-token blocks keyed by a hash chain of token ids, reused across requests "
+            "(shared only among requests with the same cache_salt), LRU-evicted only when the pool needs them"
+            + (f" ({describe(self.overrides, 'prefix_caching')})" if self.overrides.prefix_caching else "")
+            + "; --no-prefix-caching turns it off"
+        )
+        return True
 
     def _explain_compile(self, default: tuple[bool, str]) -> bool:
         compile_ = self.overrides.compile
@@ -119,11 +143,15 @@ class PlanBuilder:
         compile_default: tuple[bool, str] = (False, COMPILE_DEFAULT),
         **fields,
     ) -> ServingPlan:
-        """Size the KV cache from `kv_room`, then the ServingPlan. `quantized`: NF4; `int8`: int8 weight-only
-        linears (CPU). `compile_default`: (on, why) when no flag decides. `max_memory` may be a function of
-        the KV cache bytes (a whole-GPU plan gives accelerate what the KV cache leaves); `fields` are the
-        rest (offload, device_map, offload_bytes, cuda_graphs, kv_dtype, cpu_format_ms)."""
-        batch, ctx, kv_tokens = self._size_kv_cache(kv_room, kv_per_token)
+        """Size the KV pool, context and batch from `kv_room`, then the ServingPlan. `quantized`: NF4; `int8`:
+        int8 weight-only linears (CPU). `compile_default`: (on, why) when no flag decides. `max_memory` may be
+        a function of the KV cache bytes (a whole-GPU plan gives accelerate what the KV cache leaves);
+        `fields` are the rest (offload, device_map, offload_bytes, cuda_graphs, kv_dtype, cpu_format_ms)."""
+        fmt = "int8" if int8 else "nf4" if quantized else dtype
+        batch, ctx, kv_tokens = self._size_kv_cache(
+            kv_room, kv_per_token, device == "cpu", fmt, fields.get("cpu_format_ms") or {}
+        )
+        prefix_caching = self._explain_prefix_caching()
         compile_ = self._explain_compile(compile_default)
         kv_cache_bytes = kv_tokens * kv_per_token
         if callable(max_memory):
@@ -139,6 +167,8 @@ class PlanBuilder:
             weights_bytes=weights_bytes,
             compile=compile_,
             prefill_chunk=self.chunk,
+            kv_block_size=KV_BLOCK_SIZE,
+            prefix_caching=prefix_caching,
             reasons=self.reasons,
             overridden=self.overridden(),
             max_memory=max_memory,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hardware.profile import HardwareProfile
 from hardware.profile import format_bytes as fb
 from model.shape import ModelShape
-from planning.batch import context_limits
+from planning.batch import min_context
 from planning.builder import PlanBuilder, cpu_compile_default
 from planning.cpu_dtype import CPU_KV_DTYPE, INT8_COMPUTE_DTYPE, cpu_dtype_default, cpu_plan_fields
 from planning.memory import Candidate, activation_peak_bytes, int8_weight_bytes, pick, ram_reserve, weight_bytes
@@ -32,13 +32,16 @@ def _candidates(builder: PlanBuilder, dtype: str, budget: int) -> list[Candidate
 
 
 def _reserve(builder: PlanBuilder, budget: int, dtype: str, quantized: bool) -> int:
-    act = activation_peak_bytes(builder.shape, builder.chunk, builder.activation_context, dtype, quantized)
+    b = builder
+    act = activation_peak_bytes(
+        b.shape, b.chunk, b.activation_context, b.activation_batch, dtype, quantized, CPU_KV_DTYPE
+    )
     return ram_reserve(budget) + act
 
 
 def _refusal(shape: ModelShape, cands: list[Candidate], budget: int) -> PlanError:
     smallest = min(cands, key=lambda c: c.needed_min)
-    lo = context_limits(shape)[0]
+    lo = min_context(shape)
     return PlanError(
         f"{shape.name} ({shape.total_params / 1e9:.2f}B params) does not fit on this CPU-only machine: "
         f"the smallest plan, {smallest.label}, needs {fb(smallest.needed_min)} "

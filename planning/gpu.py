@@ -6,7 +6,7 @@ from __future__ import annotations
 from hardware.profile import GiB, GpuInfo, HardwareProfile
 from hardware.profile import format_bytes as fb
 from model.shape import ModelShape
-from planning.batch import PREFERRED_BATCH, context_limits
+from planning.batch import PREFERRED_BATCH, min_context
 from planning.builder import PlanBuilder
 from planning.memory import GPU_FRACTION, Candidate, gpu_budget, gpu_reserve, pick, weight_bytes
 from planning.offload import GpuBudget, plan_gpu_offload
@@ -58,7 +58,7 @@ def plan_gpu(shape: ModelShape, profile: HardwareProfile, gpu: GpuInfo, override
     dtype = builder.choose_dtype(*gpu_dtype_default(gpu))
 
     def reserve_for(quantized: bool) -> int:
-        return gpu_reserve(shape, chunk, builder.activation_context, dtype, quantized)
+        return gpu_reserve(shape, chunk, builder.activation_context, builder.activation_batch, dtype, quantized)
 
     options = [
         q
@@ -96,7 +96,7 @@ def _plan_whole_gpu(builder: PlanBuilder, budget: GpuBudget, dtype: str, chosen:
         (
             f"NF4 with double quantization, compute in {dtype}: {dtype} weights "
             f"({fb(weight_bytes(shape, dtype, False))}) do not leave room for {PREFERRED_BATCH} × "
-            f"{context_limits(shape)[0]}-token sequences in the {budget.why}; NF4 weights are {fb(chosen.weights)}"
+            f"{min_context(shape)}-token sequences in the {budget.why}; NF4 weights are {fb(chosen.weights)}"
         )
         if chosen.quantized
         else f"none: {dtype} weights ({fb(chosen.weights)}) fit the {budget.why} with room for a KV cache",

@@ -4,13 +4,18 @@ All sizes in bytes (GiB = 2^30), from parameter counts and the machine profile o
 - Weights = parameters × dtype bytes; NF4 weights = b × (embeddings + untied lm_head + norms/biases)
   + 0.516 × decoder linear params (bitsandbytes quantizes only the decoder's nn.Linear weights).
 - KV bytes per token = 2 × layers × kv_heads × head_dim × (2, or 4 for float32).
-- Activation peak of one prefill chunk of C tokens, in compute dtype bytes b:
+- Activation peak of one prefill chunk of C tokens, in compute dtype bytes b, sized for the chunk:
   C × (2h + (heads + 2·kv_heads)·head_dim + heads·head_dim + m·intermediate) × b   (residual + norm,
-  qkv, attention output, MLP with m = 3 gated / 2 plain), plus one layer's attention scores
-  heads × C × context × 4 (the SDPA math fallback materializes them in fp32), plus fp32 logits
-  for the last position of a full decode batch (16 × vocab × 4), plus, under NF4, one linear
-  weight dequantized to 16-bit (hidden × intermediate × 2). Layers run one at a time, so the peak
-  of one layer is the peak of the model.
+  qkv, attention output, MLP with m = 3 gated / 2 plain), plus fp32 logits for the last position
+  of a full decode batch (max batch × vocab × 4), plus, under NF4, one linear weight dequantized to
+  16-bit (hidden × intermediate × 2). Attention over the context runs in a fused kernel (SDPA's
+  flash / memory-efficient kernels, on CPU too) that never holds C × context scores; what grows
+  with the context is small: the chunk's boolean mask (C × context bytes, shared by all heads) and
+  one layer's K and V gathered from the sequence's blocks (context × kv bytes per token / layers).
+  Only where the model caps its attention logits (gemma2's softcap, computed explicitly) does one
+  layer's fp32 scores heads × C × context × 4 count too. The context is the longest the plan may
+  choose (the model's window or --max-context). Layers run one at a time, so the peak of one layer
+  is the peak of the model.
 - GPU budget = total × 0.90 (or × --gpu-memory-fraction), capped by the free memory NVML reports.
   Out of it come a reserve of 1 GiB (CUDA context, cuBLAS workspaces, fragmentation) plus the
   activation peak, then the weights; what is left is the KV cache. Together with the 10% this is
@@ -25,7 +30,7 @@ import math
 
 from hardware.profile import GiB, GpuInfo, decoder_linear_shapes
 from model.shape import TWO_MATRIX_MLP, ModelShape
-from planning.batch import MAX_BATCH, PREFERRED_BATCH, context_limits
+from planning.batch import PREFERRED_BATCH, min_context
 from planning.dtypes import dtype_bytes
 
 GPU_FRACTION = 0.90
@@ -61,17 +66,25 @@ def kv_bytes_per_token(shape: ModelShape, dtype: str) -> int:
     return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes(dtype)
 
 
-def activation_peak_bytes(shape: ModelShape, chunk: int, context: int, dtype: str, quantized: bool) -> int:
-    """Peak transient memory of one prefill chunk (see the module docstring for each term)."""
+EXPLICIT_SCORES = frozenset({"gemma2"})  # attention logits softcapped: scores computed outside SDPA, in fp32
+
+
+def activation_peak_bytes(
+    shape: ModelShape, chunk: int, context: int, batch: int, dtype: str, quantized: bool, kv_dtype: str | None = None
+) -> int:
+    """Peak transient memory of one prefill chunk against `context` keys, with `batch` decode rows' logits
+    (see the module docstring for each term)."""
     b = dtype_bytes(dtype)
     h, hd = shape.hidden_size, shape.head_dim
     mlp_mats = 2 if shape.architecture in TWO_MATRIX_MLP else 3
     per_token = 2 * h + (shape.num_attention_heads + 2 * shape.num_kv_heads) * hd
     per_token += shape.num_attention_heads * hd + mlp_mats * shape.intermediate_size
-    scores = shape.num_attention_heads * chunk * context * 4
-    logits = MAX_BATCH * shape.vocab_size * 4
+    mask = chunk * context
+    gathered = context * kv_bytes_per_token(shape, kv_dtype or dtype) // shape.num_layers
+    scores = shape.num_attention_heads * chunk * context * 4 if shape.architecture in EXPLICIT_SCORES else 0
+    logits = batch * shape.vocab_size * 4
     dequant = h * shape.intermediate_size * 2 if quantized else 0
-    return chunk * per_token * b + scores + logits + dequant
+    return chunk * per_token * b + mask + gathered + scores + logits + dequant
 
 
 def layer_split(shape: ModelShape) -> tuple[int, int]:
@@ -106,9 +119,9 @@ def gpu_budget(gpu: GpuInfo, fraction: float) -> int:
     return min(int(gpu.total_bytes * fraction), gpu.free_bytes)
 
 
-def gpu_reserve(shape: ModelShape, chunk: int, context: int, dtype: str, quantized: bool) -> int:
+def gpu_reserve(shape: ModelShape, chunk: int, context: int, batch: int, dtype: str, quantized: bool) -> int:
     """Kept free on the GPU: CUDA context and workspaces + the activation peak."""
-    return GPU_OVERHEAD + activation_peak_bytes(shape, chunk, context, dtype, quantized)
+    return GPU_OVERHEAD + activation_peak_bytes(shape, chunk, context, batch, dtype, quantized)
 
 
 def ram_reserve(available: int) -> int:
@@ -126,7 +139,7 @@ class Candidate:
         self.weights = weight_bytes(shape, dtype, quantized)
         self.kv_per_token = kv_bytes_per_token(shape, kv_dtype or dtype)
         self.kv_room = budget - reserve - self.weights
-        lo, _ = context_limits(shape)
+        lo = min_context(shape)
         self.fits = self.kv_room >= self.kv_per_token * lo
         self.headroom = self.kv_room >= self.kv_per_token * lo * PREFERRED_BATCH
         self.needed_min = self.weights + reserve + self.kv_per_token * lo

@@ -21,7 +21,7 @@ from typing import NamedTuple
 from hardware.profile import HardwareProfile
 from hardware.profile import format_bytes as fb
 from model.shape import ACCELERATE_LAYOUT, ModelShape
-from planning.batch import context_limits
+from planning.batch import min_context
 from planning.builder import PlanBuilder
 from planning.cpu_dtype import CPU_KV_DTYPE, cpu_plan_fields
 from planning.dtypes import dtype_bytes
@@ -139,7 +139,7 @@ def _choose_placement(
     if o.gpu_layers is None or last.on_gpu < 1:
         raise PlanError(
             f"{shape.name} cannot run on cuda:{gpu.index} even with CPU offload and embeddings and lm_head in RAM: "
-            f"one decoder layer, one streamed layer, reserve and KV for one {context_limits(shape)[0]}-token sequence "
+            f"one decoder layer, one streamed layer, reserve and KV for one {min_context(shape)}-token sequence "
             f"need {fb(fixed + gpu_layer)} of GPU memory, {gpu.why} available (try --cpu-only)"
         )
     raise PlanError(
@@ -199,7 +199,7 @@ def plan_gpu_offload(
     kv_per_token = kv_bytes_per_token(shape, dtype)
     gpu_layer = layer_bytes(shape, dtype, quantized)
     cpu_layer = shape.layer_params * dtype_bytes(dtype)  # the loader casts offloaded layers to the compute dtype
-    free_for_weights = gpu.bytes - reserve - kv_per_token * context_limits(shape)[0]
+    free_for_weights = gpu.bytes - reserve - kv_per_token * min_context(shape)
     chosen = _choose_placement(builder, gpu, dtype, gpu_layer, cpu_layer, free_for_weights)
     on_gpu = min(o.gpu_layers if o.gpu_layers is not None else chosen.on_gpu, L)
     stream = chosen.stream if on_gpu < L else 0

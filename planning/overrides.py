@@ -28,10 +28,11 @@ _QUANT = {
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 QUANTIZATIONS = ("nf4", "4bit", "none")  # what --quantization offers (QUANTIZATION accepts every alias above)
 # Bounds of the numeric overrides, (min, max or None), inclusive: the click options in cli.py and the
-# checks here both read them. max_batch may exceed the planner's own cap (16) when forced.
+# checks here both read them. max_batch may exceed the planner's own choice (at most 256) when forced.
 BOUNDS: dict[str, tuple[int | float, int | float | None]] = {
-    "max_batch": (1, 256),
+    "max_batch": (1, 1024),
     "max_context": (16, None),
+    "kv_cache_tokens": (256, None),
     "gpu_memory_fraction": (0.05, 1.0),
     "gpu_layers": (0, None),
 }
@@ -43,6 +44,8 @@ FIELDS = (
     "gpu_memory_fraction",
     "cpu_offload",
     "compile",
+    "prefix_caching",
+    "kv_cache_tokens",
     "gpu_layers",
 )
 
@@ -94,6 +97,8 @@ def overrides_from_flags(
     gpu_memory_fraction: float | None = None,
     cpu_offload: bool | None = None,
     compile: bool | None = None,
+    prefix_caching: bool | None = None,
+    kv_cache_tokens: int | None = None,
     gpu_layers: int | None = None,
 ) -> PlanOverrides:
     """CLI flag values (None = flag not given), validated; sources read '--flag'."""
@@ -101,6 +106,7 @@ def overrides_from_flags(
         ("max_batch", max_batch),
         ("max_context", max_context),
         ("gpu_memory_fraction", gpu_memory_fraction),
+        ("kv_cache_tokens", kv_cache_tokens),
         ("gpu_layers", gpu_layers),
     ):
         check_bounds(field, value, "--" + field.replace("_", "-"))
@@ -112,6 +118,8 @@ def overrides_from_flags(
         "gpu_memory_fraction": gpu_memory_fraction,
         "cpu_offload": cpu_offload,
         "compile": compile,
+        "prefix_caching": prefix_caching,
+        "kv_cache_tokens": kv_cache_tokens,
         "gpu_layers": gpu_layers,
     }
     given = {k: v for k, v in values.items() if v is not None}

@@ -4,7 +4,7 @@ Pure arithmetic, no torch, no I/O: every number comes from parameter counts and 
 profile, so a plan can be made for a machine we are not on and checked in tests.
 
 The pieces: planning.memory (byte arithmetic: weights, KV, activations, reserves; the memory model
-is in its docstring), planning.batch (KV tokens -> batch × context), the policies planning.cpu,
+is in its docstring), planning.batch (KV room -> paged pool, context, batch), the policies planning.cpu,
 planning.gpu and planning.offload (GPU -> RAM, RAM -> disk), and planning.builder, where every
 plan is built.
 """

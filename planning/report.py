@@ -25,6 +25,8 @@ ROWS = (
     "max_batch",
     "max_context",
     "kv_cache_tokens",
+    "kv_block_size",
+    "prefix_caching",
     "weights_bytes",
     "compile",
     "cuda_graphs",
@@ -73,6 +75,10 @@ def _value(plan: ServingPlan, key: str) -> str:
         )
     if key == "kv_dtype":
         return plan.kv_dtype or plan.dtype
+    if key == "kv_block_size":
+        return f"{plan.kv_block_size} tokens"
+    if key == "prefix_caching":
+        return "on" if plan.prefix_caching else "off"
     if key == "cpu_formats":
         return "measured" if plan.cpu_format_ms else "not measured yet"
     if key in ("compile", "cuda_graphs"):

@@ -76,10 +76,40 @@ def test_plan_command_loads_no_torch_and_prints_json():
         "max_batch",
         "max_context",
         "kv_cache_tokens",
+        "kv_block_size",
+        "prefix_caching",
         "weights_bytes",
         "reasons",
     ):
         assert key in plan
+    assert plan["kv_block_size"] == 16 and plan["prefix_caching"] is True
+
+
+def test_pool_flags_reach_the_plan_and_travel_to_ray_engines():
+    """The flags `serve --ray` hands every engine (overrides_as_flags) are ones `plan` (and `engine`) accept."""
+    import json
+
+    from frontend.ray_engines import overrides_as_flags
+    from planning.overrides import overrides_from_flags
+
+    forced = overrides_from_flags(kv_cache_tokens=16000, prefix_caching=False, max_batch=1024)
+    flags = overrides_as_flags(forced)
+    assert {"--kv-cache-tokens", "16000", "--no-prefix-caching", "--max-batch", "1024"} <= set(flags)
+    result = cli("plan", "--cpu-only", "--ram", "24GiB", "--json", *flags)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["kv_cache_tokens"], plan["prefix_caching"], plan["max_batch"]) == (16000, False, 1024)
+    assert {"kv_cache_tokens", "prefix_caching", "max_batch"} <= set(plan["overridden"])
+    assert plan["reasons"]["prefix_caching"] == "off: forced off by --no-prefix-caching"
+
+
+def test_a_pool_too_small_for_the_forced_context_is_one_line():
+    result = cli("plan", "--cpu-only", "--ram", "24GiB", "--kv-cache-tokens", "4096", "--max-context", "8192")
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "--kv-cache-tokens 8192 or more" in line and "--max-context to 4096 or less" in line
+    result = cli("plan", "--kv-cache-tokens", "100")
+    assert result.returncode == 2 and "--kv-cache-tokens" in one_line(result)
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:

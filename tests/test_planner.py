@@ -44,6 +44,7 @@ MACHINES = {
 
 # The rules as the issue states them.
 GPU_SHARE, GPU_OVERHEAD = 0.90, 1 * GiB
+BLOCK = 16  # tokens per KV block
 ACTIVATION_BOUND = 4 * GiB  # generous upper bound on any prefill activation peak in these cases
 NF4 = 0.516
 
@@ -134,14 +135,23 @@ def check_invariants(model: str, plan: ServingPlan, p) -> None:
     kvb = 4 if plan.dtype == "float32" or not on_gpu else 2
     assert plan.kv_bytes_per_token == kv_per_token(cfg, kvb)
     assert (plan.kv_dtype or plan.dtype) == ("float32" if kvb == 4 else plan.dtype)
-    # batch and context rule
-    top = min(8192, cfg["max_position_embeddings"])
-    assert 1 <= plan.max_batch <= 16
-    assert min(2048, top) <= plan.max_context <= top
-    assert plan.kv_cache_tokens == plan.max_batch * plan.max_context
+    # pool, context and batch rules (the pool is shared in 16-token blocks, not batch × context slots)
+    window = cfg["max_position_embeddings"]
+    assert plan.kv_block_size == BLOCK and plan.kv_cache_tokens % BLOCK == 0
     assert plan.kv_cache_bytes == plan.kv_cache_tokens * plan.kv_bytes_per_token
-    if plan.max_context < top:
-        assert plan.max_batch <= 4  # context grows first while batch stays at 4
+    assert plan.max_context == min(window, plan.kv_cache_tokens)  # the model's window wherever one sequence fits
+    assert plan.max_context >= min(2048, window)
+    on_device = plan.weights_bytes - plan.offload_bytes
+    left = plan.budget_bytes - plan.reserve_bytes - on_device
+    one_more_block = (plan.kv_cache_tokens + BLOCK) * plan.kv_bytes_per_token > left
+    if on_gpu:
+        assert one_more_block  # the GPU pool is everything the KV room holds
+        assert plan.max_batch == max(1, min(256, plan.kv_cache_tokens // 256))
+    else:
+        assert plan.kv_cache_tokens == 16 * plan.max_context or one_more_block  # capped at 16 contexts, or memory
+        assert plan.kv_cache_tokens <= 16 * plan.max_context
+        assert plan.max_batch == min(64, plan.kv_cache_tokens // 256)  # no timings injected: the CPU default
+    assert plan.prefix_caching is True
     # weights
     wb = 4 if plan.dtype == "float32" else 2
     if plan.quantization is None and not plan.offload:
@@ -150,14 +160,9 @@ def check_invariants(model: str, plan: ServingPlan, p) -> None:
         assert plan.weights_bytes == pytest.approx(nf4_bytes(s, wb), abs=1)
     assert plan.double_quant == (plan.quantization == "nf4")
     # everything on the device fits its budget
-    on_device = plan.weights_bytes - plan.offload_bytes
     assert on_device + plan.kv_cache_bytes + plan.reserve_bytes <= plan.budget_bytes
     if on_gpu:
         assert plan.budget_bytes <= GPU_SHARE * p.gpus[0].total_bytes
-    # one more sequence would not fit unless the batch is capped
-    left = plan.budget_bytes - plan.reserve_bytes - on_device
-    if plan.max_batch < 16 and plan.max_context == top:
-        assert (plan.max_batch + 1) * plan.max_context * plan.kv_bytes_per_token > left
     assert set(plan.reasons) >= {
         "device",
         "dtype",
@@ -166,6 +171,8 @@ def check_invariants(model: str, plan: ServingPlan, p) -> None:
         "max_batch",
         "max_context",
         "kv_cache_tokens",
+        "kv_block_size",
+        "prefix_caching",
         "compile",
         "prefill_chunk",
     }
@@ -190,13 +197,16 @@ def test_planner_agrees_with_the_derivation_in_most_cases():
     assert {"16bit", "nf4", "refuse"} <= set(decided.values())
 
 
-def test_starcoder2_3b_on_a100_is_bf16_full_batch_full_context():
+def test_starcoder2_3b_on_a100_is_bf16_with_its_whole_window_and_all_the_room_as_pool():
     cfg, s = config("starcoder2-3b"), shape("starcoder2-3b")
-    budget = GPU_SHARE * 81920 * MiB - GPU_OVERHEAD - ACTIVATION_BOUND
-    assert s.total_params * 2 + 16 * 8192 * kv_per_token(cfg, 2) < budget  # the arithmetic says: everything fits
+    kvt = kv_per_token(cfg, 2)
+    room = GPU_SHARE * 81920 * MiB - GPU_OVERHEAD - s.total_params * 2  # before the activation peak
+    assert (room - ACTIVATION_BOUND) // kvt > 16 * 16384  # the arithmetic: many whole windows fit
     plan = make_plan(s, profile("A100"))
     assert (plan.dtype, plan.quantization, plan.offload) == ("bfloat16", None, False)
-    assert (plan.max_batch, plan.max_context, plan.kv_cache_tokens) == (16, 8192, 16 * 8192)
+    assert plan.max_context == cfg["max_position_embeddings"] == 16384  # the model's window, no 8192 ceiling
+    assert (room - ACTIVATION_BOUND) // kvt - BLOCK <= plan.kv_cache_tokens <= room // kvt  # everything left
+    assert plan.max_batch == 256  # memory, not compute, limits a GPU
     assert plan.device_map == {"": 0}
 
 
@@ -566,29 +576,255 @@ def test_compile_default_is_eager_on_gpu_and_compiled_on_cpu(monkeypatch):
 
 
 def test_bad_flag_values_are_rejected():
-    for kwargs in ({"max_batch": 0}, {"gpu_memory_fraction": 1.5}, {"dtype": "int8"}, {"quantization": "gptq"}):
+    for kwargs in (
+        {"max_batch": 0},
+        {"max_batch": 1025},
+        {"kv_cache_tokens": 255},
+        {"gpu_memory_fraction": 1.5},
+        {"dtype": "int8"},
+        {"quantization": "gptq"},
+    ):
         with pytest.raises(ValueError):
             overrides_from_flags(**kwargs)
+    assert overrides_from_flags(max_batch=1024, kv_cache_tokens=256).max_batch == 1024  # the bounds themselves pass
 
 
-def test_forced_batch_and_context_that_do_not_fit_are_refused():
-    with pytest.raises(PlanError):
-        make_plan(shape("llama-3.1-8b"), profile("RTX3060"), overrides_from_flags(max_batch=16, max_context=8192))
+def test_a_forced_context_longer_than_memory_holds_is_refused_with_the_way_out():
+    cfg = config("llama-3.1-8b")
+    assert 131072 * kv_per_token(cfg, 2) > 12 * GiB  # one full-window sequence alone outgrows the card
+    with pytest.raises(PlanError) as info:
+        make_plan(shape("llama-3.1-8b"), profile("RTX3060"), overrides_from_flags(max_context=131072))
+    msg = str(info.value)
+    fits = int(re.search(r"lower --max-context to (\d+) or less", msg).group(1))
+    assert "one 131072-token sequence (forced by --max-context 131072) does not fit" in msg
+    plan = make_plan(shape("llama-3.1-8b"), profile("RTX3060"), overrides_from_flags(max_context=fits))
+    assert plan.max_context == fits <= plan.kv_cache_tokens  # the size it suggested is accepted
+    # many sequences of a forced context need not fit at once: admission is by free blocks
+    plan = make_plan(shape("llama-3.1-8b"), profile("RTX3060"), overrides_from_flags(max_batch=16, max_context=8192))
+    assert (plan.max_batch, plan.max_context) == (16, 8192) and plan.kv_cache_tokens < 16 * 8192
 
 
 # ---------------------------------------------------------------- context limits
 
 
-@pytest.mark.parametrize("max_pos", [512, 1024, 4096, 6000])
-def test_context_never_above_max_position_embeddings(max_pos):
+@pytest.mark.parametrize("max_pos", [512, 1024, 4096, 6000, 32768])
+def test_context_is_the_models_window_where_it_fits(max_pos):
     cfg = {**config("starcoder2-3b"), "max_position_embeddings": max_pos}
     plan = make_plan(shape_from_config(cfg), profile("A100"))
-    assert plan.max_context == min(max_pos, 8192)
+    assert plan.max_context == max_pos  # neither cut to 8192 nor above the model's limit
+    assert f"max_position_embeddings {max_pos}" in plan.reasons["max_context"]
 
 
 def test_forced_context_above_model_maximum_is_refused():
     with pytest.raises(PlanError, match="max_position_embeddings"):
         make_plan(shape("starcoder2-3b"), profile("A100"), overrides_from_flags(max_context=32768))
+
+
+# ---------------------------------------------------------------- the KV pool, context and batch
+# One shared pool of 16-token blocks: its size in tokens, the longest sequence and the most running at once
+# follow from memory and from measured compute (issue 21), no longer from a 16 × 8192 slot table.
+
+# SmolLM2-135M's shape (the default model): fp32 K/V on CPU = 2 × 30 layers × 3 kv heads × 64 × 4 B per token
+SMOLLM2 = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+}
+SMOLLM2_KV_PER_TOKEN = 2 * 30 * 3 * 64 * 4
+
+
+def smollm2():
+    return shape_from_config(SMOLLM2, name="SmolLM2-135M-like")
+
+
+def laptop(timings: dict[str, float] | None = None, ram: str = "24GiB"):
+    """A 2-core CPU-only machine with 24 GB of RAM, with or without measured decode-step timings."""
+    return msgspec.structs.replace(
+        simulated_profile((), ram, True), cpu_cores=2, cpu_bf16=True, cpu_format_ms=timings or {}
+    )
+
+
+def test_cpu_pool_is_capped_at_16_contexts_and_says_why():
+    plan = make_plan(smollm2(), laptop())
+    assert plan.kv_bytes_per_token == SMOLLM2_KV_PER_TOKEN
+    room = plan.budget_bytes - plan.reserve_bytes - plan.weights_bytes
+    assert room // SMOLLM2_KV_PER_TOKEN > 3 * 16 * 8192  # memory would hold far more than the cap
+    assert (plan.max_context, plan.kv_cache_tokens) == (8192, 16 * 8192)  # the old worst case: 131072 tokens
+    assert plan.kv_cache_bytes == 16 * 8192 * SMOLLM2_KV_PER_TOKEN
+    why = plan.reasons["kv_cache_tokens"]
+    assert "capped at 16 × the 8192-token context" in why and "mmap committed only as blocks are first written" in why
+    assert "131072 tokens" in why and f"{SMOLLM2_KV_PER_TOKEN} B/token" in why
+    assert "max_position_embeddings 8192" in plan.reasons["max_context"]
+    short = make_plan(smollm2(), laptop(), overrides_from_flags(max_context=128))
+    assert (short.max_context, short.kv_cache_tokens) == (128, 16 * 128)  # the cap follows the chosen context
+    assert short.max_batch == 16 and "capped at pool // 128 = 16" in short.reasons["max_batch"]
+
+
+def test_cpu_pool_under_the_cap_is_what_memory_holds():
+    plan = make_plan(smollm2(), laptop(ram="4GiB"))
+    room = plan.budget_bytes - plan.reserve_bytes - plan.weights_bytes
+    assert plan.kv_cache_tokens == room // SMOLLM2_KV_PER_TOKEN // BLOCK * BLOCK < 16 * 8192
+    assert plan.max_context == 8192  # one whole window still fits the pool
+    assert "all that memory holds" in plan.reasons["kv_cache_tokens"]
+
+
+def test_cpu_batch_is_a_default_until_the_step_is_measured():
+    plan = make_plan(smollm2(), laptop())
+    assert plan.max_batch == 64
+    assert "default until the bfloat16 decode step is measured" in plan.reasons["max_batch"]
+
+
+def power_of_two_batch(t1: float, t8: float) -> int:
+    """The rule as the issue states it: t(b) = a + c·b through both points; the smallest power of two b
+    where doubling b cuts a/b + c by less than 10%; within [16, 256]."""
+    c = (t8 - t1) / 7
+    a = t1 - c
+    b = 1
+    while (a / b + c) - (a / (2 * b) + c) >= 0.10 * (a / b + c) and b < 4096:
+        b *= 2
+    return min(256, max(16, b))
+
+
+@pytest.mark.parametrize(
+    "t1, t8, expected",
+    [
+        (21.0, 26.0, 128),  # a = 20.3, c = 0.71 ms: 4a/c = 114
+        (10.0, 20.0, 32),  # a = 8.6, c = 1.43: 24
+        (12.0, 45.0, 16),  # 4a/c = 6: 8, raised to the floor of 16
+        (9.0, 9.2, 256),  # 4a/c = 1256: held to 256
+        (9.0, 8.5, 256),  # no slower at 8 rows: the per-token time keeps falling
+    ],
+)
+def test_cpu_batch_follows_the_measured_decode_step(t1, t8, expected):
+    # bf16 measured clearly faster than float32 (so it is the format), float32's own curve is different
+    timings = {"float32@1": t1 + 30, "float32@8": t8 + 90, "bfloat16@1": t1, "bfloat16@8": t8}
+    plan = make_plan(smollm2(), laptop(timings))
+    assert plan.dtype == "bfloat16" and plan.quantization is None
+    assert plan.max_batch == expected
+    if t8 > t1:
+        assert power_of_two_batch(t1, t8) == expected
+        assert f"{t1:.1f} ms at batch 1, {t8:.1f} ms at batch 8" in plan.reasons["max_batch"]
+        assert "4a/c" in plan.reasons["max_batch"]
+
+
+def test_cpu_batch_reads_the_timings_of_the_chosen_format():
+    timings = {**AVX512_BF16_FAST, "int8@1": 10.0, "int8@8": 20.0}  # int8 wins; its own curve says 32
+    plan = make_plan(smollm2(), laptop(timings))
+    assert plan.quantization == "int8" and plan.max_batch == 32 == power_of_two_batch(10.0, 20.0)
+    assert "int8 decode step" in plan.reasons["max_batch"]
+    nf4 = make_plan(smollm2(), laptop(timings), overrides_from_flags(quantization="nf4"))  # NF4 is never timed
+    assert nf4.max_batch == 64 and "until the nf4 decode step is measured" in nf4.reasons["max_batch"]
+
+
+def test_gpu_pool_is_everything_the_room_holds_and_batch_256():
+    s, cfg = shape("starcoder2-3b"), config("starcoder2-3b")
+    plan = make_plan(s, profile("T4"))  # a 16 GB GPU
+    room = plan.budget_bytes - plan.reserve_bytes - plan.weights_bytes
+    assert plan.kv_bytes_per_token == kv_per_token(cfg, 2)
+    assert plan.kv_cache_tokens == room // plan.kv_bytes_per_token // BLOCK * BLOCK
+    assert plan.kv_cache_tokens > 16 * 8192 and plan.max_context == 16384
+    assert plan.max_batch == 256 and "GPU default" in plan.reasons["max_batch"]
+    assert "gpu_memory_utilization" in plan.reasons["kv_cache_tokens"]
+
+
+def test_80gb_gpu_gives_a_long_window_model_its_whole_window():
+    s32k = shape_from_config({**config("starcoder2-3b"), "max_position_embeddings": 32768})
+    assert make_plan(s32k, profile("H100")).max_context == 32768  # not 8192
+    plan = make_plan(shape("llama-3.1-8b"), profile("H100"))
+    assert plan.max_context == 131072 and plan.kv_cache_tokens > 3 * 131072 and plan.max_batch == 256
+
+
+def test_small_gpu_batch_is_capped_by_the_pool():
+    plan = make_plan(shape("llama-3.1-8b"), simulated_profile(["GTX1650:4GiB:7.5"], "32GiB"))
+    assert plan.offload and plan.kv_cache_tokens < 256 * 256
+    assert plan.max_batch == plan.kv_cache_tokens // 256 >= 1  # a full batch of 256-token requests fits
+    assert f"capped at pool // 256 = {plan.max_batch}" in plan.reasons["max_batch"]
+    tiny = make_plan(shape("starcoder2-3b"), profile("A100"), overrides_from_flags(kv_cache_tokens=300))
+    assert (tiny.kv_cache_tokens, tiny.max_batch, tiny.max_context) == (288, 1, 288)  # never below one sequence
+
+
+def test_context_shrinks_to_the_pool_when_one_window_does_not_fit():
+    cfg = config("llama-3.1-8b")
+    plan = make_plan(shape("llama-3.1-8b"), profile("RTX3060"))
+    assert plan.kv_cache_tokens * kv_per_token(cfg, 2) < 12 * GiB < 131072 * kv_per_token(cfg, 2)
+    assert plan.max_context == plan.kv_cache_tokens < 131072
+    assert "the whole pool" in plan.reasons["max_context"] and "does not fit" in plan.reasons["max_context"]
+
+
+def test_kv_cache_tokens_forces_the_pool():
+    s = shape("starcoder2-3b")
+    plan = make_plan(s, profile("A100"), overrides_from_flags(kv_cache_tokens=40000))
+    assert (plan.kv_cache_tokens, plan.max_context) == (40000, 16384)
+    assert plan.kv_cache_bytes == 40000 * plan.kv_bytes_per_token
+    assert (
+        "kv_cache_tokens" in plan.overridden and "forced by --kv-cache-tokens 40000" in plan.reasons["kv_cache_tokens"]
+    )
+    odd = make_plan(s, profile("A100"), overrides_from_flags(kv_cache_tokens=40010))
+    assert odd.kv_cache_tokens == 40000 and "rounded down" in odd.reasons["kv_cache_tokens"]
+    # smaller than the window, context not forced: the context shrinks to the pool
+    short = make_plan(s, profile("A100"), overrides_from_flags(kv_cache_tokens=16000))
+    assert short.max_context == short.kv_cache_tokens == 16000
+    assert "forced by --kv-cache-tokens 16000" in short.reasons["max_context"]
+    # on CPU a forced pool may pass the 16-context cap where memory holds it
+    big = make_plan(smollm2(), laptop(), overrides_from_flags(kv_cache_tokens=200000))
+    assert big.kv_cache_tokens == 200000 > 16 * big.max_context
+
+
+def test_kv_cache_tokens_that_cannot_hold_what_was_asked_are_refused_with_a_size():
+    s = shape("starcoder2-3b")
+    with pytest.raises(PlanError) as info:
+        make_plan(s, profile("A100"), overrides_from_flags(kv_cache_tokens=4096, max_context=8192))
+    msg = str(info.value)
+    assert "one 8192-token sequence" in msg and "4096-token KV pool" in msg
+    assert "--kv-cache-tokens 8192 or more" in msg and "--max-context to 4096 or less" in msg
+    with pytest.raises(PlanError) as info:
+        make_plan(s, profile("A100"), overrides_from_flags(kv_cache_tokens=10**8))
+    held = int(re.search(r"use --kv-cache-tokens (\d+) or less", str(info.value)).group(1))
+    assert make_plan(s, profile("A100"), overrides_from_flags(kv_cache_tokens=held)).kv_cache_tokens == held
+
+
+def test_prefix_caching_is_on_by_default_and_can_be_turned_off():
+    s = shape("starcoder2-3b")
+    on = make_plan(s, profile("A100"))
+    assert on.prefix_caching is True and on.kv_block_size == 16
+    why = on.reasons["prefix_caching"]
+    assert why.startswith("on: ") and "hash chain of token ids" in why and "LRU" in why and "cache_salt" in why
+    assert "vLLM's default" in on.reasons["kv_block_size"] and "memcpy" in on.reasons["kv_block_size"]
+    off = make_plan(s, profile("A100"), overrides_from_flags(prefix_caching=False))
+    assert off.prefix_caching is False and "prefix_caching" in off.overridden
+    assert off.reasons["prefix_caching"] == "off: forced off by --no-prefix-caching"
+    assert resolve_overrides({}, prefix_caching=False).sources["prefix_caching"] == "--no-prefix-caching"
+    cpu_off = make_plan(smollm2(), laptop(), overrides_from_flags(prefix_caching=False))
+    assert cpu_off.prefix_caching is False
+
+
+def test_max_batch_is_a_cap_up_to_1024():
+    plan = make_plan(shape("starcoder2-3b"), profile("A100"), overrides_from_flags(max_batch=1024))
+    assert plan.max_batch == 1024 and "forced by --max-batch 1024" in plan.reasons["max_batch"]
+    small = make_plan(smollm2(), laptop(), overrides_from_flags(max_batch=8))
+    assert small.max_batch == 8 and small.kv_cache_tokens == 16 * 8192  # the pool does not shrink with it
+
+
+def test_activation_peak_is_sized_for_the_chunk_not_the_context():
+    from planning.memory import activation_peak_bytes, kv_bytes_per_token
+
+    s = shape("llama-3.1-8b")
+    chunk, heads = 2048, s.num_attention_heads
+    short, long = (activation_peak_bytes(s, chunk, ctx, 256, "bfloat16", False) for ctx in (8192, 131072))
+    # growing the context adds only the chunk's mask and one layer's gathered K/V, never heads × chunk × ctx scores
+    per_context_token = chunk + kv_bytes_per_token(s, "bfloat16") // s.num_layers
+    assert long - short == (131072 - 8192) * per_context_token < heads * chunk * (131072 - 8192) * 4 // 16
+    plan = make_plan(s, profile("H100"))
+    assert plan.max_context == 131072 and plan.reserve_bytes < 3 * GiB  # 1 GiB + about 1.1 GiB, not 32 GiB of scores
+    # gemma2 computes its softcapped scores outside SDPA: those do count
+    g2 = shape_from_config({**config("llama-3.1-8b"), "model_type": "gemma2", "max_position_embeddings": 8192})
+    assert activation_peak_bytes(g2, chunk, 8192, 256, "bfloat16", False) > g2.num_attention_heads * chunk * 8192 * 4
 
 
 # ---------------------------------------------------------------- report and command
@@ -607,6 +843,8 @@ def test_json_has_the_contract_keys():
         "max_batch",
         "max_context",
         "kv_cache_tokens",
+        "kv_block_size",
+        "prefix_caching",
         "weights_bytes",
         "reasons",
     ):
@@ -628,11 +866,19 @@ def test_table_lists_every_decision():
         "max_batch",
         "max_context",
         "kv_cache_tokens",
+        "kv_block_size",
+        "prefix_caching",
         "compile",
         "prefill_chunk",
     ):
         assert key in table
     assert "max_batch *" in table and "forced by --max-batch 4" in table
+    assert re.search(r"kv_block_size\s+16 tokens\s+16 tokens on every device", table)
+    assert re.search(r"prefix_caching\s+on\s+on: full 16-token blocks", table)
+    off = format_plan_table(
+        make_plan(shape("starcoder2-3b"), profile("A100"), overrides_from_flags(prefix_caching=False))
+    )
+    assert re.search(r"prefix_caching \*\s+off\s+off: forced off by --no-prefix-caching", off)
 
 
 def test_run_plan_command_refusal_goes_to_stderr(capsys):
@@ -644,7 +890,10 @@ def test_run_plan_command_refusal_goes_to_stderr(capsys):
 def test_run_plan_command_json(capsys):
     code = run_plan_command(str(CONFIGS / "starcoder2-3b"), ("A100:80GiB:8.0",), None, False, True, PlanOverrides())
     out, _ = capsys.readouterr()
-    assert code == 0 and json.loads(out)["max_batch"] == 16
+    plan = json.loads(out)
+    assert code == 0 and (plan["max_batch"], plan["max_context"]) == (256, 16384)
+    assert (plan["kv_block_size"], plan["prefix_caching"]) == (16, True)
+    assert {"kv_block_size", "prefix_caching"} <= set(plan["reasons"])
 
 
 def test_plan_command_is_fast_and_torch_free():
