@@ -32,6 +32,9 @@ Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]  # OpenAI's range for 
 RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]  # HF's: 1 = off, > 1 discourages
 LogitBias = dict[int, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]]  # token id -> bias, OpenAI's range
 NumLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)]
+MAX_CACHE_SALT_CHARS = 256
+# vLLM's `cache_salt`: prefix-cache blocks are shared only among requests with the same salt
+CacheSalt = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CACHE_SALT_CHARS)]
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False):
@@ -50,6 +53,9 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False):
     logit_bias: LogitBias | None = None
     logprobs: NumLogprobs | None = None  # each new token's logprob and the top k alternatives
     prompt_logprobs: NumLogprobs | None = None  # the same for the prompt's tokens (OpenAI's `echo`)
+    # a cache hit answers faster, which tells a user that someone else sent the same prefix: requests
+    # with a salt share cached blocks only with requests carrying the same salt
+    cache_salt: CacheSalt | None = None
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         return SamplingParams(

@@ -3,7 +3,7 @@ and TGI's dialect: POST /, and TGI bodies on /generate and /generate_stream).
 
 A handler validates, tokenizes, hands the request to an engine and turns the engine's token ids
 into text as they arrive. Leaving a handler for any reason (client gone, stop string, error)
-aborts the request in the engine, which frees its KV slot within a step.
+aborts the request in the engine, which frees its KV blocks within a step.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ class Generation:
         budget = min(self.body.max_new_tokens, context - len(self.prompt_ids))
         try:
             self.stream = await self.client.submit(
-                self.request_id, self.prompt_ids, self.body.sampling_params(budget), engine
+                self.request_id, self.prompt_ids, self.body.sampling_params(budget), engine, self.body.cache_salt
             )
         except NoEngineAvailable as exc:
             raise ApiError(503, str(exc), kind="unavailable") from None

@@ -219,8 +219,8 @@ class EngineCollector(Collector):
             "vllm:num_requests_running": ("Number of requests in model execution batches.", lambda e: e.stats.running),
             "vllm:num_requests_waiting": ("Number of requests waiting to be processed.", lambda e: e.stats.waiting),
             "vllm:kv_cache_usage_perc": (
-                "KV-cache usage. 1 means 100 percent usage. kiln: KV slots held / "
-                "slots (each slot is one full-context KV row).",
+                "KV-cache usage. 1 means 100 percent usage. kiln: KV blocks held by running "
+                "sequences / blocks in the pool.",
                 kv_usage,
             ),
             "vllm:gpu_cache_usage_perc": (
@@ -235,16 +235,45 @@ class EngineCollector(Collector):
             for engine in engines:
                 family.add_metric([self.model_name, engine.engine_id], value(engine))
             yield family
+        # cumulative since the engine started, as vLLM's are (a restarted engine starts again from 0,
+        # which rate() and increase() read as a counter reset)
+        vllm_counters = {
+            "vllm:prefix_cache_queries": (
+                "Prefix cache queries, in terms of number of queried tokens.",
+                lambda e: e.stats.prefix_cache_queries,
+            ),
+            "vllm:prefix_cache_hits": (
+                "Prefix cache hits, in terms of number of cached tokens.",
+                lambda e: e.stats.prefix_cache_hits,
+            ),
+            "vllm:num_preemptions": (
+                "Cumulative number of preemption from the engine. kiln: sequences whose KV blocks were "
+                "freed when the pool ran dry, requeued to recompute.",
+                lambda e: e.stats.preemptions,
+            ),
+        }
+        for name, (text, value) in vllm_counters.items():
+            family = CounterMetricFamily(name, text, labels=["model_name", "engine"])
+            for engine in engines:
+                family.add_metric([self.model_name, engine.engine_id], value(engine))
+            yield family
 
         gauges = {
             "running": ("sequences in the running batch", lambda e: e.stats.running),
-            "waiting": ("requests queued for a KV slot", lambda e: e.stats.waiting),
-            "kv_slots_used": ("KV-cache slots held", lambda e: e.stats.kv_slots_used),
+            "waiting": ("requests queued for KV blocks or a place in the running batch", lambda e: e.stats.waiting),
+            "kv_slots_used": ("sequences holding KV blocks", lambda e: e.stats.kv_slots_used),
             "kv_slots": (
-                "KV-cache slots (the plan's max batch; each a full-context KV row)",
+                "most sequences running at once (the plan's max batch)",
                 lambda e: e.hello.plan.max_batch,
             ),
-            "kv_cache_usage_ratio": ("KV-cache slots held / slots, 0 to 1", kv_usage),
+            "kv_blocks": ("KV blocks in the engine's pool", lambda e: e.stats.kv_blocks_total),
+            "kv_blocks_used": ("KV blocks held by running sequences", lambda e: e.stats.kv_blocks_used),
+            "kv_blocks_cached": (
+                "KV blocks holding a reusable prefix (in use, or free until evicted)",
+                lambda e: e.stats.kv_blocks_cached,
+            ),
+            "kv_block_size": ("tokens per KV block", lambda e: e.hello.plan.kv_block_size),
+            "kv_cache_usage_ratio": ("KV blocks held / blocks in the pool, 0 to 1", kv_usage),
             "max_running_seen": ("largest batch decoded in one step", lambda e: e.stats.max_running_seen),
             "gpu_allocated_bytes": (
                 "torch memory allocated on the engine's GPU (0 on CPU)",
@@ -307,7 +336,11 @@ class EngineCollector(Collector):
 
 
 def kv_usage(engine) -> float:
-    return engine.stats.kv_slots_used / max(engine.hello.plan.max_batch, 1)
+    """Used blocks / blocks; an engine that reports no pool (an older one) gives its slots held / slots."""
+    stats = engine.stats
+    if stats.kv_blocks_total:
+        return stats.kv_blocks_used / stats.kv_blocks_total
+    return stats.kv_slots_used / max(engine.hello.plan.max_batch, 1)
 
 
 class _WeightedCollector(Collector):

@@ -15,6 +15,7 @@ from frontend.api import (
     MAX_STOP_STRINGS,
     MAX_TOKENS_LIMIT,
     ApiError,
+    CacheSalt,
     GenerateRequest,
     MaxTokens,
     NumLogprobs,
@@ -32,7 +33,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 MAX_SHOWN_ROLE_CHARS = 32
 UNLIMITED = 1 << 30  # no max_tokens: generate until end of sequence or the context window
 MAX_N = 16  # choices per prompt
-MAX_CHOICES = 64  # choices per request, all prompts of a list together: each holds a KV slot or a queue place
+MAX_CHOICES = 64  # choices per request, all prompts of a list together: each a running sequence or a queue place
 
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None
 MinTokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS_LIMIT)]
@@ -68,6 +69,7 @@ class SamplingBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ignore_eos: bool | None = False  # extensions, as in vLLM
     min_tokens: MinTokens | None = 0
     repetition_penalty: RepetitionPenalty | None = None
+    cache_salt: CacheSalt | None = None  # vLLM's: prefix-cache blocks shared only with the same salt
     # optional and harmless: accepted, ignored
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -123,6 +125,7 @@ class SamplingBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             logit_bias=self._logit_bias(),
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            cache_salt=self.cache_salt,
         )
 
 

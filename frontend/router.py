@@ -46,8 +46,8 @@ log = logging.getLogger("kiln.frontend")
 HEARTBEAT_TIMEOUT_S = 5.0
 LOADING_HEARTBEAT_TIMEOUT_S = 60.0  # a big checkpoint load can hold the GIL for a while
 PROGRESS_TIMEOUT_S = 60.0  # an engine holding requests must finish a step within this (hung-engine check)
-QUEUE_PER_SLOT = 8  # waiting requests allowed per KV slot before new ones get a 429
-QUEUED_TOKENS_PER_KV_TOKEN = 2  # and tokens of work (prompts + budgets) queued beyond what the KV cache holds
+QUEUE_PER_SLOT = 8  # requests allowed to wait per place in the running batch (max_batch) before a 429
+QUEUED_TOKENS_PER_KV_TOKEN = 2  # and tokens of work (prompts + budgets) queued beyond what the KV pool holds
 MAX_FAILED_STEPS = 5  # an engine whose steps fail this many times in a row is dropped (and restarted if ours)
 LIVENESS_TICK_S = 0.5
 
@@ -71,6 +71,7 @@ class EngineHandle:
         return self.hello.engine_id
 
     def describe(self) -> dict:
+        stats, plan = self.stats, self.hello.plan
         return {
             "id": self.engine_id,
             "pid": self.hello.pid,
@@ -79,7 +80,16 @@ class EngineHandle:
             "ready": self.ready,
             "running": self.stats.running,
             "waiting": self.stats.waiting,
-            "kv_slots_used": self.stats.kv_slots_used,
+            "kv_slots_used": self.stats.kv_slots_used,  # sequences holding KV blocks
+            "kv_blocks_total": stats.kv_blocks_total,
+            "kv_blocks_used": stats.kv_blocks_used,
+            "kv_blocks_cached": stats.kv_blocks_cached,
+            "kv_blocks_free": stats.kv_blocks_total - stats.kv_blocks_used,
+            "kv_block_size": plan.kv_block_size,
+            "prefix_caching": plan.prefix_caching,
+            "prefix_cache_queries": stats.prefix_cache_queries,
+            "prefix_cache_hits": stats.prefix_cache_hits,
+            "preemptions": stats.preemptions,
             "max_running_seen": self.stats.max_running_seen,
             "served": self.stats.served,
             "steps": self.stats.steps,
@@ -87,8 +97,8 @@ class EngineHandle:
             "gpu_allocated_bytes": self.stats.gpu_allocated_bytes,
             "outstanding_requests": len(self.requests),
             "failed_steps": self.failed_steps,
-            "max_batch": self.hello.plan.max_batch,
-            "max_context": self.hello.plan.max_context,
+            "max_batch": plan.max_batch,
+            "max_context": plan.max_context,
         }
 
 
@@ -109,6 +119,11 @@ class RequestStream:
         if self.tokens_received:
             return self.request.params.max_new_tokens - self.tokens_received
         return len(self.request.prompt_token_ids) + self.request.params.max_new_tokens
+
+    def work(self, budget_cap: int) -> int:
+        """`remaining`, with the budget counted up to `budget_cap` tokens (admission's measure)."""
+        budget = min(self.request.params.max_new_tokens - self.tokens_received, budget_cap)
+        return budget if self.tokens_received else len(self.request.prompt_token_ids) + budget
 
 
 class EngineClient:
@@ -163,14 +178,20 @@ class EngineClient:
 
     def overloaded(self) -> bool:
         """Say no early (429) rather than queue without bound: TGI's `overloaded`, SGLang's queue-full.
-        Both requests and tokens count: a queue of long generations is as full as a longer one of short ones."""
+        Requests: the running batches full (every engine's max_batch) and QUEUE_PER_SLOT more waiting per
+        place in them. Tokens: the open requests' work (unprocessed prompt + remaining budget) reaching
+        3× the KV pools, so a queue of long requests is as full as a longer one of short ones. A budget
+        counts up to one sequence's share of the pool (pool / max_batch): it is a bound, not a forecast,
+        and one that names no limit (up to the context window, which can be the whole pool) must not
+        count as the whole pool."""
         ready = self.ready_engines()
-        slots = sum(e.hello.plan.max_batch for e in ready)
-        kv_tokens = sum(e.hello.plan.kv_cache_tokens for e in ready)
-        queued_tokens = sum(stream.remaining for stream in self.streams.values())
-        return len(self.streams) >= slots * (1 + QUEUE_PER_SLOT) or queued_tokens >= kv_tokens * (
-            1 + QUEUED_TOKENS_PER_KV_TOKEN
-        )
+        places = sum(e.hello.plan.max_batch for e in ready)
+        if len(self.streams) >= places * (1 + QUEUE_PER_SLOT):
+            return True
+        pool = sum(e.hello.plan.kv_cache_tokens for e in ready)
+        budget_cap = max(pool // max(places, 1), 1)
+        queued_tokens = sum(stream.work(budget_cap) for stream in self.streams.values())
+        return queued_tokens >= pool * (1 + QUEUED_TOKENS_PER_KV_TOKEN)
 
     def pick_engine(self) -> EngineHandle:
         """Least outstanding work; ties go to the engine that has served least, so sequential
@@ -186,11 +207,17 @@ class EngineClient:
         return sum(self.streams[r].remaining for r in engine.requests if r in self.streams)
 
     async def submit(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, engine: EngineHandle | None = None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        engine: EngineHandle | None = None,
+        cache_salt: str | None = None,
     ) -> RequestStream:
-        """Register a stream and send its request. Whatever goes wrong in here (no engine, a message
-        that cannot be encoded, the caller cancelled mid-send), nothing stays registered."""
-        stream = RequestStream(Request(request_id, prompt_ids, params), "")
+        """Register a stream and send its request (`cache_salt`: its prefix-cache blocks are shared only
+        with requests of the same salt). Whatever goes wrong in here (no engine, a message that cannot be
+        encoded, the caller cancelled mid-send), nothing stays registered."""
+        stream = RequestStream(Request(request_id, prompt_ids, params, cache_salt), "")
         self.streams[request_id] = stream
         try:
             reached = await self._dispatch(stream, engine or self.pick_engine())

@@ -64,8 +64,11 @@ SHORT = {"heartbeat_timeout_s": 0.5, "progress_timeout_s": 0.5, "liveness_tick_s
 class ScriptedEngine:
     """The engine's side of the protocol, by hand: hello on a DEALER, outputs on a PUSH."""
 
-    def __init__(self, context: zmq.asyncio.Context, folder: str, engine_id: str = "scripted"):
+    def __init__(
+        self, context: zmq.asyncio.Context, folder: str, engine_id: str = "scripted", plan: ServingPlan = PLAN
+    ):
         self.engine_id = engine_id
+        self.plan = plan
         self.encoder, _ = engine_output_codec()
         _, self.decoder = engine_input_codec()
         self.dealer = context.socket(zmq.DEALER)
@@ -83,7 +86,7 @@ class ScriptedEngine:
     async def attach(self, client: EngineClient) -> None:
         await self.dealer.send(
             self.encoder.encode(
-                EngineHello(engine_id=self.engine_id, pid=os.getpid(), device="cpu", model="m", plan=PLAN)
+                EngineHello(engine_id=self.engine_id, pid=os.getpid(), device="cpu", model="m", plan=self.plan)
             )
         )
         await self.dealer.recv()  # the welcome
@@ -136,15 +139,15 @@ async def until(condition, what: str, timeout: float = DEADLINE_S):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-async def with_client(scenario, engines: int = 1, heartbeats: bool = False, **client_options):
+async def with_client(scenario, engines: int = 1, heartbeats: bool = False, plan: ServingPlan = PLAN, **client_options):
     """Run scenario(client, *engines) with a started client and `engines` attached scripted engines
-    (named "scripted", or "a", "b", ... when there are several)."""
+    (named "scripted", or "a", "b", ... when there are several), each with `plan`."""
     with tempfile.TemporaryDirectory(prefix="kiln-test-") as folder:
         client = EngineClient([f"ipc://{folder}/input"], [f"ipc://{folder}/output"], "m", **client_options)
         await client.start()
         context = zmq.asyncio.Context()
         names = ["scripted"] if engines == 1 else [chr(ord("a") + i) for i in range(engines)]
-        scripted = [ScriptedEngine(context, folder, name) for name in names]
+        scripted = [ScriptedEngine(context, folder, name, plan) for name in names]
         try:
             for engine in scripted:
                 if heartbeats:
@@ -211,6 +214,60 @@ def test_admission_counts_queued_tokens_as_well_as_requests():
 
     admitted, still_overloaded = run(with_client(scenario))
     assert admitted == 7 and not still_overloaded
+
+
+async def _admitted(client, prompt: list[int], params: SamplingParams, most: int) -> int:
+    """How many such requests the client takes before it says overloaded (at most `most`); all aborted after."""
+    admitted = 0
+    while not client.overloaded() and admitted < most:
+        await client.submit(f"r{admitted}", prompt, params)
+        admitted += 1
+    for i in range(admitted):
+        await client.abort(f"r{i}")
+    return admitted
+
+
+def test_admission_allows_eight_waiting_requests_per_place_in_the_running_batch():
+    """max_batch 2 and a pool too big for the token rule to matter: 2 running + 16 waiting."""
+    roomy = msgspec.structs.replace(PLAN, kv_cache_tokens=1_000_000)
+
+    async def scenario(client, engine):
+        return await _admitted(client, [1, 2], SamplingParams(max_new_tokens=16), most=40)
+
+    assert run(with_client(scenario, plan=roomy)) == 18
+
+
+def test_a_budget_counts_up_to_one_sequences_share_of_the_pool():
+    """A request with no limit of its own has a budget up to the context window, which with a paged pool
+    can be the whole pool: it counts as one sequence's share (PLAN: 128 tokens / 2 = 64), so 2 + 64 tokens
+    each, and 3 × 128 tokens of work are reached after 6 requests, not after the first."""
+
+    async def scenario(client, engine):
+        return await _admitted(client, [1, 2], SamplingParams(max_new_tokens=1 << 30), most=20)
+
+    assert run(with_client(scenario)) == 6
+
+
+def test_a_64_user_benchmark_on_a_default_cpu_plan_is_not_refused():
+    """64 users × 2 requests of short prompts and 128 tokens, all open at once, against a plan of the
+    default CPU shape (a running batch of 64, a pool of 131072 tokens): no 429 (issue 21's acceptance)."""
+    cpu = msgspec.structs.replace(PLAN, max_batch=64, max_context=8192, kv_cache_tokens=131072)
+
+    async def scenario(client, engine):
+        return await _admitted(client, list(range(40)), SamplingParams(max_new_tokens=128), most=128)
+
+    assert run(with_client(scenario, plan=cpu)) == 128
+
+
+def test_the_cache_salt_travels_with_the_request():
+    async def scenario(client, engine):
+        await client.submit("salted", [1, 2], GREEDY, cache_salt="tenant-a")
+        await client.submit("plain", [1, 2], GREEDY)
+        return await engine.next_input(), await engine.next_input()
+
+    salted, plain = run(with_client(scenario))
+    assert (salted.request_id, salted.cache_salt) == ("salted", "tenant-a")
+    assert (plain.request_id, plain.cache_salt) == ("plain", None)
 
 
 def test_an_aborted_request_is_aborted_in_its_engine_and_its_late_outputs_are_dropped():

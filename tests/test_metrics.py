@@ -1,5 +1,7 @@
 """GET /metrics on a real server: vLLM's series with model_name and engine labels, kiln's own, the
-process collectors, and every refusal counted by HTTP status and reason (a 429 storm included)."""
+process collectors, every refusal counted by HTTP status and reason (a 429 storm included), and the
+prefix cache's hits counted when a prompt comes again. (The same series from given engine stats, with no
+model: tests/test_app_scripted_engine.py.)"""
 
 from __future__ import annotations
 
@@ -23,15 +25,20 @@ ENGINE = {"model_name": MODEL, "engine": "engine-0"}
 
 @pytest.fixture(scope="module")
 def server(default_model_path):
-    """One slot of 64 tokens: three long requests fill the admission queue, so a burst gets 429s."""
+    """A running batch of one and a context of 64 tokens: a burst of long requests fills the admission
+    queue (9 requests per place in the batch, or 3× the KV pool in tokens of work), so it gets 429s."""
     yield from running_server("--max-context", "64", "--max-batch", "1", env={"KILN_API_KEY": KEY})
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    """{(name, labels): value} from the text exposition."""
+    """{(name, labels): value} from the server's /metrics."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
+        return parse_exposition(response.read().decode())
+
+
+def parse_exposition(text: str) -> dict[tuple[str, frozenset], float]:
+    """{(name, labels): value} from the text exposition."""
     samples = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -41,6 +48,13 @@ def scrape(url: str) -> dict[tuple[str, frozenset], float]:
         pairs = frozenset(tuple(part.split("=", 1)) for part in _split_labels(labels.rstrip("}")))
         samples[name, frozenset((k, json.loads(v)) for k, v in pairs)] = float(value)
     return samples
+
+
+def engine_info(server) -> dict:
+    """engine-0's entry in /info (which needs the API key)."""
+    request = urllib.request.Request(server.url + "/info", headers=AUTH)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["engines"][0]
 
 
 def _split_labels(text: str) -> list[str]:
@@ -142,10 +156,18 @@ def test_vllm_series_with_model_and_engine_labels(server):
         "vllm:num_requests_waiting",
         "vllm:kv_cache_usage_perc",
         "vllm:gpu_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:num_preemptions_total",
     ):
         assert has(after, name, **ENGINE), name
         assert 0 <= value(after, name, **ENGINE) < math.inf
+    assert value(after, "vllm:prefix_cache_queries_total", **ENGINE) >= 2  # every prompt is looked up
     assert value(after, "kiln_engine_kv_slots", engine="engine-0") == 1
+    assert value(after, "kiln_engine_kv_blocks", engine="engine-0") > 0
+    assert value(after, "kiln_engine_kv_block_size", engine="engine-0") > 0
+    for name in ("kiln_engine_kv_blocks_used", "kiln_engine_kv_blocks_cached"):
+        assert has(after, name, engine="engine-0"), name
     assert value(after, "kiln_engine_served_total", engine="engine-0") >= 2  # a counter now
     assert value(after, "kiln_engines_ready") == 1
     # the frontend's own process, and the engine process it started
@@ -187,8 +209,9 @@ def test_every_refusal_is_counted_by_status_and_reason(server):
 
 
 def test_a_429_storm_is_counted_and_kv_usage_is_a_ratio(server):
-    """A burst far beyond one 64-token slot: the admitted streams hold the slot (KV usage 1.0 while they
-    run), every other request gets a 429, and each 429 is counted, so an error-rate panel sees the storm."""
+    """A burst far beyond a running batch of one: the admitted streams hold KV blocks while they run (KV usage
+    = used blocks / blocks, above 0), every other request gets a 429, and each 429 is counted, so an
+    error-rate panel sees the storm."""
     before = scrape(server.url)
     body = {"prompt": "Tell me a story", "max_new_tokens": 60, "ignore_eos": True}
     usage_seen = []
@@ -213,7 +236,11 @@ def test_a_429_storm_is_counted_and_kv_usage_is_a_ratio(server):
                     samples = await asyncio.to_thread(scrape, server.url)
                     usage = value(samples, "vllm:kv_cache_usage_perc", **ENGINE)
                     if usage > 0:
-                        usage_seen.append((usage, value(samples, "kiln_engine_kv_slots_used", engine="engine-0")))
+                        used, total = (
+                            value(samples, f"kiln_engine_kv_blocks{suffix}", engine="engine-0")
+                            for suffix in ("_used", "")
+                        )
+                        usage_seen.append((usage, used, total))
                         break
                     await asyncio.sleep(0.2)
             finally:
@@ -227,4 +254,43 @@ def test_a_429_storm_is_counted_and_kv_usage_is_a_ratio(server):
     after = scrape(server.url)
     delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
     assert delta("kiln_refused_requests_total", status="429", reason="overloaded") == refused
-    assert usage_seen and usage_seen[0] == (1.0, 1.0), usage_seen  # one slot of one held: 100 %
+    assert usage_seen, "no KV usage seen while streams ran"
+    usage, used, total = usage_seen[0]
+    assert 0 < usage <= 1 and usage == used / total, usage_seen  # one scrape: the same engine stats
+
+
+# 37 tokens with the default tokenizer: two full blocks of 16 (the default block size) and a partial one, under
+# the 64-token context
+LONG_PROMPT = (
+    "You are a careful assistant for a small bakery in the old town. Answer in one short sentence, politely, "
+    "and never invent prices or opening hours. Question: which of your breads is"
+)
+
+
+def test_a_prompt_sent_again_is_found_in_the_prefix_cache(server):
+    """The second identical prompt's full blocks come from the prefix cache: vllm:prefix_cache_hits_total
+    rises by at least one block, and the greedy answer is the same."""
+    block_size = engine_info(server)["kv_block_size"]
+    body = {"prompt": LONG_PROMPT, "max_new_tokens": 4, "temperature": 0}
+    before = scrape(server.url)
+
+    async def twice():
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            answers = []
+            for _ in range(2):
+                async with session.post(server.url + "/generate", json=body) as response:
+                    assert response.status == 200, await response.text()
+                    answers.append(await response.json())
+            return answers
+
+    first, second = run(twice())
+    prompt_tokens = first["usage"]["prompt_tokens"]
+    assert prompt_tokens > block_size, "the prompt must fill at least one block for this test to mean anything"
+    after = scrape(server.url)
+    delta = lambda name: value(after, name, **ENGINE) - value(before, name, **ENGINE)  # noqa: E731
+    hits, queries = delta("vllm:prefix_cache_hits_total"), delta("vllm:prefix_cache_queries_total")
+    assert block_size <= hits <= prompt_tokens, (hits, block_size, prompt_tokens)
+    assert queries >= prompt_tokens + hits  # both prompts were looked up; hits are some of those tokens
+    assert second["text"] == first["text"]
+    info = engine_info(server)
+    assert info["prefix_cache_hits"] >= hits and info["prefix_caching"] is True

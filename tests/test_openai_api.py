@@ -154,6 +154,22 @@ def test_optional_harmless_fields_are_accepted(server, path, extra):
     assert status == 200, body
 
 
+def test_a_cache_salt_changes_nothing_in_the_answer(server):
+    """vLLM's `cache_salt` only keeps prefix-cache blocks apart between salts: the greedy text is the same
+    with a salt, another salt, or none."""
+    texts = []
+    for salt in (None, "tenant-a", "tenant-b", "tenant-a"):
+        body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0} | ({"cache_salt": salt} if salt else {})
+        status, answer = run(_post(server.url, "/v1/completions", body))
+        assert status == 200, answer
+        texts.append(answer["choices"][0]["text"])
+    status, answer = run(
+        _post(server.url, "/v1/chat/completions", {"messages": CHAT, "cache_salt": "s", "max_tokens": 2})
+    )
+    assert status == 200, answer
+    assert len(set(texts)) == 1, texts
+
+
 def _texts(body: dict) -> list[str]:
     return [c["text"] for c in sorted(body["choices"], key=lambda c: c["index"])]
 
@@ -546,6 +562,8 @@ def test_chat_completions_use_the_chat_template(server):
         ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
         ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+        ("/v1/completions", {"prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "cache_salt": 1}, 400, "cache_salt"),
         ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
         ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
         ("/v1/chat/completions", {"messages": [{"role": "", "content": "x"}]}, 400, "messages[0].role"),

@@ -3,7 +3,8 @@
 Its first panels are vLLM's own example dashboard (examples/online_serving/prometheus_grafana/grafana.json)
 on the same series and queries, which kiln exports under vLLM's names; then kiln's panels: request and
 error rate (refusals included, so a 429 storm shows), refusals by status and reason, engines ready,
-KV slots per engine, process memory. tests/test_prometheus.py runs every query against a real
+sequences per engine, process memory and CPU, the prefix cache's hit rate, preemptions and the KV pool's
+blocks. tests/test_prometheus.py runs every query against a real
 Prometheus scraping a real kiln.
 """
 
@@ -114,7 +115,7 @@ PANELS = [
     ),
     (
         "Cache Utilization",
-        "KV-cache usage, 0 to 1 (kiln: KV slots held / slots, per engine).",
+        "KV-cache usage, 0 to 1 (kiln: KV blocks held by running sequences / blocks in the pool, per engine).",
         [(f"vllm:kv_cache_usage_perc{{{M}}}", "KV Cache Usage {{engine}}")],
         "percentunit",
         "timeseries",
@@ -200,11 +201,11 @@ PANELS = [
     ),
     (
         "Engines",
-        "Engines ready to serve, and KV-cache slots held / slots per engine.",
+        "Engines ready to serve, and per engine the sequences holding KV blocks and the most that may run at once.",
         [
             ("kiln_engines_ready", "Ready"),
-            ("kiln_engine_kv_slots_used", "Slots used {{engine}}"),
-            ("kiln_engine_kv_slots", "Slots {{engine}}"),
+            ("kiln_engine_kv_slots_used", "Sequences {{engine}}"),
+            ("kiln_engine_kv_slots", "Max batch {{engine}}"),
         ],
         "none",
         "timeseries",
@@ -225,6 +226,38 @@ PANELS = [
         [
             (f"rate(process_cpu_seconds_total{RI})", "Frontend {{instance}}"),
             (f"rate(kiln_engine_process_cpu_seconds_total{RI})", "Engine {{engine}}"),
+        ],
+        "none",
+        "timeseries",
+    ),
+    (
+        "Prefix Cache Hit Rate",
+        "Share of prompt tokens found in the prefix cache (not computed again), per engine: "
+        "rate(vllm:prefix_cache_hits_total) / rate(vllm:prefix_cache_queries_total).",
+        [
+            (
+                f"sum by(engine) (rate(vllm:prefix_cache_hits_total{{{M}}}{RI}))\n/\n"
+                f"sum by(engine) (rate(vllm:prefix_cache_queries_total{{{M}}}{RI}))",
+                "Hit rate {{engine}}",
+            )
+        ],
+        "percentunit",
+        "timeseries",
+    ),
+    (
+        "Preemptions",
+        "Sequences preempted per second when the KV pool ran dry (their blocks freed, requeued to recompute).",
+        [(f"sum by(engine) (rate(vllm:num_preemptions_total{{{M}}}{RI}))", "Preemptions {{engine}}")],
+        "none",
+        "timeseries",
+    ),
+    (
+        "KV Blocks",
+        "Each engine's KV pool: blocks held by running sequences, blocks holding a reusable prefix, all blocks.",
+        [
+            ("kiln_engine_kv_blocks_used", "Used {{engine}}"),
+            ("kiln_engine_kv_blocks_cached", "Cached {{engine}}"),
+            ("kiln_engine_kv_blocks", "Total {{engine}}"),
         ],
         "none",
         "timeseries",
