@@ -42,8 +42,22 @@ def plan_options(command):
             type=click.Choice(QUANTIZATIONS),
             help="nf4/4bit: bitsandbytes NF4 + double quant; none: 16-bit (env QUANTIZATION)",
         ),
-        click.option("--max-batch", type=click.IntRange(*BOUNDS["max_batch"]), help="concurrent sequences"),
-        click.option("--max-context", type=click.IntRange(*BOUNDS["max_context"]), help="context window in tokens"),
+        click.option("--max-batch", type=click.IntRange(*BOUNDS["max_batch"]), help="cap on sequences running at once"),
+        click.option(
+            "--max-context",
+            type=click.IntRange(*BOUNDS["max_context"]),
+            help="longest sequence in tokens (default: the model's window, if the KV pool holds one)",
+        ),
+        click.option(
+            "--kv-cache-tokens",
+            type=click.IntRange(*BOUNDS["kv_cache_tokens"]),
+            help="size of the shared paged KV pool in tokens (default: what memory holds; CPU: at most 16 contexts)",
+        ),
+        click.option(
+            "--prefix-caching/--no-prefix-caching",
+            default=None,
+            help="reuse the KV blocks of prompt prefixes across requests (on by default)",
+        ),
         click.option(
             "--gpu-memory-fraction",
             type=click.FloatRange(*BOUNDS["gpu_memory_fraction"]),
@@ -285,7 +299,8 @@ def engine_devices(gpus: str | None, engines: int | None) -> list[int | None]:
     "--baseline",
     type=click.Choice(["naive", "llama.cpp"]),
     default=None,
-    help="also measure, after ours stops: naive = transformers' generate one request at a time; "
+    help="also measure, after ours stops (or alternating, with --pairs): naive = transformers' generate one "
+    "request at a time; "
     "llama.cpp = llama-server on the same weights (needs `pip install -e .[peers]`)",
 )
 @click.option(
@@ -300,6 +315,43 @@ def engine_devices(gpus: str | None, engines: int | None) -> list[int | None]:
 @click.option("--plot", "plot_path", default=None, metavar="PATH.png", help="write a latency/throughput picture")
 @click.option("--seed", default=0, show_default=True, type=int, help="prompt order and sampling seeds")
 @click.option("--port", default=None, type=int, help="port for the started server (default: a free one)")
+@click.option(
+    "--prefix-tokens",
+    type=click.IntRange(8),
+    default=None,
+    help="every request = one shared system prompt of about N tokens (from bench/prompts/) + a distinct question",
+)
+@click.option(
+    "--prefix-file", default=None, metavar="PATH", help="the shared prefix's text (cut to --prefix-tokens if given)"
+)
+@click.option(
+    "--chat-turns",
+    type=click.IntRange(1),
+    default=None,
+    help="each user holds a T-turn chat, every turn resending the history (replaces --requests); "
+    "TTFT per turn is reported",
+)
+@click.option(
+    "--prompt-tokens", type=click.IntRange(8), default=None, help="every request a distinct prompt of about N tokens"
+)
+@click.option(
+    "--pairs",
+    type=click.IntRange(1),
+    default=None,
+    help="both servers up, K alternating runs each (needs --baseline): every pair's ratios, median, worst",
+)
+@click.option(
+    "--llama-cpp-parallel",
+    type=click.IntRange(1),
+    default=None,
+    help="llama-server's slots (-np) [default: --users, at least 16]",
+)
+@click.option(
+    "--serve-args",
+    default=None,
+    metavar="'ARGS'",
+    help="extra `serve` arguments for the started kiln, e.g. '--no-prefix-caching --kv-cache-tokens 16384'",
+)
 def bench(**options) -> None:
     from bench.runner import run_benchmark
 

@@ -25,6 +25,8 @@ class Chunk(msgspec.Struct, frozen=True):
     tokens: int = 0
     finish_reason: str | None = None
     usage: dict | None = None
+    text: str = ""
+    timings: dict | None = None  # llama-server's own figures (prompt_n, cache_n, prompt_per_second)
 
 
 class Dialect(msgspec.Struct, frozen=True):
@@ -54,10 +56,14 @@ class Dialect(msgspec.Struct, frozen=True):
         if not self.openai:
             ids = msg.get("token_ids")
             tokens = len(ids) if isinstance(ids, list) else int(bool(msg.get("text")))
-            return Chunk(tokens=tokens, finish_reason=msg.get("finish_reason"), usage=msg.get("usage"))
+            return Chunk(tokens=tokens, finish_reason=msg.get("finish_reason"), usage=msg.get("usage"), text=_text(msg))
         choice = _first_choice(msg)
         return Chunk(
-            tokens=int(bool(choice.get("text"))), finish_reason=choice.get("finish_reason"), usage=msg.get("usage")
+            tokens=int(bool(choice.get("text"))),
+            finish_reason=choice.get("finish_reason"),
+            usage=msg.get("usage"),
+            text=_text(choice),
+            timings=msg.get("timings") if isinstance(msg.get("timings"), dict) else None,
         )
 
     def ends_at_finish(self) -> bool:
@@ -72,6 +78,17 @@ class Dialect(msgspec.Struct, frozen=True):
             return _first_choice(msg).get("finish_reason"), tokens, None
         ttft = (msg.get("timings") or {}).get("ttft_s")
         return msg.get("finish_reason"), tokens, float(ttft) if ttft is not None else None
+
+    def plain_chunk(self, msg: dict[str, Any]) -> Chunk:
+        """A non-streamed answer's text, usage and server timings, as one chunk."""
+        source = _first_choice(msg) if self.openai else msg
+        timings = msg.get("timings") if self.openai and isinstance(msg.get("timings"), dict) else None
+        return Chunk(usage=msg.get("usage"), text=_text(source), timings=timings)
+
+
+def _text(source: dict[str, Any]) -> str:
+    text = source.get("text")
+    return text if isinstance(text, str) else ""
 
 
 def _first_choice(msg: dict[str, Any]) -> dict:

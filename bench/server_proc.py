@@ -35,9 +35,12 @@ class ServerFailed(RuntimeError):
     """The server exited or never became healthy; the message carries its log tail."""
 
 
-def ours_command(port: int, model: str | None) -> list[str]:
-    return [sys.executable, str(REPO / "cli.py"), "serve", "--host", "127.0.0.1", "--port", str(port)] + (
-        ["--model", model] if model else []
+def ours_command(port: int, model: str | None, extra: list[str] | None = None) -> list[str]:
+    """`cli.py serve` on loopback; `extra`: more serve arguments (bench's --serve-args)."""
+    return (
+        [sys.executable, str(REPO / "cli.py"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+        + (["--model", model] if model else [])
+        + list(extra or [])
     )
 
 

@@ -1,7 +1,8 @@
 """Percentiles and the headline figures of one run, in the vocabulary serving benchmarks share.
 
 Only completed requests feed the latency and token figures; failures are counted apart
-(`failed`) so a server that drops work cannot look faster for it.
+(`failed`, and by status: 429, 5xx) so a server that drops work cannot look faster for it, and so are
+completed answers shorter than asked (`short`, when EOS was ignored: a lost token is a bug).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from bench.records import RunResult
+from bench.records import RequestRecord, RunResult
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -29,6 +30,16 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+class TurnFigures(msgspec.Struct):
+    """TTFT of one turn number across a chat run's conversations."""
+
+    turn: int
+    completed: int
+    ttft_p50: float | None
+    ttft_p90: float | None
+    prompt_tokens_p50: float | None
 
 
 class Figures(msgspec.Struct):
@@ -50,9 +61,47 @@ class Figures(msgspec.Struct):
     e2e_p50: float | None
     e2e_p99: float | None
     peak_running: int | None
+    http_429: int = 0
+    http_5xx: int = 0
+    short: int | None = None  # completed with fewer tokens than asked; None when EOS could end them early
+    prompt_tokens: int | None = None  # summed over completed requests, as the server counted them
+    # prompt tokens / TTFT per request (p50): prefill speed as a client sees it, cache hits included
+    prefill_tokens_per_s: float | None = None
+    server_prefill_tokens_per_s: float | None = None  # p50 of what the server reports (llama-server's timings)
+    # prompt tokens looked up / found in the server's prefix cache: kiln's engine counters over the run,
+    # llama-server's per-response `timings.cache_n`
+    prefix_cache_queries: int | None = None
+    prefix_cache_hits: int | None = None
+    prefix_cache_hit_rate: float | None = None
+    preemptions: int | None = None
+    ttft_by_turn: list[TurnFigures] | None = None  # chat runs
 
 
-def figures(run: RunResult) -> Figures:
+def by_turn(records: list[RequestRecord]) -> list[TurnFigures] | None:
+    turns = sorted({r.turn for r in records if r.turn is not None})
+    if not turns:
+        return None
+    out = []
+    for turn in turns:
+        ok = [r for r in records if r.ok and r.turn == turn]
+        ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+        prompt = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+        out.append(TurnFigures(turn, len(ok), percentile(ttft, 50), percentile(ttft, 90), percentile(prompt, 50)))
+    return out
+
+
+def _cache(run: RunResult, ok: list[RequestRecord]) -> tuple[int | None, int | None]:
+    """(queries, hits): the server's counters if it has them, else the sum of per-response timings."""
+    if run.counters is not None and run.counters.prefix_cache_queries is not None:
+        return run.counters.prefix_cache_queries, run.counters.prefix_cache_hits
+    reported = [r for r in ok if r.cached_tokens is not None and r.prompt_tokens is not None]
+    if not reported:
+        return None, None
+    return sum(r.prompt_tokens for r in reported), sum(r.cached_tokens for r in reported)
+
+
+def figures(run: RunResult, expected_tokens: int | None = None) -> Figures:
+    """`expected_tokens`: what every request asked for when EOS was ignored (so fewer is `short`)."""
     ok = [r for r in run.records if r.ok]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
@@ -65,6 +114,10 @@ def figures(run: RunResult) -> Figures:
     ]
     tokens = sum(r.output_tokens for r in ok)
     wall = run.wall_s
+    prompts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+    prefill = [r.prompt_tokens / r.ttft_s for r in ok if r.prompt_tokens and r.ttft_s]
+    queries, hits = _cache(run, ok)
+    status = [r.status for r in run.records if r.status is not None]
     return Figures(
         completed=len(ok),
         failed=len(run.records) - len(ok),
@@ -82,6 +135,17 @@ def figures(run: RunResult) -> Figures:
         e2e_p50=percentile(e2e, 50),
         e2e_p99=percentile(e2e, 99),
         peak_running=run.peak_running,
+        http_429=sum(s == 429 for s in status),
+        http_5xx=sum(500 <= s < 600 for s in status),
+        short=None if expected_tokens is None else sum(r.output_tokens < expected_tokens for r in ok),
+        prompt_tokens=sum(prompts) if prompts else None,
+        prefill_tokens_per_s=percentile(prefill, 50),
+        server_prefill_tokens_per_s=percentile([r.server_prompt_per_s for r in ok if r.server_prompt_per_s], 50),
+        prefix_cache_queries=queries,
+        prefix_cache_hits=hits,
+        prefix_cache_hit_rate=hits / queries if queries and hits is not None else None,
+        preemptions=run.counters.preemptions if run.counters is not None else None,
+        ttft_by_turn=by_turn(run.records),
     )
 
 
@@ -96,6 +160,7 @@ def ratios(ours: Figures, baseline: Figures | None) -> dict[str, float | None] |
     return {
         "throughput": div(ours.output_tokens_per_s, baseline.output_tokens_per_s),
         "ttft_p50": div(baseline.ttft_p50, ours.ttft_p50),
+        "ttft_p90": div(baseline.ttft_p90, ours.ttft_p90),
     }
 
 

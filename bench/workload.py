@@ -1,7 +1,9 @@
-"""The prompt set and the deterministic draw of prompts per (user, request).
+"""What each user sends: the shipped prompt set and its deterministic draw, and the `Workload` interface
+the long-prompt and chat workloads (bench/long_prompts.py, bench/chat.py) implement.
 
 Ours and the baseline must see the exact same workload, so a prompt depends only on
-(seed, user, index), never on timing or on how many requests other users have sent.
+(seed, user, index) and, in a chat, on the answers that user got so far; never on timing or on
+how many requests other users have sent.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from importlib import resources
 import msgspec
 
 DEFAULT_SET = "default.json"
+SPECIAL_TOKENS_SLACK = 4  # BOS and friends a server may add around a prompt
 
 
 class Prompt(msgspec.Struct, frozen=True):
     id: int
-    kind: str  # "code" or "chat"
+    kind: str  # "code" or "chat" in the shipped set; the workload's kind for built prompts
     text: str
+    turn: int | None = None  # chat workloads: 1..T
 
 
 def load_prompts(name: str = DEFAULT_SET) -> list[Prompt]:
@@ -41,3 +45,61 @@ def pick(prompts: list[Prompt], seed: int, user: int, index: int) -> Prompt:
 def request_seed(seed: int, user: int, index: int) -> int:
     """A per-request sampling seed so temperature > 0 runs are reproducible on both servers."""
     return random.Random(f"sample:{seed}:{user}:{index}").randrange(2**31)
+
+
+class Session:
+    """One user's requests in order. Independent requests ignore the answers; a chat keeps them."""
+
+    def __init__(self, workload: Workload, seed: int, user: int):
+        self.workload, self.seed, self.user = workload, seed, user
+
+    def next_prompt(self, index: int) -> Prompt:
+        return self.workload.prompt(self.seed, self.user, index)
+
+    def answered(self, text: str) -> None:
+        """The answer to the last prompt (what arrived of it, if the request failed)."""
+
+
+class Workload:
+    """The load's prompts; `kind` names it in the report and the JSON."""
+
+    kind = "short"
+
+    def session(self, seed: int, user: int) -> Session:
+        return Session(self, seed, user)
+
+    def prompt(self, seed: int, user: int, index: int) -> Prompt:
+        raise NotImplementedError
+
+    def prepare(self, seed: int, users: int, requests: int) -> None:
+        """Build ahead, before the clock starts, whatever is slow to build (a no-op by default)."""
+
+    def longest_prompt(self, max_new_tokens: int) -> int:
+        """An upper bound on any prompt's tokens (a baseline that splits its context per slot needs it)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+
+class ShortPrompts(Workload):
+    """The shipped set (default.json): short code and chat openings, drawn per (seed, user, index)."""
+
+    kind = "short"
+
+    def __init__(self, prompts: list[Prompt], name: str = DEFAULT_SET):
+        self.prompts, self.name = prompts, name
+
+    def prompt(self, seed: int, user: int, index: int) -> Prompt:
+        return pick(self.prompts, seed, user, index)
+
+    def longest_prompt(self, max_new_tokens: int) -> int:
+        """Without a tokenizer: byte-level BPE never makes more tokens than UTF-8 bytes."""
+        return max(len(p.text.encode()) for p in self.prompts) + SPECIAL_TOKENS_SLACK
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "prompt_set": self.name}
+
+
+def as_workload(prompts: list[Prompt] | Workload) -> Workload:
+    return prompts if isinstance(prompts, Workload) else ShortPrompts(prompts)

@@ -19,6 +19,7 @@ from aiohttp import web
 from bench.loadgen import run_load
 from bench.records import LoadConfig
 from bench.runner import run_benchmark
+from bench.scenarios import WorkloadOptions, build_workload
 from bench.server_proc import free_port, naive_command, running_server
 from bench.sse import iter_events
 from bench.stats import figures
@@ -74,6 +75,63 @@ def test_streaming_load_against_kiln(server):
 
 
 @pytest.mark.slow
+def test_chat_and_shared_prefix_against_kiln(server, tmp_path):
+    """The new workloads end to end, kept small: a 2-turn chat of 2 users, then a 64-token shared prefix
+    (2 users x 2 requests), 4 tokens each; per-turn TTFT, and the engine's own prefix-cache counters."""
+    out = tmp_path / "chat.json"
+    assert run_benchmark(url=server.url, users=2, chat_turns=2, max_new_tokens=4, json_path=str(out)) == 0
+    ours = json.loads(out.read_text())["ours"]
+    assert (ours["completed"], ours["short"], ours["http_429"], ours["http_5xx"]) == (4, 0, 0, 0)
+    turns = ours["ttft_by_turn"]
+    assert [(t["turn"], t["completed"]) for t in turns] == [(1, 2), (2, 2)]
+    assert turns[1]["prompt_tokens_p50"] > turns[0]["prompt_tokens_p50"] + 4  # the history came back
+    assert run_benchmark(url=server.url, users=2, prefix_tokens=64, max_new_tokens=4, json_path=str(out)) == 0
+    doc = json.loads(out.read_text())
+    ours = doc["ours"]
+    assert doc["config"]["workload"]["kind"] == "shared-prefix" and ours["completed"] == 4
+    assert ours["prefix_cache_queries"] >= 4 * 64
+    # each user's second request finds at least the prefix's first 3 blocks (of 16 tokens) cached
+    assert ours["prefix_cache_hits"] >= 2 * 48, ours
+
+
+def test_chat_sends_each_answer_back_in_the_next_turn(default_model_path, monkeypatch):
+    """Against a server that answers every request with a unique text: a user's turn k+1 prompt holds
+    its turn k answer, and records carry their turn."""
+    monkeypatch.setenv("BASE_MODEL", default_model_path)
+    prompts_by_answer: dict[str, str] = {}
+
+    async def stream(request):
+        body = await request.json()
+        answer = f" reply-{len(prompts_by_answer)}"
+        prompts_by_answer[answer] = body["prompt"]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_event({"text": answer[:4], "token_ids": [1]}))
+        usage = {"prompt_tokens": len(body["prompt"]) // 4, "completion_tokens": 2}
+        await resp.write(_event({"text": answer[4:], "token_ids": [2], "finish_reason": "length", "usage": usage}))
+        return resp
+
+    async def go():
+        app = web.Application()
+        app.router.add_post("/generate_stream", stream)
+        chat = build_workload(WorkloadOptions(chat_turns=3), 2, None)
+        async with fake_server(app) as url:
+            return await run_load(url, _cfg(users=2, requests=3, max_new_tokens=2), chat, progress=False)
+
+    result = asyncio.run(go())
+    assert len(result.records) == 6 and all(r.ok for r in result.records)
+    for user in (0, 1):
+        mine = [r for r in result.records if r.user == user]
+        assert [r.turn for r in mine] == [1, 2, 3]
+        prompts = [prompts_by_answer[r.text] for r in mine]
+        for k in (1, 2):
+            assert prompts[k].startswith(prompts[k - 1]) and mine[k - 1].text in prompts[k]
+    turns = figures(result).ttft_by_turn
+    assert [t.completed for t in turns] == [2, 2, 2]
+    assert turns[0].prompt_tokens_p50 < turns[1].prompt_tokens_p50 < turns[2].prompt_tokens_p50
+
+
+@pytest.mark.slow
 def test_non_streaming_load_uses_server_ttft(naive_url):
     result = asyncio.run(run_load(naive_url, _cfg(requests=1, stream=False), load_prompts(), progress=False))
     assert [r.ok for r in result.records] == [True, True]
@@ -113,9 +171,9 @@ def test_run_benchmark_against_url_writes_json_and_plot(naive_url, tmp_path, cap
     )
     assert code == 0
     doc = json.loads(out.read_text())
-    assert list(doc) == ["config", "ours", "baseline", "ratios"]
+    assert list(doc) == ["config", "ours", "baseline", "ratios", "pairs"]
     assert doc["ours"]["completed"] == 2 and doc["ours"]["output_tokens"] == 8
-    assert doc["baseline"] is None and doc["ratios"] is None
+    assert doc["baseline"] is None and doc["ratios"] is None and doc["pairs"] is None
     assert doc["config"]["users"] == 2 and doc["config"]["max_new_tokens"] == 4
     assert png.stat().st_size > 1000
     assert "TTFT p50" in capsys.readouterr().out
@@ -291,3 +349,7 @@ def test_run_benchmark_rejects_bad_arguments(capsys):
     assert run_benchmark(url="http://127.0.0.1:9", users=0) == 2
     assert run_benchmark(url="http://127.0.0.1:9", baseline="vllm") == 2
     assert "baseline" in capsys.readouterr().err
+    assert run_benchmark(url="http://127.0.0.1:9", pairs=3) == 2
+    assert "--pairs needs a --baseline" in capsys.readouterr().err
+    assert run_benchmark(url="http://127.0.0.1:9", prompt_tokens=100, chat_turns=2) == 2
+    assert "excludes" in capsys.readouterr().err

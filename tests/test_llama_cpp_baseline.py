@@ -6,8 +6,14 @@ installed, `pip install -e .[peers]`) a real run; CI has no llama.cpp, so that t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import stat
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -19,8 +25,11 @@ from bench.loadgen import run_load
 from bench.records import LoadConfig
 from bench.runner import llama_cpp_command, run_benchmark
 from bench.server_proc import free_port, health_ok, running_server
-from bench.workload import load_prompts
+from bench.stats import figures
+from bench.workload import Workload, load_prompts
 from tests.test_bench_client import _event, fake_server
+
+FAKE_LLAMA_SERVER = Path(__file__).parent / "fixtures" / "fake_llama_server.py"
 
 
 def _cfg(**kw) -> LoadConfig:
@@ -53,16 +62,32 @@ def test_context_holds_the_longest_prompt_and_the_budget_in_every_slot():
     assert bound >= max(len(p.text.encode()) for p in load_prompts())
 
 
-def test_server_command_has_one_slot_per_user_and_the_physical_cores():
+def _arg(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+def test_server_command_has_a_slot_per_user_at_least_16_and_the_physical_cores():
     setup = LlamaCppSetup(server="/opt/llama-server", gguf="/c/m.F16.gguf", quant="F16")
     cmd = llama_cpp_command(setup, 8123, _cfg(users=10, max_new_tokens=128))
     assert cmd[:3] == ["/opt/llama-server", "-m", "/c/m.F16.gguf"]
-    args = cmd[3:]
-    assert args[args.index("--host") + 1] == "127.0.0.1" and args[args.index("--port") + 1] == "8123"
-    assert args[args.index("-np") + 1] == "10" and "-cb" in args
-    assert args[args.index("-t") + 1] == str(llama_cpp.physical_cores())
-    context = int(args[args.index("-c") + 1])
-    assert context % 10 == 0 and context // 10 >= llama_cpp.prompt_token_bound(load_prompts()) + 128
+    assert _arg(cmd, "--host") == "127.0.0.1" and _arg(cmd, "--port") == "8123"
+    assert _arg(cmd, "-np") == "16" and "-cb" in cmd  # issue 21 compares against -np 16
+    assert _arg(cmd, "-t") == str(llama_cpp.physical_cores())
+    context = int(_arg(cmd, "-c"))
+    assert context % 16 == 0 and context // 16 >= llama_cpp.prompt_token_bound(load_prompts()) + 128
+    assert _arg(llama_cpp_command(setup, 1, _cfg(users=64)), "-np") == "64"
+    assert _arg(llama_cpp_command(setup, 1, _cfg(users=64), parallel=8), "-np") == "8"
+
+
+def test_every_slot_holds_the_workloads_longest_prompt_and_the_budget():
+    class Long(Workload):
+        def longest_prompt(self, max_new_tokens: int) -> int:
+            return 3000 + max_new_tokens  # like a chat, whose history holds earlier answers
+
+    setup = LlamaCppSetup(server="s", gguf="g", quant="F16")
+    cmd = llama_cpp_command(setup, 1, _cfg(users=16, max_new_tokens=64), Long())
+    slots, context = int(_arg(cmd, "-np")), int(_arg(cmd, "-c"))
+    assert slots == 16 and context // slots >= 3000 + 2 * 64 and context // slots < 3000 + 2 * 64 + 256
 
 
 # --- finding the binaries --------------------------------------------------------------------
@@ -171,6 +196,7 @@ def _llama_like_app(bodies: list[dict]) -> web.Application:
                 {
                     "choices": [{"text": "", "index": 0, "finish_reason": "length"}],
                     "usage": {"prompt_tokens": 3, "completion_tokens": n},
+                    "timings": {"cache_n": 1, "prompt_n": 2, "prompt_per_second": 250.0},
                 }
             )
         )
@@ -194,6 +220,10 @@ def test_openai_stream_is_measured_like_ours():
     for rec in result.records:
         assert rec.output_tokens == 8 and rec.finish_reason == "length"  # from usage, not the 7 non-empty chunks
         assert len(rec.token_times_s) == 7 and 0 < rec.ttft_s <= rec.e2e_s
+        assert rec.text == "t0" + "".join(f"t{i}" for i in range(2, 8))  # the answer, for a chat's next turn
+        assert (rec.prompt_tokens, rec.cached_tokens, rec.server_prompt_per_s) == (3, 1, 250.0)
+    f = figures(result)
+    assert (f.prefix_cache_queries, f.prefix_cache_hits, f.server_prefill_tokens_per_s) == (12, 4, 250.0)
     body = bodies[0]
     assert body["max_tokens"] == 8 and body["ignore_eos"] is True and body["temperature"] == 0.0
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
@@ -207,6 +237,109 @@ def test_openai_plain_answer():
 
     result = asyncio.run(go())
     assert all(r.ok and r.output_tokens == 8 and r.finish_reason == "length" for r in result.records)
+
+
+# --- interleaved pairs, both servers up (fakes: no model is computed) ---------------------------
+
+
+@contextlib.contextmanager
+def app_in_thread(app: web.Application):
+    """Serve `app` from its own thread and event loop, so synchronous code (run_benchmark) can reach it."""
+    loop, port, ready = asyncio.new_event_loop(), free_port(), threading.Event()
+    runner = web.AppRunner(app)
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def _kiln_like_app(arrivals: list[float]) -> web.Application:
+    """kiln's routes as the bench uses them: /health, /info with engine counters, /generate_stream."""
+    counters = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "preemptions": 0}
+
+    async def health(request):
+        return web.json_response({"status": "ok"})
+
+    async def info(request):
+        engine = {"id": "e0", "running": 0, "max_running_seen": 2, **counters}
+        return web.json_response({"model": "fake", "plan": {"dtype": "float32"}, "engines": [engine]})
+
+    async def stream(request):
+        body = await request.json()
+        arrivals.append(time.monotonic())
+        counters["prefix_cache_queries"] += 100
+        counters["prefix_cache_hits"] += 40
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        n = body["max_new_tokens"]
+        for i in range(n):
+            final = {"finish_reason": "length", "usage": {"prompt_tokens": 50, "completion_tokens": n}}
+            await resp.write(_event({"text": f" k{i}", "token_ids": [i], **(final if i == n - 1 else {})}))
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/info", info)
+    app.router.add_post("/generate_stream", stream)
+    return app
+
+
+@pytest.mark.slow
+def test_pairs_alternate_between_both_servers_and_report_every_pair(default_model_path, monkeypatch, tmp_path, capsys):
+    """Chat workload, 2 pairs: ours first in pair 1, llama-server first in pair 2; per-turn TTFT, the
+    engine counters and llama-server's timings in every pair's figures."""
+    monkeypatch.delenv("BASE_MODEL", raising=False)  # the embedded default: its shipped Q4_1 GGUF, no requantizing
+    log = tmp_path / "llama.log"
+    monkeypatch.setenv("FAKE_LLAMA_LOG", str(log))
+    monkeypatch.setenv(
+        "KILN_LLAMA_SERVER", _script(tmp_path / "llama-server", f'exec {sys.executable} {FAKE_LLAMA_SERVER} "$@"')
+    )
+    arrivals: list[float] = []
+    out = tmp_path / "pairs.json"
+    with app_in_thread(_kiln_like_app(arrivals)) as url:
+        code = run_benchmark(
+            url=url,
+            baseline="llama.cpp",
+            llama_cpp_quant="Q4_1",
+            pairs=2,
+            users=2,
+            chat_turns=2,
+            max_new_tokens=3,
+            json_path=str(out),
+        )
+    assert code == 0, capsys.readouterr().err
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    argv = events[0]["argv"]
+    assert _arg(argv, "-np") == "16" and int(_arg(argv, "-c")) >= 16 * 256
+    llama = [e["request"] for e in events[1:]]
+    assert len(arrivals) == len(llama) == 2 * 2 * 2  # pairs x users x turns
+    assert max(arrivals[:4]) < min(llama[:4])  # pair 1: ours, then llama-server
+    assert max(llama[4:]) < min(arrivals[4:])  # pair 2: llama-server, then ours
+    doc = json.loads(out.read_text())
+    pairs = doc["pairs"]["pairs"]
+    assert [p["seed"] for p in pairs] == [0, 1] and doc["config"]["pairs"] == 2
+    for pair in pairs:
+        ours, base = pair["ours"], pair["baseline"]
+        assert ours["completed"] == base["completed"] == 4 and ours["short"] == base["short"] == 0
+        assert [t["turn"] for t in ours["ttft_by_turn"]] == [1, 2] == [t["turn"] for t in base["ttft_by_turn"]]
+        assert (ours["prefix_cache_queries"], ours["prefix_cache_hits"]) == (400, 160)  # the run's share only
+        assert base["prefix_cache_hits"] > 0  # turn 2 resent turn 1: its fake prompt cache found it
+    assert set(doc["pairs"]["median"]) == {"throughput", "ttft_p50", "ttft_p90"}
+    assert "median of 2 pairs" in capsys.readouterr().out
 
 
 # --- the real thing, where llama.cpp is installed ---------------------------------------------
