@@ -94,6 +94,7 @@ class Engine:
         if self.runner.compiled is not None:
             log.info("compiling the decode step (first start: a minute or two on a small CPU; cached after)")
             log.info(self.runner.compiled.warm())
+        self.runner.cache.drop_contents()  # nothing cached survives warm-up: its pages go back to the OS
         self._update_stats()
 
     def run(self) -> None:

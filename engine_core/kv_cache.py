@@ -29,8 +29,19 @@ class KVCache:
         shape = (2, layers, num_blocks, block_size, kv_heads, head_dim)
         if torch.device(device).type == "cpu":
             itemsize = torch.empty((), dtype=dtype).element_size()
-            self._buffer = mmap.mmap(-1, math.prod(shape) * itemsize)
+            private = getattr(mmap, "MAP_PRIVATE", 0) | getattr(
+                mmap, "MAP_ANONYMOUS", 0
+            )  # (Python's default is shared)
+            size = math.prod(shape) * itemsize
+            self._buffer = mmap.mmap(-1, size, flags=private) if private else mmap.mmap(-1, size)
             pool = torch.frombuffer(self._buffer, dtype=dtype).view(shape)
         else:
             pool = torch.zeros(shape, dtype=dtype, device=device)
         self.k, self.v = list(pool[0]), list(pool[1])
+
+    def drop_contents(self) -> None:
+        """Hand the CPU pool's pages back to the OS (they read as zeros again): after warm-up, whose dummy
+        sequences touched blocks nobody will read, so an idle engine holds no KV memory. No-op on a GPU."""
+        buffer = getattr(self, "_buffer", None)
+        if buffer is not None and hasattr(mmap, "MADV_DONTNEED"):
+            buffer.madvise(mmap.MADV_DONTNEED)

@@ -176,3 +176,16 @@ def test_preemption_frees_the_newest_and_it_resumes_without_losing_tokens():
     assert sched.counters.preemptions > 0
     assert outputs == {f"r{i}": [5] * 12 for i in range(3)}
     assert sched.pool.num_used == 0
+
+
+def test_the_cpu_pool_hands_its_pages_back_after_warm_up():
+    import torch
+
+    from engine_core.kv_cache import KVCache
+
+    cache = KVCache(layers=2, num_blocks=64, block_size=BS, kv_heads=2, head_dim=512, dtype=torch.float32, device="cpu")
+    cache.k[1][5].fill_(3.0)
+    cache.drop_contents()
+    assert cache.k[1][5].abs().sum() == 0  # the pages read as zeros again (no stale or NaN values)
+    cache.v[0][7].fill_(1.0)  # and the pool stays writable
+    assert cache.v[0][7].sum() == BS * 2 * 512
