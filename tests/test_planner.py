@@ -23,6 +23,7 @@ from planning.overrides import merge_overrides, overrides_from_env, overrides_fr
 from planning.plan import PlanOverrides, ServingPlan, accelerate_max_memory
 from planning.planner import PlanError, make_plan
 from planning.report import format_plan_table, plan_to_json, run_plan_command
+from tests.conftest import SMOL_LIKE
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -625,17 +626,7 @@ def test_forced_context_above_model_maximum_is_refused():
 # follow from memory and from measured compute (issue 21), no longer from a 16 × 8192 slot table.
 
 # SmolLM2-135M's shape (the default model): fp32 K/V on CPU = 2 × 30 layers × 3 kv heads × 64 × 4 B per token
-SMOLLM2 = {
-    "model_type": "llama",
-    "hidden_size": 576,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "intermediate_size": 1536,
-    "vocab_size": 49152,
-    "max_position_embeddings": 8192,
-    "tie_word_embeddings": True,
-}
+SMOLLM2 = SMOL_LIKE
 SMOLLM2_KV_PER_TOKEN = 2 * 30 * 3 * 64 * 4
 
 
