@@ -4,7 +4,9 @@ plan picks by measurement.
 CPU flags do not say which format is fastest: bf16 halves the bytes a decode step streams but is
 emulated without avx512_bf16/AMX, and the balance moves with the shapes, the cores and the memory.
 So an engine's first start times one decode step's linears (q/k/v/o + MLP of one layer × layers,
-plus lm_head) in each format at batch 1 and 8, on one thread, with random weights, and caches the
+plus lm_head) in each format at batch 1 and 8, and one prompt chunk's (the layers' linears, no
+lm_head) at 64 and 256 rows, where int8 is also timed dequantized to bf16 per call (its path for
+many rows, see engine_core/int8_weights.py), on one thread, with random weights, and caches the
 result per machine and model (hardware/profile.py reads it back without torch for `cli.py plan`).
 
 Weights are views into one pool larger than the last-level cache, taken in turn, so every matmul
@@ -25,15 +27,15 @@ from pathlib import Path
 import msgspec
 import torch
 
-from engine_core.int8_weights import ACTIVATION_DTYPE, kernel_available
+from engine_core.int8_weights import ACTIVATION_DTYPE, dequantized_linear, int8_kernel_linear, kernel_available
 from hardware.profile import HardwareProfile, decoder_linear_shapes, write_cpu_format_ms
 from model.shape import ModelShape
-from planning.cpu_dtype import CPU_WEIGHT_FORMATS
+from planning.cpu_dtype import CPU_WEIGHT_FORMATS, DECODE_BATCHES, INT8_DEQUANT, PROMPT_CHUNKS, is_prompt_chunk
 from planning.plan import PlanOverrides
 
 log = logging.getLogger("kiln.engine")
 
-PROBE_BATCHES = (1, 8)
+PROBE_BATCHES, PROBE_CHUNKS = DECODE_BATCHES, PROMPT_CHUNKS
 # One thread: the choice rests on the ratio between formats (bytes moved, per-core kernels), and
 # multi-threaded timings turn into scheduling noise when a neighbour holds a core (measured here with
 # 2 threads beside a niced build: ~50 ms per matmul call after the first parallel one, steady with 1).
@@ -98,13 +100,14 @@ def random_flat(elements: int) -> torch.Tensor:
     return tile.repeat(math.ceil(elements / RANDOM_TILE))[:elements].contiguous()
 
 
-def time_linear(pool: WeightPool, x: torch.Tensor, in_features: int, out_features: int) -> float:
-    """Seconds for y = x @ W.T with W (out, in) read cold; a slice of rows when W would not fit half the pool."""
+def time_linear(pool: WeightPool, x: torch.Tensor, in_features: int, out_features: int, dequant: bool = False) -> float:
+    """Seconds for y = x @ W.T with W (out, in) read cold; a slice of rows when W would not fit half the pool.
+    `dequant`: an int8 W dequantized to bf16 for the call, as Int8Linear computes many rows."""
     rows = min(out_features, max(1, pool.flat.numel() // (2 * in_features)))
     weight = pool.take(rows, in_features)
     start = time.perf_counter()
     if pool.int8:
-        torch.ops.aten._weight_int8pack_mm(x, weight, pool.scales[:rows])
+        (dequantized_linear if dequant else int8_kernel_linear)(x, weight, pool.scales[:rows])
     else:
         torch.nn.functional.linear(x, weight)
     return (time.perf_counter() - start) * out_features / rows
@@ -115,28 +118,53 @@ def step_linears(shape: ModelShape) -> list[tuple[int, int]]:
     return [*decoder_linear_shapes(shape), (shape.hidden_size, shape.vocab_size)]
 
 
-def time_linears(pool: WeightPool, shape: ModelShape, batch: int) -> list[float]:
-    """Seconds for each of step_linears(shape) at `batch` rows, in order."""
-    dtype = pool.activation_dtype
-    inputs = {i: torch.rand(batch, i).to(dtype) for i, _ in step_linears(shape)}
-    return [time_linear(pool, inputs[i], i, o) for i, o in step_linears(shape)]
+class Timing(msgspec.Struct, frozen=True):
+    """One "<key>" the probe reports: `rows` through `linears` of the `fmt` pool, the int8 one `dequant`ed or not."""
+
+    key: str
+    fmt: str
+    rows: int
+    dequant: bool = False
+
+    def linears(self, shape: ModelShape) -> list[tuple[int, int]]:
+        """A prompt chunk's: the decoder layer's (its logits are its last row's); a decode step's: with lm_head."""
+        return decoder_linear_shapes(shape) if is_prompt_chunk(self.rows) else step_linears(shape)
+
+    def ms(self, shape: ModelShape, seconds: list[float]) -> float:
+        """The layer's linears × layers, plus lm_head for a decode step."""
+        layer = seconds[: len(decoder_linear_shapes(shape))]
+        return (sum(layer) * shape.num_layers + sum(seconds[len(layer) :])) * 1e3
 
 
-def step_ms(shape: ModelShape, seconds: list[float]) -> float:
-    """One decode step from per-linear seconds: the layer's linears × layers, plus lm_head."""
-    *layer, lm_head = seconds
-    return (sum(layer) * shape.num_layers + lm_head) * 1e3
+def timings_to_take(formats, batches, chunks) -> list[Timing]:
+    """Every format at each decode batch and prompt chunk, and int8 dequantized at each prompt chunk."""
+    taken = [Timing(f"{fmt}@{rows}", fmt, rows) for fmt in formats for rows in (*batches, *chunks)]
+    if "int8" in formats:
+        taken += [Timing(f"{INT8_DEQUANT}@{rows}", "int8", rows, dequant=True) for rows in chunks]
+    return taken
+
+
+def time_linears(pool: WeightPool, shape: ModelShape, timing: Timing, inputs: dict) -> list[float]:
+    """Seconds for each of timing.linears(shape), in order; `inputs` caches the activations by (rows, in)."""
+    seconds = []
+    for i, o in timing.linears(shape):
+        if (timing.rows, i) not in inputs:
+            inputs[timing.rows, i] = torch.rand(timing.rows, i).to(pool.activation_dtype)
+        seconds.append(time_linear(pool, inputs[timing.rows, i], i, o, timing.dequant))
+    return seconds
 
 
 def measure_cpu_formats(
     shape: ModelShape,
     formats=CPU_WEIGHT_FORMATS,
     batches=PROBE_BATCHES,
+    chunks=PROBE_CHUNKS,
     rounds: int = PROBE_ROUNDS,
     budget_s: float = TIME_BUDGET_S,
     threads: int = PROBE_THREADS,
 ) -> dict[str, float]:
-    """{"<format>@<batch>": ms per decode step}, each linear at its fastest of the interleaved rounds.
+    """{"<format>@<batch>": ms per decode step, "<format>@<chunk rows>": ms per prompt chunk, and
+    "int8-dequant@<chunk rows>"}, each linear at its fastest of the interleaved rounds.
 
     The first round doubles as warm-up (oneDNN/MKL prepare kernels on first use); keeping each
     linear's fastest call drops it, and drops calls a busy neighbour slowed down."""
@@ -147,16 +175,18 @@ def measure_cpu_formats(
         fmt: WeightPool((flat * INT8_RANGE).to(torch.int8) if fmt == "int8" else flat.to(DTYPES[fmt]))
         for fmt in formats
     }
+    taken = timings_to_take(formats, batches, chunks)
     fastest: dict[str, list[float]] = {}
+    inputs: dict[torch.dtype, dict] = {}
     with torch_threads(threads):
         for done in range(rounds):
             if done >= MIN_ROUNDS and time.perf_counter() - started > budget_s:
                 break
-            for fmt in formats:
-                for batch in batches:
-                    key, seconds = f"{fmt}@{batch}", time_linears(pools[fmt], shape, batch)
-                    fastest[key] = [min(pair) for pair in zip(fastest.get(key, seconds), seconds)]
-    return {key: round(step_ms(shape, seconds), 3) for key, seconds in fastest.items()}
+            for timing in taken:
+                pool = pools[timing.fmt]
+                seconds = time_linears(pool, shape, timing, inputs.setdefault(pool.activation_dtype, {}))
+                fastest[timing.key] = [min(pair) for pair in zip(fastest.get(timing.key, seconds), seconds)]
+    return {t.key: round(t.ms(shape, fastest[t.key]), 3) for t in taken}
 
 
 @contextlib.contextmanager

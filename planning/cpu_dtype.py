@@ -18,6 +18,13 @@ CPU_KV_REASON = (
 CPU_WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 INT8_COMPUTE_DTYPE = "bfloat16"  # the dtype of everything an int8 plan keeps unquantized, and of its activations
 CPU_FORMAT_MARGIN = 0.90  # another format replaces float32 only when it takes ≤ 90% of float32's time
+# What the probe times, as "<format>@<rows>" keys: decode steps (ms per step: every linear + lm_head) at these
+# batch sizes, and prompt chunks (ms per chunk: the decoder layers' linears only, a chunk's logits being its last
+# row's) at these row counts. INT8_DEQUANT is the int8 format's other path, timed at prompt chunks only: the
+# weights dequantized to bf16 per call and a bf16 matmul (engine_core/int8_weights.py), for many rows.
+DECODE_BATCHES = (1, 8)
+PROMPT_CHUNKS = (64, 256)
+INT8_DEQUANT = "int8-dequant"
 
 
 def format_timings(ms: dict[str, float]) -> dict[str, dict[int, float]]:
@@ -30,31 +37,111 @@ def format_timings(ms: dict[str, float]) -> dict[str, dict[int, float]]:
     return by_format
 
 
+def is_prompt_chunk(rows: int) -> bool:
+    return rows >= PROMPT_CHUNKS[0]
+
+
+def decode_steps(timings: dict[int, float]) -> dict[int, float]:
+    return {rows: v for rows, v in timings.items() if not is_prompt_chunk(rows)}
+
+
+def int8_dequant_from_rows(ms: dict[str, float]) -> int | None:
+    """The fewest rows from which int8 linears measured faster dequantized to bf16 than through the int8
+    kernel, at that prompt chunk and every larger one timed; None when never (or not measured)."""
+    timings = format_timings(ms)
+    kernel, dequant = timings.get("int8", {}), timings.get(INT8_DEQUANT, {})
+    threshold = None
+    for rows in sorted((r for r in dequant if r in kernel and is_prompt_chunk(r)), reverse=True):
+        if dequant[rows] >= kernel[rows]:
+            break
+        threshold = rows
+    return threshold
+
+
+def prompt_chunks(ms: dict[str, float], fmt: str) -> dict[int, float]:
+    """ms per prompt chunk by rows for `fmt` as the loaded model computes it (int8: by the path its rows take)."""
+    timings = format_timings(ms)
+    chunks = {rows: v for rows, v in timings.get(fmt, {}).items() if is_prompt_chunk(rows)}
+    threshold = int8_dequant_from_rows(ms) if fmt == "int8" else None
+    if threshold is not None:
+        chunks.update({rows: v for rows, v in timings[INT8_DEQUANT].items() if rows >= threshold})
+    return chunks
+
+
 def _beats(candidate: dict[int, float], base: dict[int, float]) -> bool:
     """Measured at every batch size float32 was, and at least CPU_FORMAT_MARGIN faster at each."""
     return bool(base) and all(b in candidate and candidate[b] <= CPU_FORMAT_MARGIN * base[b] for b in base)
 
 
+def _keeps_up(candidate: dict[int, float], base: dict[int, float]) -> bool:
+    """Measured at every prompt chunk float32 was, and no slower at any."""
+    return all(rows in candidate and candidate[rows] <= base[rows] for rows in base)
+
+
 def fastest_cpu_format(ms: dict[str, float]) -> str | None:
     """The weight format to load on CPU given measured timings, or None when float32 was not measured.
 
-    float32 unless another loadable format is at least 10% faster at every measured batch size:
-    float32 is the exact one (token for token with transformers), so near-ties keep it."""
+    float32 unless another loadable format is at least 10% faster at every measured decode batch size and
+    no slower at any measured prompt chunk: float32 is the exact one (token for token with transformers), so
+    near-ties keep it, and a format that wins decode by its bytes but loses prompts (bf16 emulated without
+    native dot products) would trade time to first token for it. Among those, the fastest at decode."""
     timings = format_timings(ms)
-    base = timings.get("float32")
+    base = decode_steps(timings.get("float32", {}))
     if not base:
         return None
-    faster = [f for f in CPU_WEIGHT_FORMATS if f != "float32" and _beats(timings.get(f, {}), base)]
-    return min(faster, key=lambda f: sum(timings[f].values()), default="float32")
+    base_prompt = prompt_chunks(ms, "float32")
+    faster = [
+        f
+        for f in CPU_WEIGHT_FORMATS
+        if f != "float32"
+        and _beats(decode_steps(timings.get(f, {})), base)
+        and _keeps_up(prompt_chunks(ms, f), base_prompt)
+    ]
+    return min(faster, key=lambda f: sum(decode_steps(timings[f]).values()), default="float32")
+
+
+def _per_format(timings: dict[str, dict[int, float]], rows: list[int]) -> str:
+    return ", ".join(
+        f"{fmt} {' / '.join(f'{t[b]:.1f}' if b in t else '-' for b in rows)}"
+        for fmt, t in timings.items()
+        if any(b in t for b in rows)
+    )
 
 
 def _timings_summary(timings: dict[str, dict[int, float]]) -> str:
-    """'float32 34.0 / 63.6, bfloat16 20.7 / 25.8 ms per decode step at batch 1 / 8'."""
-    rows = sorted({b for t in timings.values() for b in t})
-    per_format = ", ".join(
-        f"{fmt} {' / '.join(f'{t[b]:.1f}' if b in t else '-' for b in rows)}" for fmt, t in timings.items()
+    """'float32 34.0 / 63.6, bfloat16 20.7 / 25.8 ms per decode step at batch 1 / 8', then the prompt chunks'
+    ('; float32 180.0 / 700.0, ... ms per prompt chunk of 64 / 256 rows') where they were timed."""
+    every = sorted({b for t in timings.values() for b in t})
+    decode, prompt = [b for b in every if not is_prompt_chunk(b)], [b for b in every if is_prompt_chunk(b)]
+    summary = f"{_per_format(timings, decode)} ms per decode step at batch {' / '.join(map(str, decode))}"
+    if prompt:
+        summary += (
+            f"; {_per_format(timings, prompt)} ms per prompt chunk of {' / '.join(map(str, prompt))} rows "
+            f"({INT8_DEQUANT}: int8 weights dequantized to bf16 per call)"
+        )
+    return summary
+
+
+def phase_paths(ms: dict[str, float], fmt: str) -> str:
+    """How `fmt` computes each phase, with its measured times, e.g. 'int8 for decode (8.6 ms per step at
+    batch 1), prompt chunks of 64+ rows dequantized to bf16 (45.2 ms per 256 rows)'; '' without prompt timings."""
+    chunks = prompt_chunks(ms, fmt)
+    if not chunks:
+        return ""
+    decode = decode_steps(format_timings(ms).get(fmt, {}))
+    first = min(decode, default=None)
+    rows = max(chunks)
+    at_decode = f" ({decode[first]:.1f} ms per step at batch {first})" if first is not None else ""
+    at_prompt = f"{chunks[rows]:.1f} ms per {rows} rows"
+    if fmt != "int8":
+        return f"{fmt} for decode{at_decode} and prompt chunks ({at_prompt})"
+    threshold = int8_dequant_from_rows(ms)
+    if threshold is None:
+        return f"int8 kernel for decode{at_decode} and prompt chunks ({at_prompt}: faster than dequantizing to bf16)"
+    return (
+        f"int8 kernel for decode{at_decode}, calls of {threshold}+ rows (prompt chunks) dequantized to bf16 "
+        f"({at_prompt})"
     )
-    return f"{per_format} ms per decode step at batch {' / '.join(map(str, rows))}"
 
 
 def describe_cpu_formats(ms: dict[str, float]) -> str:
@@ -66,8 +153,8 @@ def describe_cpu_formats(ms: dict[str, float]) -> str:
             "model's own layer shapes at its first start and caches the result"
         )
     return (
-        f"{_timings_summary(timings)} (every linear + lm_head, random weights at this model's shapes, one "
-        "thread); measured at an engine's first start, cached per machine and model"
+        f"{_timings_summary(timings)} (random weights at this model's shapes, one thread); measured at an "
+        "engine's first start, cached per machine and model"
     )
 
 
@@ -77,15 +164,18 @@ def cpu_dtype_default(profile: HardwareProfile) -> tuple[str, str]:
     measured = fastest_cpu_format(profile.cpu_format_ms)
     if measured is not None:
         summary = _timings_summary(format_timings(profile.cpu_format_ms))
+        paths = phase_paths(profile.cpu_format_ms, measured)
+        paths = f" So: {paths}." if paths else ""
         if measured == "float32":
             return "float32", (
                 f"measured on this CPU at this model's shapes, no other format is {1 - CPU_FORMAT_MARGIN:.0%} "
-                f"faster at every batch size, and fp32 is exact: {summary}"
+                f"faster at every decode batch size and as fast at prompt chunks, and fp32 is exact: {summary}.{paths}"
             )
         what = "int8 weight-only linears (one scale per row) computing in bf16, " if measured == "int8" else ""
         return measured, (
-            f"{what}measured on this CPU at this model's shapes, the fastest and at least "
-            f"{1 - CPU_FORMAT_MARGIN:.0%} faster than float32 at every batch size: {summary}"
+            f"{what}measured on this CPU at this model's shapes, the fastest at decode, at least "
+            f"{1 - CPU_FORMAT_MARGIN:.0%} faster than float32 at every batch size and no slower at prompt chunks: "
+            f"{summary}.{paths}"
         )
     guess = "not measured yet, so a guess from the CPU flags (the engine measures at its first start)"
     if profile.cpu_bf16:

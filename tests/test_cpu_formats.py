@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from engine_core import cpu_formats
 from engine_core.cpu_formats import measure_cpu_formats, with_measured_cpu_formats
 from hardware import profile as hp
 from model.shape import shape_from_config
-from planning.cpu_dtype import CPU_WEIGHT_FORMATS
+from planning.cpu_dtype import CPU_WEIGHT_FORMATS, INT8_DEQUANT, fastest_cpu_format, phase_paths
 from planning.overrides import overrides_from_flags
 from planning.plan import PlanOverrides
 from tests.conftest import SMOL_LIKE, TIMINGS
@@ -26,15 +25,24 @@ def refuse_to_measure(*args, **kwargs):
     raise AssertionError("measured although it should not have")
 
 
-def test_real_probe_is_quick_and_times_every_candidate():
+def test_real_probe_times_every_candidate():
     threads = torch.get_num_threads()
-    started = time.perf_counter()
     ms = measure_cpu_formats(shape_from_config(SMOL_LIKE))
-    took = time.perf_counter() - started
-    assert set(ms) == {f"{fmt}@{b}" for fmt in CPU_WEIGHT_FORMATS for b in cpu_formats.PROBE_BATCHES}
+    rows = (*cpu_formats.PROBE_BATCHES, *cpu_formats.PROBE_CHUNKS)
+    chunks = {f"{INT8_DEQUANT}@{r}" for r in cpu_formats.PROBE_CHUNKS}
+    assert set(ms) == {f"{fmt}@{r}" for fmt in CPU_WEIGHT_FORMATS for r in rows} | chunks
     assert all(v > 0 for v in ms.values())
-    assert took < 3.0, took  # ~0.3 s here; generous for a shared, noisy machine
     assert torch.get_num_threads() == threads  # the probe's single thread is not left behind
+    chunk = max(cpu_formats.PROBE_CHUNKS)
+    assert f"per {chunk} rows" in phase_paths(ms, fastest_cpu_format(ms))  # the plan can say how prompts run
+
+
+def test_probe_stops_at_the_minimum_rounds_once_past_its_time_budget(monkeypatch):
+    """What keeps the first start short (~0.6 s here): rounds past the minimum only start within the budget."""
+    calls = []
+    monkeypatch.setattr(cpu_formats, "time_linears", lambda pool, shape, timing, inputs: calls.append(timing) or [1.0])
+    measure_cpu_formats(shape_from_config(SMOL_LIKE), formats=("float32",), budget_s=0.0)
+    assert len(calls) == cpu_formats.MIN_ROUNDS * (len(cpu_formats.PROBE_BATCHES) + len(cpu_formats.PROBE_CHUNKS))
 
 
 def test_big_matrices_are_timed_on_a_slice_and_scaled():
@@ -42,6 +50,34 @@ def test_big_matrices_are_timed_on_a_slice_and_scaled():
     x = torch.rand(1, 1024)
     assert cpu_formats.time_linear(pool, x, 1024, 4096) > 0  # 4M weights > half the 1M pool: 512 rows, × 8
     assert pool.offset == 512 * 1024
+
+
+def test_prompt_chunks_time_the_layers_without_lm_head_and_decode_steps_with_it():
+    shape = shape_from_config(SMOL_LIKE)
+    chunk, step = cpu_formats.Timing("bfloat16@256", "bfloat16", 256), cpu_formats.Timing("bfloat16@8", "bfloat16", 8)
+    layer = hp.decoder_linear_shapes(shape)
+    assert chunk.linears(shape) == layer and step.linears(shape) == [*layer, (576, 49152)]
+    assert chunk.ms(shape, [0.001] * len(layer)) == pytest.approx(7 * 30)  # 7 linears × 30 layers, 1 ms each
+    assert step.ms(shape, [0.001] * (len(layer) + 1)) == pytest.approx(7 * 30 + 1)
+
+
+def test_probe_times_int8_dequantized_at_prompt_chunks_only():
+    taken = cpu_formats.timings_to_take(("float32", "int8"), (1, 8), (64, 256))
+    dequant = [t for t in taken if t.dequant]
+    assert [(t.key, t.fmt, t.rows) for t in dequant] == [
+        ("int8-dequant@64", "int8", 64),
+        ("int8-dequant@256", "int8", 256),
+    ]
+    assert not any(t.dequant for t in cpu_formats.timings_to_take(("float32", "bfloat16"), (1, 8), (64, 256)))
+
+
+def test_int8_dequantized_timing_matches_what_the_layer_runs(monkeypatch):
+    """The probe times the same function Int8Linear calls for many rows (not a stand-in)."""
+    calls = []
+    monkeypatch.setattr(cpu_formats, "dequantized_linear", lambda x, w, s: calls.append(x.shape) or x)
+    pool = cpu_formats.WeightPool((cpu_formats.random_flat(1 << 20) * 127).to(torch.int8))
+    cpu_formats.time_linear(pool, torch.rand(256, 64).bfloat16(), 64, 128, dequant=True)
+    assert calls == [(256, 64)]
 
 
 def test_engine_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
@@ -85,3 +121,31 @@ def test_build_plan_measures_at_first_start_and_plans_with_it(tmp_path, monkeypa
     assert "measured" in plan.reasons["dtype"] and plan.kv_dtype == "float32"
     monkeypatch.setattr(cpu_formats, "measure_cpu_formats", refuse_to_measure)
     assert build_plan(str(folder), None, PlanOverrides()).cpu_format_ms == TIMINGS  # from the cache
+
+
+def test_an_int8_plan_says_how_it_computes_prompts(tmp_path, monkeypatch):
+    from engine_core.main import build_plan
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(SMOL_LIKE))
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    timings = {
+        **TIMINGS,
+        "float32@64": 180.0,
+        "float32@256": 620.0,
+        "bfloat16@64": 50.0,
+        "bfloat16@256": 140.0,
+        "int8@1": 12.0,
+        "int8@8": 20.0,
+        "int8@64": 100.0,
+        "int8@256": 400.0,
+        "int8-dequant@64": 65.0,
+        "int8-dequant@256": 155.0,
+    }
+    monkeypatch.setattr(cpu_formats, "measure_cpu_formats", lambda s: dict(timings))
+    plan = build_plan(str(folder), None, PlanOverrides())
+    assert plan.quantization == "int8" and plan.cpu_format_ms == timings
+    assert "int8 kernel for decode (12.0 ms per step at batch 1)" in plan.reasons["dtype"]
+    assert "calls of 64+ rows (prompt chunks) dequantized to bf16 (155.0 ms per 256 rows)" in plan.reasons["dtype"]
+    assert "int8-dequant 65.0 / 155.0 ms per prompt chunk of 64 / 256 rows" in plan.reasons["cpu_formats"]
