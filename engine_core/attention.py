@@ -57,6 +57,10 @@ class StepContext:
     block_size: int
     _masks: dict = field(default_factory=dict)  # shared by the layers of the step
 
+    def __post_init__(self) -> None:
+        self.write_blocks = self.cache_rows // self.block_size  # where each new token's K/V go
+        self.write_offsets = self.cache_rows % self.block_size
+
     def prepare_masks(self, windows: tuple) -> None:
         """Build every mask the layers will ask for before the first layer runs, so a compiled layer
         only ever reads them (building inside would make the first layer trace differently)."""
@@ -162,9 +166,11 @@ def kiln_attention(
         raise RuntimeError("a model set to kiln attention runs inside kiln's ModelRunner only (no kiln_step given)")
     cache_k, cache_v = module.kiln_k, module.kiln_v
     q = query[0].transpose(0, 1)  # [n, heads, d]
-    flat_k, flat_v = cache_k.flatten(0, 1), cache_v.flatten(0, 1)  # [blocks × block_size, kv_heads, d]
-    flat_k[ctx.cache_rows] = key[0].transpose(0, 1).to(cache_k.dtype)
-    flat_v[ctx.cache_rows] = value[0].transpose(0, 1).to(cache_v.dtype)
+    # indexed on the pool itself, not on a flattened view: a compiled step then updates the buffer in place
+    # (through a view, functionalization copies the whole pool back every layer)
+    blocks, offsets = ctx.write_blocks, ctx.write_offsets
+    cache_k[blocks, offsets] = key[0].transpose(0, 1).to(cache_k.dtype)
+    cache_v[blocks, offsets] = value[0].transpose(0, 1).to(cache_v.dtype)
     d = ctx.decode
     if d is not None and d.rows is None:  # decode only (the graph case): no scatter
         return _attend_decode(ctx, q, cache_k, cache_v, sliding_window, scaling, softcap)[None], None
