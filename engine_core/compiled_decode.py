@@ -73,7 +73,9 @@ class CompiledDecode:
         self.steps += 1
         n = len(chunks)
         bs = self.runner.block_size
-        width = max(c.start for c in chunks) // bs + 1
+        # at least 2 blocks wide: torch.compile specialises a size of 1, and a one-block table (a prompt of
+        # under 16 tokens) would trace a new graph mid-serving (a minute of compile while streams wait)
+        width = max(2, max(c.start for c in chunks) // bs + 1)
         tables: list[int] = []
         for c in chunks:
             used = c.seq.blocks[: c.start // bs + 1]

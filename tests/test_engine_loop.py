@@ -23,6 +23,9 @@ from ipc.messages import (
 from planning.plan import PlanOverrides
 
 TIMEOUT_S = 120  # a loaded 2-core machine
+# the module fixture compiles the decode step: on a fresh machine (cold inductor cache) that alone takes a few
+# minutes on 2 cores, and pytest counts a fixture's setup against its first test
+pytestmark = pytest.mark.timeout(900)
 
 
 class QueueIO:

@@ -11,7 +11,9 @@ import pytest
 from tests.conftest import COMPILE_READY_TIMEOUT_S, ServerProcess, get_json, pid_alive, running_server
 from tests.http_client import generate, post_json, run, stream_events
 
-pytestmark = pytest.mark.slow
+# the module's server compiles its decode step at start (a few minutes on a fresh 2-core machine), which
+# pytest counts against the first test that uses it
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 FIB = {"prompt": "def fibonacci(n):", "max_new_tokens": 48, "temperature": 0}
 COMPILED = {"ENABLE_COMPILE": "1"}  # the default CPU plan: decode steps compiled (the suite's default is eager)
