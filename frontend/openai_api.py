@@ -73,9 +73,14 @@ def _usage(choices: list[Choice]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+# Placeholder names huggingface_hub's InferenceClient sends when its caller names no model ("tgi" in older
+# versions and in TGI's own OpenAI examples, "dummy" in newer ones): taken as the served model, as TGI does.
+MODEL_ALIASES = ("tgi", "dummy")
+
+
 def _check_model(request: web.Request, body: SamplingBody) -> None:
     served = request.app[MODEL_NAME]
-    if body.model not in (None, "", served):
+    if body.model not in (None, "", served, *MODEL_ALIASES):
         raise ApiError(
             404,
             f"model {body.model!r} is not served here; this server serves {served!r}",

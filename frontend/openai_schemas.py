@@ -27,9 +27,12 @@ from frontend.api import (
     TopP,
 )
 
-# `tool` and `developer` are left out: tool calls and their results are not supported, and not every
-# template knows a developer turn.
+# `tool` is left out: tool calls and their results are not supported.
 CHAT_ROLES = ("system", "user", "assistant")
+# OpenAI's name for the system role since its o1 models; not every template knows a developer turn, so it is
+# rendered as the system turn (as vLLM and llama.cpp's server do).
+ROLE_ALIASES = {"developer": "system"}
+ACCEPTED_ROLES = (*CHAT_ROLES, *ROLE_ALIASES)
 MAX_SHOWN_ROLE_CHARS = 32
 UNLIMITED = 1 << 30  # no max_tokens: generate until end of sequence or the context window
 MAX_N = 16  # choices per prompt
@@ -233,16 +236,17 @@ class ChatRequest(SamplingBody, kw_only=True, forbid_unknown_fields=True):
 
 
 def check_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Only the roles chat templates are written for, text content only; anything else is a 400 naming
-    the message. Returns the messages as the template takes them: `{role, content}` with text content
-    (text parts joined by newlines, an assistant's null content as "")."""
+    """Only the roles chat templates are written for (`developer` as `system`), text content only; anything
+    else is a 400 naming the message. Returns the messages as the template takes them: `{role, content}`
+    with text content (text parts joined by newlines, an assistant's null content as "")."""
     rendered = []
     for index, message in enumerate(messages):
-        if message.role not in CHAT_ROLES:
+        role = ROLE_ALIASES.get(message.role, message.role)
+        if role not in CHAT_ROLES:
             shown = message.role[:MAX_SHOWN_ROLE_CHARS] + ("…" if len(message.role) > MAX_SHOWN_ROLE_CHARS else "")
             raise ApiError(
                 400,
-                f"messages[{index}].role is {shown!r}; it must be one of {', '.join(CHAT_ROLES)}",
+                f"messages[{index}].role is {shown!r}; it must be one of {', '.join(ACCEPTED_ROLES)}",
                 f"messages[{index}].role",
             )
         for name in ("tool_calls", "tool_call_id", "function_call"):
@@ -250,7 +254,7 @@ def check_messages(messages: list[ChatMessage]) -> list[dict]:
                 raise _refuse(f"messages[{index}].{name}", "(tool calling)")
         content = message.content
         if content is None:
-            if message.role != "assistant":
+            if role != "assistant":
                 raise ApiError(
                     400,
                     f"messages[{index}].content is missing or null; only an assistant message may have null content",
@@ -268,5 +272,5 @@ def check_messages(messages: list[ChatMessage]) -> list[dict]:
                     raise ApiError(400, f"{where}.text is missing", f"{where}.text")
                 texts.append(part.text)
             content = "\n".join(texts)
-        rendered.append({"role": message.role, "content": content})
+        rendered.append({"role": role, "content": content})
     return rendered

@@ -194,6 +194,22 @@ def test_openai_refusals_name_the_field(client):
     assert refused.value.body["param"] == "response_format"
 
 
+def test_openai_developer_message_is_the_system_turn(client):
+    """OpenAI's `developer` role renders as the system turn: the same prompt as `system` (the same tokens and
+    greedy answer), not the prompt without it (the template then adds its own default system turn)."""
+
+    def ask(messages: list[dict]):
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+
+    instruction = "Answer in one word, in capital letters."
+    developer = ask([{"role": "developer", "content": instruction}, *CHAT])
+    system = ask([{"role": "system", "content": instruction}, *CHAT])
+    without = ask(CHAT)
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens != without.usage.prompt_tokens
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    assert developer.model == MODEL
+
+
 # ---- logprobs equal transformers' ----
 
 

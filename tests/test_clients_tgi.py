@@ -1,5 +1,6 @@
 """The real TGI client libraries against a real server: `huggingface_hub.InferenceClient.text_generation`
-(plain, stream=True, details=True, both) and `text_generation.Client` (generate, generate_stream).
+(plain, stream=True, details=True, both), `InferenceClient.chat_completion` (plain, streamed; its placeholder
+model names taken as the served model) and `text_generation.Client` (generate, generate_stream).
 
 The clients get the local server's URL as their base URL, so nothing resolves a model id on the Hub;
 a guard refuses any connection or name lookup beyond loopback while these tests run.
@@ -10,14 +11,16 @@ from __future__ import annotations
 import os
 import socket
 
+import aiohttp
 import pytest
 
-from tests.http_client import generate, run
+from tests.http_client import generate, post_json, run
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # (HF_HUB_OFFLINE would refuse even loopback URLs)
 
 import text_generation  # noqa: E402
 from huggingface_hub import InferenceClient  # noqa: E402
+from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
 from huggingface_hub.errors import ValidationError as HubValidationError  # noqa: E402
 
 pytestmark = [
@@ -27,6 +30,8 @@ pytestmark = [
 ]
 
 PROMPT = "def fibonacci(n):"
+MODEL = "SmolLM2-135M-Instruct"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 N = 12
 TIMEOUT_S = 120  # text_generation's default is 10 s: too short for a loaded 2-core machine
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -55,6 +60,21 @@ def loopback_only(monkeypatch):
 def native(server) -> dict:
     status, body = run(generate(server.url, {"prompt": PROMPT, "max_new_tokens": N, "temperature": 0}))
     assert status == 200, body
+    return body
+
+
+@pytest.fixture(scope="module")
+def native_chat(server) -> dict:
+    """The chat sent plainly over HTTP, with no `model`: what the client's answers must equal."""
+
+    async def post() -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as session:
+            body = {"messages": CHAT, "max_tokens": N, "temperature": 0}
+            return await post_json(session, server.url + "/v1/chat/completions", body)
+
+    status, body = run(post())
+    assert status == 200, body
+    assert body["model"] == MODEL
     return body
 
 
@@ -153,6 +173,35 @@ def test_hub_unsupported_field_raises_naming_it(hub, kwargs, field, stream):
         result = hub.text_generation(PROMPT, max_new_tokens=N, stream=stream, **kwargs)
         if stream:
             list(result)
+
+
+# huggingface_hub sends a placeholder model name when its caller names none ("dummy" now, "tgi" in older
+# versions): answered by the served model, which names itself in `model`.
+
+
+@pytest.mark.parametrize("model", [None, "tgi"])
+def test_hub_chat_completion(hub, native_chat, model):
+    output = hub.chat_completion(CHAT, model=model, max_tokens=N, temperature=0)
+    assert output.model == MODEL
+    assert output.choices[0].message.content == native_chat["choices"][0]["message"]["content"]
+    assert output.usage.prompt_tokens == native_chat["usage"]["prompt_tokens"]
+    assert output.usage.completion_tokens == native_chat["usage"]["completion_tokens"]
+    assert output.choices[0].finish_reason == native_chat["choices"][0]["finish_reason"]
+
+
+@pytest.mark.parametrize("model", [None, "tgi"])
+def test_hub_chat_completion_stream(hub, native_chat, model):
+    chunks = list(hub.chat_completion(CHAT, model=model, max_tokens=N, temperature=0, stream=True))
+    assert chunks and all(chunk.model == MODEL for chunk in chunks)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == native_chat["choices"][0]["message"]["content"]
+    assert chunks[-1].choices[0].finish_reason == native_chat["choices"][0]["finish_reason"]
+
+
+def test_hub_chat_completion_other_model_is_not_found(hub):
+    with pytest.raises(HfHubHTTPError) as refused:
+        hub.chat_completion(CHAT, model="gpt-4", max_tokens=N)
+    assert refused.value.response.status_code == 404
 
 
 # --- text_generation.Client ----------------------------------------------------------------------

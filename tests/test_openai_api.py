@@ -596,6 +596,25 @@ def _chat_tokenizers(model_path: str):
     return ChatTemplate.from_folder(model_path), tokenizer, literal
 
 
+def test_developer_messages_render_as_system_turns_in_order(default_model_path):
+    """In-process: `developer` is read as `system`; several developer/system messages keep their order."""
+    import msgspec
+
+    from frontend.openai_schemas import ChatRequest, check_messages
+
+    def prompt(messages: list[dict]) -> str:
+        body = msgspec.convert({"messages": messages}, ChatRequest)
+        return template.render(check_messages(body.messages))
+
+    template, _, _ = _chat_tokenizers(default_model_path)
+    mixed = [{"role": "developer", "content": "One."}, {"role": "system", "content": "Two."}, *CHAT]
+    as_system = [{"role": "system", "content": "One."}, {"role": "system", "content": "Two."}, *CHAT]
+    rendered = prompt(mixed)
+    assert rendered == prompt(as_system)
+    assert rendered.index("system\nOne.") < rendered.index("system\nTwo.") < rendered.index("user\n")
+    assert "developer" not in rendered
+
+
 def test_special_token_text_in_a_message_stays_plain_text(default_model_path):
     """Only the template's own `<|im_start|>` tokens are control tokens; the user's typed ones are text."""
     import asyncio
