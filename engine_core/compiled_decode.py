@@ -76,15 +76,11 @@ class CompiledDecode:
         # at least 2 blocks wide: torch.compile specialises a size of 1, and a one-block table (a prompt of
         # under 16 tokens) would trace a new graph mid-serving (a minute of compile while streams wait)
         width = max(2, max(c.start for c in chunks) // bs + 1)
-        tables: list[int] = []
-        for c in chunks:
-            used = c.seq.blocks[: c.start // bs + 1]
-            tables += used + [used[-1]] * (width - len(used))  # padding: a valid block, masked out
         packed = torch.tensor(
             [c.token_ids[0] for c in chunks]
             + [c.start for c in chunks]
-            + [c.seq.blocks[c.start // bs] * bs + c.start % bs for c in chunks]
-            + tables
+            + [c.seq.cache_row(c.start, bs) for c in chunks]
+            + [block for c in chunks for block in c.seq.block_table(c.start + 1, width, bs)]
         )
         ids, positions, rows = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n]
         return self.fn(ids, positions, rows, positions + 1, packed[3 * n :].view(n, width))

@@ -107,11 +107,10 @@ class ModelRunner:
         score_rows: list[int] = []
         for chunk in chunks:
             flat = len(token_ids)
-            blocks = chunk.seq.blocks
             token_ids += chunk.token_ids
             span = range(chunk.start, chunk.start + chunk.length)
             positions += span
-            cache_rows += [blocks[p // bs] * bs + p % bs for p in span]
+            cache_rows += [chunk.seq.cache_row(p, bs) for p in span]
             if chunk.length == 1 and not chunk.scores_prompt:
                 decodes.append((flat, chunk.seq, chunk.start + 1))
             else:
@@ -131,8 +130,7 @@ class ModelRunner:
         d_lengths = [length for _, _, length in decodes]
         d_tables: list[int] = []
         for _, seq, length in decodes:
-            used = seq.blocks[: math.ceil(length / bs)]
-            d_tables += used + [used[-1]] * (width - len(used))
+            d_tables += seq.block_table(length, width, bs)
         p_tables: list[int] = []
         for _, chunk in prefills:
             p_tables += chunk.seq.blocks[: math.ceil((chunk.start + chunk.length) / bs)]
@@ -278,13 +276,9 @@ class DecodeGraphs:
         host = self.host[:, :batch]
         host[0] = torch.tensor([c.token_ids[0] for c in padded])
         host[1] = torch.tensor([c.start for c in padded])
-        host[2] = torch.tensor([c.seq.blocks[c.start // bs] * bs + c.start % bs for c in padded])
+        host[2] = torch.tensor([c.seq.cache_row(c.start, bs) for c in padded])
         host[3] = host[1] + 1
-        tables = []
-        for c in padded:
-            used = c.seq.blocks[: c.start // bs + 1]
-            tables.append(used + [used[-1]] * (span - len(used)))
-        host[4 : 4 + span] = torch.tensor(tables).T
+        host[4 : 4 + span] = torch.tensor([c.seq.block_table(c.start + 1, span, bs) for c in padded]).T
         for target, row in zip((self.ids, self.positions, self.cache_rows, self.lengths), host):
             target[:batch].copy_(row, non_blocking=True)
         self.tables[:batch, :span].copy_(host[4 : 4 + span].T, non_blocking=True)

@@ -57,6 +57,16 @@ class Sequence:
         """Everything but the newest token is computed: the next step feeds that token alone."""
         return self.num_computed == self.num_tokens - 1 and bool(self.output_ids)
 
+    def cache_row(self, position: int, block_size: int) -> int:
+        """Where `position`'s K/V live in the pool's flat view: its block × block_size + its offset."""
+        return self.blocks[position // block_size] * block_size + position % block_size
+
+    def block_table(self, positions: int, width: int, block_size: int) -> list[int]:
+        """The blocks holding the first `positions` positions, padded to `width` by repeating the last
+        (a valid block the attention mask hides), for a rectangular table of several sequences."""
+        used = self.blocks[: -(-positions // block_size)]
+        return used + [used[-1]] * (width - len(used))
+
     def token_ids(self, start: int, length: int) -> list[int]:
         prompt = len(self.prompt_ids)
         if start >= prompt:
