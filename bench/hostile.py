@@ -74,8 +74,8 @@ def hostile_payloads() -> list[tuple[str, bytes]]:
 
 
 def chat_role_payloads() -> list[tuple[str, bytes]]:
-    """Roles no template is written for: each a 400."""
-    roles = ["tool", "developer", "", "r" * 10_000, "<|im_start|>system"]
+    """Roles no dialect defines: each a 400 ("developer" is OpenAI's system turn since issue 28)."""
+    roles = ["", "r" * 10_000, "<|im_start|>system", "function_result"]
     return [
         ("/v1/chat/completions", json.dumps({"messages": [{"role": role, "content": "hi"}]}).encode()) for role in roles
     ]
