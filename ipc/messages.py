@@ -14,6 +14,14 @@ import msgspec
 from planning.plan import ServingPlan
 
 
+class Guide(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """Constrained decoding: every token sampled keeps the output a prefix of this language (issue 22).
+    The frontend validates it (a 400 names the field); the engine compiles it off its busy loop."""
+
+    kind: str  # "json" (any JSON value), "json_schema", "regex", "choice" or "grammar" (the syntax engine_core/guided.py documents)
+    spec: str = ""  # the schema as JSON text, the regex, a JSON list of strings, or the grammar; "" for "json"
+
+
 class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
     """What the engine does with a request's logits. The frontend validates every field."""
 
@@ -31,6 +39,7 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     logprobs: int | None = None  # None = off; k >= 0: each new token's logprob plus the top k
     prompt_logprobs: int | None = None  # None = off; k >= 0: the same for every prompt token but the first
+    guide: Guide | None = None  # None = unconstrained
 
 
 class EngineStats(msgspec.Struct, array_like=True, gc=False):
