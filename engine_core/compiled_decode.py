@@ -4,8 +4,9 @@ An eager CPU decode step of a small model spends as long dispatching its ~1,200 
 (transformers' wrappers, norms, rotary, residuals) as it does in its matmuls. torch.compile
 (inductor) traces the decode-only step once, whole model included, fuses the elementwise work into a
 few C++ loops and keeps the matmuls and attention as library calls, so the step's time is mostly its
-matmuls. Shapes are dynamic (batch and key span are symbols), so two graphs cover every decode step:
-one for a single sequence (torch specialises size 1) and one for two or more.
+matmuls. Shapes are dynamic (batch and key span are symbols), so three graphs cover every decode step:
+one for a single sequence (torch specialises size 1), one for two or more, and one for two or more
+after a prefix they all share (cascade attention, engine_core/attention.py).
 
 Prefill and mixed steps stay eager: their layout (how many chunks, where) would make a graph per
 shape. Compiling takes a minute or two on a small CPU at first start; inductor caches it on disk
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from engine_core.attention import DecodeLayout, StepContext
+from engine_core.attention import DecodeLayout
 from engine_core.scheduler import ScheduledChunk
 
 TIMED_STEPS = 6  # decode steps timed each way per batch size at warmup (after one untimed)
@@ -52,14 +53,16 @@ class CompiledDecode:
         self.runner = runner
         self.fn = torch.compile(self._decode_logits, dynamic=True, options={"guard_filter_fn": _guards_worth_checking})
         self.enabled = False  # until warm() has compiled and measured
-        self.measured: dict[int, tuple[float, float]] = {}  # batch -> (eager ms, compiled ms)
+        self.shared_enabled = False  # the graph with cascade attention over a shared prefix, likewise
+        # (batch, table width, shared prefix blocks) -> (eager ms, compiled ms)
+        self.measured: dict[tuple[int, int, int], tuple[float, float]] = {}
         self.steps = 0  # decode steps run compiled
 
-    def _decode_logits(self, ids, positions, cache_rows, lengths, tables) -> torch.Tensor:
-        """What the compiler traces: the model over one decode token per row, all rows' logits."""
+    def _decode_logits(self, ids, positions, cache_rows, lengths, tables, prefix=None) -> torch.Tensor:
+        """What the compiler traces: the model over one decode token per row, all rows' logits. With a
+        `prefix` (blocks every row starts with) `tables` and `lengths` describe what follows it."""
         runner = self.runner
-        layout = DecodeLayout(None, tables, lengths)
-        ctx = StepContext(cache_rows, positions, layout, [], runner.positions_range, runner.block_size)
+        ctx = runner._context(cache_rows, positions, DecodeLayout(None, tables, lengths, prefix=prefix), [])
         out = runner.model(
             input_ids=ids[None], position_ids=positions[None], logits_to_keep=0, use_cache=False, kiln_step=ctx
         )
@@ -73,55 +76,74 @@ class CompiledDecode:
         self.steps += 1
         n = len(chunks)
         bs = self.runner.block_size
+        shared = self.runner.shared_prefix([(c.seq, c.start + 1) for c in chunks]) if self.shared_enabled else []
+        skip = len(shared)
         # at least 2 blocks wide: torch.compile specialises a size of 1, and a one-block table (a prompt of
         # under 16 tokens) would trace a new graph mid-serving (a minute of compile while streams wait)
-        width = max(2, max(c.start for c in chunks) // bs + 1)
+        width = max(2, max(c.start for c in chunks) // bs + 1 - skip)
         packed = torch.tensor(
             [c.token_ids[0] for c in chunks]
             + [c.start for c in chunks]
             + [c.seq.cache_row(c.start, bs) for c in chunks]
-            + [block for c in chunks for block in c.seq.block_table(c.start + 1, width, bs)]
+            + [block for c in chunks for block in c.seq.block_table(c.start + 1, width, bs, skip)]
+            + shared
         )
         ids, positions, rows = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n]
-        return self.fn(ids, positions, rows, positions + 1, packed[3 * n :].view(n, width))
+        tables = packed[3 * n : 3 * n + n * width].view(n, width)
+        if not skip:
+            return self.fn(ids, positions, rows, positions + 1, tables)
+        return self.fn(ids, positions, rows, positions + 1 - skip * bs, tables, packed[3 * n + n * width :])
 
     # ------------------------------------------------------------------ warmup
 
     @torch.inference_mode()
     def warm(self) -> str:
-        """Compile both graphs and time them against eager, on the first blocks of the pool (call before
-        any request is admitted: it writes K/V there). Returns a line for the log."""
+        """Compile the graphs and time each against eager, on the first blocks of the pool (call before any
+        request is admitted: it writes K/V there): one row, several rows, and several rows after a shared
+        prefix (cascade attention, where the runner takes it). Returns a line for the log."""
         runner = self.runner
-        sizes = [1] if runner.max_batch == 1 else [1, runner.max_batch]
-        length = min(runner.max_context, 128)
+        top = runner.max_batch
+        # sizes all distinct: torch.compile gives equal sizes one symbol ("duck sizing"), and a graph traced
+        # with batch == width would be traced again the first time they differ
+        width = next(w for w in (8, 9, 10) if w != top)
+        prefix = next(p for p in (5, 6, 7) if p not in (top, width))
+        shapes = [(1, width, 0)] + ([(top, width, 0)] if top > 1 else [])
+        if runner.shares_prefixes and top > 1:
+            shapes.append((top, width, prefix))
         started = time.monotonic()
         try:
-            for batch in sizes:
-                self._time(self.fn, batch, length, steps=1)
+            for shape in shapes:
+                self._time(self.fn, *shape, steps=1)
         except Exception as exc:  # no C++ compiler, an op inductor cannot take: eager still works
             return f"decode steps run eager: torch.compile failed ({type(exc).__name__}: {exc!s:.160})"
         compile_s = time.monotonic() - started
-        for batch in sizes:
-            eager = self._time(self._decode_logits, batch, length, TIMED_STEPS)
-            compiled = self._time(self.fn, batch, length, TIMED_STEPS)
-            self.measured[batch] = (eager, compiled)
-        self.enabled = all(compiled < eager for eager, compiled in self.measured.values())
-        timings = ", ".join(f"batch {b}: {c:.1f} ms compiled vs {e:.1f} eager" for b, (e, c) in self.measured.items())
+        for shape in shapes:
+            self.measured[shape] = (
+                self._time(self._decode_logits, *shape, TIMED_STEPS),
+                self._time(self.fn, *shape, TIMED_STEPS),
+            )
+        faster = {shape: compiled < eager for shape, (eager, compiled) in self.measured.items()}
+        self.enabled = all(ok for (_, _, shared), ok in faster.items() if not shared)
+        self.shared_enabled = self.enabled and any(ok for (_, _, shared), ok in faster.items() if shared)
+        timings = ", ".join(
+            f"batch {b}{' after a shared prefix' if p else ''}: {c:.1f} ms compiled vs {e:.1f} eager"
+            for (b, _, p), (e, c) in self.measured.items()
+        )
         verdict = "compiled graph in use" if self.enabled else "eager kept (the compiled graph measured slower)"
         return f"decode steps: {verdict}; compiled in {compile_s:.0f} s; {timings}"
 
-    def _time(self, fn, batch: int, length: int, steps: int) -> float:
-        """Median ms of `steps` decode steps for `batch` rows at `length` cached positions (blocks 0..,
-        one run per row, as sequences admitted together get them)."""
+    def _time(self, fn, batch: int, width: int, prefix: int, steps: int) -> float:
+        """Median ms of `steps` decode steps for `batch` rows of `width` blocks each (blocks 0.., one run
+        per row, as sequences admitted together get them), after `prefix` blocks all rows share."""
         bs = self.runner.block_size
-        width = -(-length // bs)
         ids = torch.zeros(batch, dtype=torch.long)
-        positions = torch.full((batch,), length - 1, dtype=torch.long)
-        tables = torch.arange(batch * width).view(batch, width) % self.runner.cache.num_blocks
-        rows = tables[:, -1] * bs + (length - 1) % bs
+        positions = torch.full((batch,), (prefix + width) * bs - 1, dtype=torch.long)
+        tables = (prefix + torch.arange(batch * width).view(batch, width)) % self.runner.cache.num_blocks
+        rows = tables[:, -1] * bs + bs - 1
+        shared = (torch.arange(prefix),) if prefix else ()
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            fn(ids, positions, rows, positions + 1, tables).argmax(dim=-1).tolist()
+            fn(ids, positions, rows, positions + 1 - prefix * bs, tables, *shared).argmax(dim=-1).tolist()
             times.append((time.perf_counter() - start) * 1000)
         return statistics.median(times)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -26,6 +27,10 @@ from engine_core.scheduler import ScheduledChunk, Sequence
 log = logging.getLogger("kiln.engine")
 
 MIN_SPAN = 128  # smallest key span a decode graph attends over; spans double up to the context
+# A prefix every decode row shares is read once for the batch when that saves at least this many key reads
+# per layer (the prefix's tokens × the other rows): below it the extra kernel and the merge cost more
+# than the copies they save (at 10 rows × 128 shared tokens they about break even on a 2-core CPU).
+SHARED_PREFIX_MIN_SAVED = 4096
 
 
 class UnsupportedModel(Exception):
@@ -84,6 +89,13 @@ class ModelRunner:
         self.positions_range = torch.arange(self.max_blocks * block_size, device=device)
         # the windows layers pass as `sliding_window`: none (global layers) and the config's, if any
         self.windows = (None,) + ((config.sliding_window,) if getattr(config, "sliding_window", None) else ())
+        # cascade attention over shared prefixes: CPU only (its kernel is PyTorch's CPU one), and only for
+        # models whose every layer attends globally without a logit softcap (the merge assumes both)
+        self.shares_prefixes = (
+            device.type == "cpu" and len(self.windows) == 1 and not getattr(config, "attn_logit_softcapping", None)
+        )
+        self.shared_prefix_min_saved = SHARED_PREFIX_MIN_SAVED
+        self.shared_prefix_steps = 0  # decode steps that read a shared prefix once
         self.graphs = DecodeGraphs(self) if cuda_graphs and device.type == "cuda" else None
         self.compiled = CompiledDecode(self) if compiled_decode and device.type == "cpu" else None
 
@@ -125,17 +137,19 @@ class ModelRunner:
         n = len(token_ids)
         # one host-to-device copy of everything: ids, positions, cache rows, logit rows, decode rows and
         # lengths, the decode block tables (padded by repeating a row's last block: masked), prefill tables
-        width = max((math.ceil(length / bs) for _, _, length in decodes), default=0)
+        shared = self.shared_prefix([(seq, length) for _, seq, length in decodes])
+        skip = len(shared)  # blocks every decode row starts with; its table and length then start after them
+        width = max((math.ceil(length / bs) - skip for _, _, length in decodes), default=0)
         d_rows = [flat for flat, _, _ in decodes]
-        d_lengths = [length for _, _, length in decodes]
+        d_lengths = [length - skip * bs for _, _, length in decodes]
         d_tables: list[int] = []
         for _, seq, length in decodes:
-            d_tables += seq.block_table(length, width, bs)
+            d_tables += seq.block_table(length, width, bs, skip)
         p_tables: list[int] = []
         for _, chunk in prefills:
             p_tables += chunk.seq.blocks[: math.ceil((chunk.start + chunk.length) / bs)]
         packed = torch.tensor(
-            token_ids + positions + cache_rows + logit_rows + d_rows + d_lengths + d_tables + p_tables
+            token_ids + positions + cache_rows + logit_rows + d_rows + d_lengths + d_tables + p_tables + shared
         ).to(self.device, non_blocking=True)
         ids, pos, rows_t = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n]
         at = 3 * n
@@ -148,7 +162,8 @@ class ModelRunner:
             tables = packed[at + 2 * b : at + 2 * b + b * width].view(b, width)
             at += 2 * b + b * width
             first = _consecutive_run(d_tables) if b == 1 else None
-            decode = DecodeLayout(None if d_rows == list(range(n)) else d_rows_t, tables, d_lengths_t, first)
+            prefix = packed[len(packed) - skip :] if skip else None
+            decode = DecodeLayout(None if d_rows == list(range(n)) else d_rows_t, tables, d_lengths_t, first, prefix)
         chunk_layouts = []
         for flat, chunk in prefills:
             count = math.ceil((chunk.start + chunk.length) / bs)
@@ -162,8 +177,23 @@ class ModelRunner:
         prompt = [None if at is None else logits[samples + at[0] : samples + at[0] + at[1]] for at in scored]
         return StepLogits(logits[:samples], prompt)
 
+    def shared_prefix(self, rows: list[tuple[Sequence, int]]) -> list[int]:
+        """The blocks every decode row (sequence, keys it attends over) starts with, when reading them once
+        for the batch is worth it (`shared_prefix_min_saved`); else []. Only full blocks before each row's
+        current one can be shared (the prefix cache shares full blocks only)."""
+        if not self.shares_prefixes or len(rows) < 2:
+            return []
+        bs = self.block_size
+        common = os.path.commonprefix([seq.blocks[: (length - 1) // bs] for seq, length in rows])
+        if len(common) < 2 or len(common) * bs * (len(rows) - 1) < self.shared_prefix_min_saved:
+            return []
+        self.shared_prefix_steps += 1
+        return common
+
     def _context(self, cache_rows, positions, decode, prefills) -> StepContext:
-        return StepContext(cache_rows, positions, decode, prefills, self.positions_range, self.block_size)
+        return StepContext(
+            cache_rows, positions, decode, prefills, self.positions_range, self.block_size, self.cache.k[0].dtype
+        )
 
     def _logits(self, ids, positions, logit_index, ctx) -> torch.Tensor:
         ctx.prepare_masks(self.windows)

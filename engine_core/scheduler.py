@@ -61,10 +61,11 @@ class Sequence:
         """Where `position`'s K/V live in the pool's flat view: its block × block_size + its offset."""
         return self.blocks[position // block_size] * block_size + position % block_size
 
-    def block_table(self, positions: int, width: int, block_size: int) -> list[int]:
-        """The blocks holding the first `positions` positions, padded to `width` by repeating the last
-        (a valid block the attention mask hides), for a rectangular table of several sequences."""
-        used = self.blocks[: -(-positions // block_size)]
+    def block_table(self, positions: int, width: int, block_size: int, skip: int = 0) -> list[int]:
+        """The blocks holding the first `positions` positions but the first `skip` blocks (a prefix read
+        once for the batch), padded to `width` by repeating the last (a valid block the attention mask
+        hides), for a rectangular table of several sequences."""
+        used = self.blocks[skip : -(-positions // block_size)]
         return used + [used[-1]] * (width - len(used))
 
     def token_ids(self, start: int, length: int) -> list[int]:

@@ -177,6 +177,32 @@ def test_prefix_cache_hits_and_preemption_keep_greedy_tokens_exact(model_type):
     assert scheduler.pool.num_used == 0 and scheduler.pool.num_cached > 0
 
 
+@pytest.mark.parametrize("model_type", sorted(CASES))
+def test_a_prefix_shared_by_the_batch_read_once_keeps_greedy_tokens_exact(model_type):
+    """Rows decoding after one shared prefix (a system prompt) attend to it once for the whole batch
+    (cascade attention, merged by log-sum-exp): greedy tokens equal transformers'. Models with sliding
+    windows or logit softcaps never take that path."""
+    from engine_core.block_pool import BlockPool
+    from engine_core.model_runner import ModelRunner
+
+    model = tiny_model(model_type)
+    reference = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(5)
+    shared = torch.randint(2, TINY["vocab_size"], (41,), generator=generator).tolist()
+    tails = [torch.randint(2, TINY["vocab_size"], (n,), generator=generator).tolist() for n in (3, 9, 6)]
+    wave = [shared + tail for tail in tails]
+    expected = transformers_greedy(reference, wave)
+    blocks, block_size = 3 * MAX_CONTEXT // 4, 4
+    runner = ModelRunner(model, MAX_BATCH, MAX_CONTEXT, torch.device("cpu"), torch.float32, blocks, block_size)
+    runner.shared_prefix_min_saved = 0  # any shared prefix of two blocks or more (the threshold is about speed)
+    scheduler = Scheduler(MAX_BATCH, PREFILL_CHUNK, MAX_CONTEXT, set(), BlockPool(blocks, block_size))
+    assert kiln_greedy(model, wave, scheduler, runner) == expected
+    if runner.shares_prefixes:
+        assert runner.shared_prefix_steps >= NEW_TOKENS - 1
+    else:
+        assert runner.shared_prefix_steps == 0 and (model.config.sliding_window or model.config.attn_logit_softcapping)
+
+
 def test_longrope_context_is_capped_where_its_factors_switch():
     """Past original_max_position_embeddings longrope would switch a whole step to its long factors,
     short sequences included, so the plan never lets a sequence get there."""
