@@ -304,6 +304,12 @@ def engine_devices(gpus: str | None, engines: int | None) -> list[int | None]:
     "llama.cpp = llama-server on the same weights (needs `pip install -e .[peers]`)",
 )
 @click.option(
+    "--baseline-url",
+    default=None,
+    metavar="URL",
+    help="a running kiln as the baseline (e.g. the previous release, for a no-regression check), instead of --baseline",
+)
+@click.option(
     "--llama-cpp-quant",
     type=click.Choice(["F16", "Q4_1"]),
     default="F16",

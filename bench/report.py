@@ -115,7 +115,10 @@ def _ratios_text(r: dict[str, float | None]) -> str:
     def x(key: str, suffix: str = "") -> str:
         return f"x{r[key]:.2f}{suffix}" if r.get(key) else "n/a"
 
-    return f"throughput {x('throughput')}, TTFT p50 {x('ttft_p50', ' faster')}, p90 {x('ttft_p90', ' faster')}"
+    return (
+        f"throughput {x('throughput')}, TTFT p50 {x('ttft_p50', ' faster')}, p90 {x('ttft_p90', ' faster')}, "
+        f"ITL p50 {x('itl_p50', ' faster')}"
+    )
 
 
 def ratio_line(ours: Figures, baseline: Figures, name: str) -> str:

@@ -113,9 +113,12 @@ def llama_cpp_command(
 
 
 @contextlib.contextmanager
-def _baseline_server(cfg, workload, *, model, dtype, setup, parallel):
-    """Yield (url, name, dialect) of the running baseline: llama-server when `setup` is given, else the
-    naive server in our plan's dtype; stopped on exit."""
+def _baseline_server(cfg, workload, *, model, dtype, setup, parallel, url=None):
+    """Yield (url, name, dialect) of the running baseline: the kiln at `url` (left running), llama-server
+    when `setup` is given, else the naive server in our plan's dtype; those two stopped on exit."""
+    if url is not None:
+        yield url, "baseline", NATIVE
+        return
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     if setup is not None:
@@ -207,20 +210,31 @@ def run_benchmark(
     pairs: int | None = None,
     llama_cpp_parallel: int | None = None,
     serve_args: str | None = None,
+    baseline_url: str | None = None,
 ) -> int:
     """Run the benchmark; return the exit code (0 ok, 1 a server failed, some request failed or came back
     short, 2 bad arguments or a baseline that cannot run here, 130 interrupted). `url` benchmarks a running
     server instead of starting one; `port` picks the port of the one we start (default: a free one);
     `llama_cpp_quant` picks the GGUF llama-server runs for the embedded default model; `serve_args` are
-    extra `cli.py serve` arguments for the server we start (e.g. "--no-prefix-caching")."""
+    extra `cli.py serve` arguments for the server we start (e.g. "--no-prefix-caching"); `baseline_url` is a
+    running kiln measured as the baseline (a previous release)."""
     if users < 1 or requests < 1 or max_new_tokens < 1 or temperature < 0 or (duration is not None and duration <= 0):
         print("bench: users, requests, max_new_tokens and duration must be positive, temperature >= 0", file=sys.stderr)
         return 2
     if baseline is not None and baseline not in BASELINES:
         print(f"bench: unknown baseline {baseline!r} (choose from {', '.join(BASELINES)})", file=sys.stderr)
         return 2
+    if baseline is not None and baseline_url is not None:
+        print("bench: choose one of --baseline and --baseline-url", file=sys.stderr)
+        return 2
+    if baseline_url is not None:
+        baseline_url = baseline_url.rstrip("/")
+        if problem_text := unreachable(baseline_url):
+            print(f"bench: {problem_text}", file=sys.stderr)
+            return 1
+        baseline = "kiln"
     if pairs is not None and (pairs < 1 or baseline is None):
-        print("bench: --pairs needs a --baseline and at least 1 pair", file=sys.stderr)
+        print("bench: --pairs needs a --baseline (or --baseline-url) and at least 1 pair", file=sys.stderr)
         return 2
     if llama_cpp_parallel is not None and llama_cpp_parallel < 1:
         print("bench: --llama-cpp-parallel must be at least 1", file=sys.stderr)
@@ -252,7 +266,7 @@ def run_benchmark(
         seed=seed,
     )
     extra = shlex.split(serve_args or "")
-    baseline_args = dict(model=model, setup=setup, parallel=llama_cpp_parallel)
+    baseline_args = dict(model=model, setup=setup, parallel=llama_cpp_parallel, url=baseline_url)
     ours_runs: list[RunResult] = []
     base_runs: list[RunResult] = []
     info = None
@@ -282,12 +296,38 @@ def run_benchmark(
         print("bench: interrupted; servers stopped", file=sys.stderr)
         return 130
     return _report(
-        cfg, workload, info, ours_runs, base_runs, baseline, setup, duration, pairs, json_path, plot_path, url, model
+        cfg,
+        workload,
+        info,
+        ours_runs,
+        base_runs,
+        baseline,
+        setup,
+        duration,
+        pairs,
+        json_path,
+        plot_path,
+        url,
+        model,
+        baseline_url,
     )
 
 
 def _report(
-    cfg, workload, info, ours_runs, base_runs, baseline, setup, duration, pairs, json_path, plot_path, url, model
+    cfg,
+    workload,
+    info,
+    ours_runs,
+    base_runs,
+    baseline,
+    setup,
+    duration,
+    pairs,
+    json_path,
+    plot_path,
+    url,
+    model,
+    baseline_url=None,
 ) -> int:
     expected = cfg.max_new_tokens if cfg.ignore_eos else None
     ours_all = [figures(run, expected) for run in ours_runs]
@@ -309,6 +349,7 @@ def _report(
         "dtype": dtype,
         "quantization": quantization,
         "baseline": baseline,
+        "baseline_url": baseline_url,
         "prompt_set": DEFAULT_SET,
         "workload": workload.describe(),
         "pairs": pairs,

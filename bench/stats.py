@@ -150,7 +150,7 @@ def figures(run: RunResult, expected_tokens: int | None = None) -> Figures:
 
 
 def ratios(ours: Figures, baseline: Figures | None) -> dict[str, float | None] | None:
-    """Both oriented so > 1 means ours is better: throughput ours/baseline, TTFT baseline/ours."""
+    """All oriented so > 1 means ours is better: throughput ours/baseline, TTFT and ITL baseline/ours."""
     if baseline is None:
         return None
 
@@ -161,6 +161,7 @@ def ratios(ours: Figures, baseline: Figures | None) -> dict[str, float | None] |
         "throughput": div(ours.output_tokens_per_s, baseline.output_tokens_per_s),
         "ttft_p50": div(baseline.ttft_p50, ours.ttft_p50),
         "ttft_p90": div(baseline.ttft_p90, ours.ttft_p90),
+        "itl_p50": div(baseline.itl_p50, ours.itl_p50),
     }
 
 

@@ -353,3 +353,21 @@ def test_run_benchmark_rejects_bad_arguments(capsys):
     assert "--pairs needs a --baseline" in capsys.readouterr().err
     assert run_benchmark(url="http://127.0.0.1:9", prompt_tokens=100, chat_turns=2) == 2
     assert "excludes" in capsys.readouterr().err
+
+
+def test_a_running_kiln_as_the_baseline_in_interleaved_pairs(server, tmp_path):
+    """--baseline-url (a previous release, for the no-regression check): both sides measured in alternating
+    pairs, each with its own figures and the ratios; a URL nothing answers at is refused before any load."""
+    out = tmp_path / "pairs.json"
+    code = run_benchmark(
+        url=server.url, baseline_url=server.url, users=2, requests=1, max_new_tokens=4, pairs=2, json_path=str(out)
+    )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["baseline"] == "kiln" and doc["config"]["baseline_url"] == server.url
+    assert len(doc["pairs"]["pairs"]) == 2
+    for pair in doc["pairs"]["pairs"]:
+        assert pair["ours"]["completed"] == pair["baseline"]["completed"] == 2
+        assert pair["ratios"]["throughput"] > 0 and pair["ratios"]["itl_p50"] > 0
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert run_benchmark(url=server.url, baseline_url=dead, users=1, requests=1, max_new_tokens=2) == 1
