@@ -2,7 +2,10 @@
 
 ZeroMQ and msgspec release the GIL, so socket I/O and (de)serialization overlap the model step;
 the loop itself only touches two queues. Nothing a request carries can stop the loop: a step that
-raises fails the requests in it and the loop goes on.
+raises fails the requests in it and the loop goes on. A guided request (constrained decoding) waits
+outside the scheduler while its grammar compiles on a worker (engine_core/guided.py), so the loop
+never waits for a compile; a grammar that fails, or takes longer than the compile timeout, fails
+its own request only.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from engine_core.block_pool import BlockPool
 from engine_core.engine_io import HEARTBEAT_SECONDS, EngineIO
+from engine_core.guided import GuideCompiler, PendingGuides, SequenceGuide
 from engine_core.loader import torch_dtype
 from engine_core.model_runner import ModelRunner
 from engine_core.sampler import Sampler, token_logprobs
@@ -46,7 +50,15 @@ class StepResult(NamedTuple):
 
 
 class Engine:
-    def __init__(self, io: EngineIO, model, plan, eos_token_ids: set[int], device: torch.device):
+    def __init__(
+        self,
+        io: EngineIO,
+        model,
+        plan,
+        eos_token_ids: set[int],
+        device: torch.device,
+        guides: GuideCompiler | None = None,  # None: guided requests are refused
+    ):
         self.io = io
         self.plan = plan
         self.eos_token_ids = eos_token_ids
@@ -73,6 +85,9 @@ class Engine:
         self.threads = ThreadTuner() if device.type == "cpu" else None
         self.stats = io.stats
         self.running = True
+        # constrained decoding: requests whose grammar compiles, and each running guided sequence's state
+        self.pending = PendingGuides(guides, wake=lambda: io.inbox.put(None)) if guides is not None else None
+        self.guided: dict[str, SequenceGuide] = {}
 
     def warmup(self) -> None:
         """A full prefill chunk, then the whole batch at once: the planned peaks, before any user arrives
@@ -100,6 +115,8 @@ class Engine:
     def run(self) -> None:
         while self.running:
             self._drain_inbox(block=len(self.scheduler) == 0)
+            if self.pending:
+                self._admit_guided()
             if not len(self.scheduler):
                 continue
             chunks = self.scheduler.schedule()
@@ -120,6 +137,9 @@ class Engine:
             elif isinstance(message, Abort):
                 for request_id in message.request_ids:
                     self.scheduler.abort(request_id)
+                    if self.pending is not None:
+                        self.pending.discard(request_id)
+                    self.guided.pop(request_id, None)
                 self._update_stats()
             elif isinstance(message, Shutdown):
                 self.running = False
@@ -135,30 +155,46 @@ class Engine:
             error = "prompt has no tokens"
         elif len(request.prompt_token_ids) >= self.max_context:
             error = f"prompt has {len(request.prompt_token_ids)} tokens; the context window is {self.max_context}"
-        elif request.request_id in self.scheduler.by_id:
+        elif request.request_id in self.scheduler.by_id or (self.pending and request.request_id in self.pending):
             error = f"duplicate request id {request.request_id}"
         elif params.max_new_tokens < 0 or (params.max_new_tokens == 0 and params.prompt_logprobs is None):
             error = f"max_new_tokens is {params.max_new_tokens}; 0 is only allowed when scoring the prompt"
+        elif params.guide is not None and self.pending is None:
+            error = "constrained decoding (guide) is not available on this engine"
         if error:
             self._publish([RequestOutput(request.request_id, [], FinishReason.ERROR, error)])
             return
-        self.scheduler.add(request)
+        if params.guide is not None:
+            self.pending.add(request)  # scheduled once its grammar is compiled (_admit_guided)
+        else:
+            self.scheduler.add(request)
         self._update_stats()
+
+    def _admit_guided(self) -> None:
+        """Schedule the guided requests whose grammar is ready; fail those whose compile failed or timed out."""
+        ready, failed = self.pending.poll()
+        for request, guide, arrived_at in ready:
+            self.scheduler.add(request).arrived_at = arrived_at  # the compile counts as queue time
+            self.guided[request.request_id] = guide
+        if ready or failed:
+            self._publish([RequestOutput(request_id, [], FinishReason.ERROR, error) for request_id, error in failed])
 
     def _execute(self, chunks: list[ScheduledChunk]) -> StepResult | None:
         """The model step and sampling; on an exception, this step's requests fail (each gets an error)
         and the loop goes on serving the rest."""
         sampled = [c.seq for c in chunks if c.sample]
+        guides = [self.guided.get(s.request_id) for s in sampled] if self.guided else None
         try:
             with self.threads.timed(sum(c.length for c in chunks)) if self.threads else contextlib.nullcontext():
                 logits = self.runner.forward(chunks)
-                tokens = self.sampler.sample(logits.sample, sampled, self.eos_token_ids) if sampled else []
+                tokens = self.sampler.sample(logits.sample, sampled, self.eos_token_ids, guides) if sampled else []
                 logprobs = self.sampler.logprobs(logits.sample, sampled, tokens) if sampled else []
                 self._score_prompts(chunks, logits.prompt)
         except Exception as exc:
             log.exception("step failed")
             failed = []
             for chunk in chunks:
+                self.guided.pop(chunk.seq.request_id, None)
                 if self.scheduler.abort(chunk.seq.request_id) is not None:
                     failed.append(
                         RequestOutput(chunk.seq.request_id, [], FinishReason.ERROR, f"engine step failed: {exc}")
@@ -182,7 +218,10 @@ class Engine:
     def _update(self, chunks: list[ScheduledChunk], result: StepResult) -> list[RequestOutput]:
         """Hand the step to the scheduler, then one output per sequence that got a token or finished
         (its first also carries the engine-side timing and, when asked, the prompt's logprobs)."""
+        guide_errors = self._advance_guides(chunks, result.tokens) if self.guided else {}
         self.stats.served += len(self.scheduler.update(chunks, result.tokens))
+        if self.guided:
+            self._finish_guided(chunks, guide_errors)
         outputs = []
         now = time.perf_counter()
         for chunk, token, logprobs in zip([c for c in chunks if c.sample], result.tokens, result.logprobs):
@@ -190,9 +229,14 @@ class Engine:
             if seq.finish_reason is FinishReason.ABORT:
                 continue  # aborted mid-step: it never emits another token
             first, seq.first_output_sent = not seq.first_output_sent, True
-            new = [token] if seq.params.max_new_tokens > 0 else []
+            error = guide_errors.get(seq.request_id) if guide_errors else None
+            new = [token] if seq.params.max_new_tokens > 0 and error is None else []
             output = RequestOutput(
-                seq.request_id, new, seq.finish_reason, logprobs=[logprobs] if logprobs is not None and new else None
+                seq.request_id,
+                new,
+                seq.finish_reason,
+                error,
+                logprobs=[logprobs] if logprobs is not None and new else None,
             )
             if first:
                 output.timing = RequestTiming(seq.scheduled_at - seq.arrived_at, now - seq.scheduled_at)
@@ -201,9 +245,38 @@ class Engine:
             outputs.append(output)
         return outputs
 
+    def _advance_guides(self, chunks: list[ScheduledChunk], tokens: list[int]) -> dict[str, str]:
+        """Each guided sequence's grammar takes its sampled token; returns {request id: error} for those the
+        token left (a mask that could not be computed, which llguidance reports as an error)."""
+        errors = {}
+        for chunk, token in zip([c for c in chunks if c.sample], tokens):
+            seq = chunk.seq
+            guide = self.guided.get(seq.request_id)
+            if guide is None or seq.finish_reason is FinishReason.ABORT or seq.params.max_new_tokens == 0:
+                continue
+            if not guide.advance(token):
+                errors[seq.request_id] = f"constrained decoding failed: {guide.error or f'token {token} rejected'}"
+        return errors
+
+    def _finish_guided(self, chunks: list[ScheduledChunk], errors: dict[str, str]) -> None:
+        """A guided sequence ends once its grammar is complete (STOP, as at end of sequence, whatever
+        ignore_eos, min_tokens or the length limit said this step) or failed (ERROR); its state goes."""
+        for chunk in chunks:
+            seq = chunk.seq
+            if not chunk.sample or seq.request_id not in self.guided or seq.finish_reason is FinishReason.ABORT:
+                continue
+            if seq.request_id in errors:
+                seq.finish_reason = FinishReason.ERROR
+            elif self.guided[seq.request_id].done:
+                seq.finish_reason = FinishReason.STOP
+            if seq.finish_reason is not None:
+                del self.guided[seq.request_id]
+                if self.scheduler.finish(seq.request_id) is not None:  # still running: it ends here
+                    self.stats.served += 1
+
     def _update_stats(self) -> None:
         self.stats.running = len(self.scheduler.running)
-        self.stats.waiting = len(self.scheduler.waiting)
+        self.stats.waiting = len(self.scheduler.waiting) + (len(self.pending) if self.pending else 0)
         self.stats.kv_slots_used = self.scheduler.slots_used
         pool, counters = self.pool, self.scheduler.counters
         self.stats.kv_blocks_total = pool.num_blocks

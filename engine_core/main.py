@@ -124,6 +124,7 @@ def load_engine(io, model_path: str, plan: ServingPlan):
 
     from engine_core.engine import Engine
     from engine_core.fault_injection import inject_faults
+    from engine_core.guided import GuideCompiler
     from engine_core.loader import compile_model, load_model
 
     model = load_model(model_path, plan)
@@ -134,7 +135,9 @@ def load_engine(io, model_path: str, plan: ServingPlan):
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos = eos if eos is not None else model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    engine = Engine(io, model, plan, eos_ids, torch.device(plan.device))
+    # constrained decoding needs the model's tokenizer: loaded on the grammar worker, not delaying readiness
+    guides = GuideCompiler.for_model(model_path, model.config.get_text_config().vocab_size, eos_ids)
+    engine = Engine(io, model, plan, eos_ids, torch.device(plan.device), guides)
     engine.warmup()
     inject_faults(engine)  # tests only: KILN_FAULT_INJECTION
     return engine

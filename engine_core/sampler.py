@@ -2,9 +2,12 @@
 
 Rows that ask for them get their logit processors first (repetition, presence and frequency
 penalties, logit bias, end of sequence masked until `min_tokens`); rows that ask for nothing cost
-nothing. Then greedy rows take the argmax; the others apply their own temperature, top-k and top-p
-and draw with the Gumbel-max trick (argmax of probs / Exp(1) noise) so each request's noise comes
-from its own generator: a seeded request gives the same tokens whatever else shares the batch.
+nothing. Guided rows (constrained decoding, engine_core/guided.py) then lose every token their grammar
+does not allow next; their grammar, not `min_tokens`, decides when end of sequence may come (a complete
+output has nothing else to add). Then greedy rows take the argmax; the others apply their own
+temperature, top-k and top-p and draw with the Gumbel-max trick (argmax of probs / Exp(1) noise) so
+each request's noise comes from its own generator: a seeded request gives the same tokens whatever
+else shares the batch.
 
 Log-probabilities are the model's own: log_softmax of the raw logits, before any processing.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from engine_core.guided import SequenceGuide, allowed_tokens
 from engine_core.scheduler import Sequence
 from ipc.messages import SamplingParams, TokenLogprobs
 
@@ -67,8 +71,17 @@ class Sampler:
             seq.generator = gen
         return seq.generator
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int] = frozenset()) -> list[int]:
-        logits = self._process(logits, seqs, eos_token_ids)
+    def sample(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        eos_token_ids: set[int] = frozenset(),
+        guides: list[SequenceGuide | None] | None = None,  # per row; None when no row is guided
+    ) -> list[int]:
+        processed = self._process(logits, seqs, eos_token_ids, guides)
+        if guides is not None and any(g is not None for g in guides):
+            processed = self._constrain(processed if processed is not logits else logits.clone(), guides)
+        logits = processed
         tokens = torch.argmax(logits, dim=-1)
         rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
         if rows:
@@ -96,9 +109,26 @@ class Sampler:
                 out[i] = TokenLogprobs(lp.token_id, lp.logprob, lp.top_ids[:wanted], lp.top_logprobs[:wanted])
         return out
 
-    def _process(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> torch.Tensor:
-        """Penalties, bias and the min_tokens mask, on a copy, for the rows that ask for any."""
-        rows = [i for i, s in enumerate(seqs) if _processes(s.params, len(s.output_ids) < s.params.min_tokens)]
+    @staticmethod
+    def _constrain(logits: torch.Tensor, guides: list[SequenceGuide | None]) -> torch.Tensor:
+        """Guided rows keep only the tokens their grammar allows next (in place: `logits` is a copy)."""
+        rows = [i for i, g in enumerate(guides) if g is not None]
+        allowed = allowed_tokens([guides[i] for i in rows], logits.shape[-1]).to(logits.device, non_blocking=True)
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill_(~allowed, float("-inf"))
+        return logits
+
+    def _process(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        eos_token_ids: set[int],
+        guides: list[SequenceGuide | None] | None = None,
+    ) -> torch.Tensor:
+        """Penalties, bias and the min_tokens mask (unguided rows), on a copy, for the rows that ask for any."""
+        guides = guides or [None] * len(seqs)
+        eos_pending = [len(s.output_ids) < s.params.min_tokens and g is None for s, g in zip(seqs, guides)]
+        rows = [i for i, s in enumerate(seqs) if _processes(s.params, eos_pending[i])]
         if not rows:
             return logits
         logits = logits.clone()
@@ -119,7 +149,7 @@ class Sampler:
                 row[torch.tensor(list(bias), device=logits.device)] += torch.tensor(
                     list(bias.values()), device=logits.device, dtype=row.dtype
                 )
-            if len(seq.output_ids) < p.min_tokens and eos.numel():
+            if eos_pending[i] and eos.numel():
                 row[eos] = float("-inf")
         return logits
 

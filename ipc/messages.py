@@ -18,7 +18,9 @@ class Guide(msgspec.Struct, array_like=True, gc=False, frozen=True):
     """Constrained decoding: every token sampled keeps the output a prefix of this language (issue 22).
     The frontend validates it (a 400 names the field); the engine compiles it off its busy loop."""
 
-    kind: str  # "json" (any JSON value), "json_schema", "regex", "choice" or "grammar" (the syntax engine_core/guided.py documents)
+    # "json" (any JSON value), "json_schema", "regex" (Rust regex syntax, matched in full), "choice" or "grammar"
+    # (llguidance's Lark syntax; llama.cpp GBNF is converted): engine_core/guided.py documents each
+    kind: str
     spec: str = ""  # the schema as JSON text, the regex, a JSON list of strings, or the grammar; "" for "json"
 
 
