@@ -12,7 +12,7 @@ from typing import Annotated
 
 import msgspec
 
-from ipc.messages import SamplingParams, TokenLogprobs
+from ipc.messages import Guide, SamplingParams, TokenLogprobs
 
 MAX_STOP_STRINGS = 16
 MIN_TEMPERATURE = 1e-5  # below this, logits / temperature overflow: treat as greedy
@@ -35,6 +35,7 @@ NumLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)]
 MAX_CACHE_SALT_CHARS = 256
 # vLLM's `cache_salt`: prefix-cache blocks are shared only among requests with the same salt
 CacheSalt = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CACHE_SALT_CHARS)]
+_JSON = msgspec.json.Encoder()
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False):
@@ -56,6 +57,24 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False):
     # a cache hit answers faster, which tells a user that someone else sent the same prefix: requests
     # with a salt share cached blocks only with requests carrying the same salt
     cache_salt: CacheSalt | None = None
+    # structured output, at most one (frontend/structured.py checks them): a JSON Schema (`{}`: any JSON
+    # value), a regular expression, a list of allowed answers, or a grammar in the engine's syntax
+    json_schema: dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def guide(self) -> Guide | None:
+        """The constraint on the wire; the fields were validated when the request was taken."""
+        if self.json_schema is not None:
+            return Guide("json_schema", _JSON.encode(self.json_schema).decode()) if self.json_schema else Guide("json")
+        if self.regex is not None:
+            return Guide("regex", self.regex)
+        if self.choice is not None:
+            return Guide("choice", _JSON.encode(self.choice).decode())
+        if self.grammar is not None:
+            return Guide("grammar", self.grammar)
+        return None
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         return SamplingParams(
@@ -72,6 +91,7 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False):
             logit_bias=self.logit_bias or None,
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
+            guide=self.guide(),
         )
 
 

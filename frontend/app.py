@@ -17,7 +17,14 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 from tokenizers import Tokenizer
 
-from frontend.api import ApiError, GenerateResponse, StreamPiece, native_logprobs, parse_generate_request
+from frontend.api import (
+    ApiError,
+    GenerateRequest,
+    GenerateResponse,
+    StreamPiece,
+    native_logprobs,
+    parse_generate_request,
+)
 from frontend.chat_template import ChatTemplate
 from frontend.context import (
     BODY_TIMEOUT_S,
@@ -40,6 +47,7 @@ from frontend.metrics import Metrics
 from frontend.openai_api import add_openai_routes
 from frontend.prompt_encoder import PromptEncoder
 from frontend.router import EngineClient
+from frontend.structured import native_guide
 from frontend.supervisor import EngineSupervisor
 from frontend.tgi_api import add_tgi_routes, handle_tgi, is_tgi_body
 
@@ -49,11 +57,18 @@ SUPERVISOR = web.AppKey("supervisor", EngineSupervisor)
 DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: refuse new work, let open streams end
 
 
+def _native_request(body: bytes) -> GenerateRequest:
+    """kiln's own body, its structured-output fields checked too (a 400 names the field)."""
+    native = parse_generate_request(body)
+    native_guide(native)
+    return native
+
+
 async def generate(request: web.Request) -> web.StreamResponse:
     body = await read_body(request)
     if is_tgi_body(body):  # the body's shape picks the dialect: TGI's has `inputs`
         return await handle_tgi(request, body, "/generate")
-    generation = Generation(request.app, parse_generate_request(body))
+    generation = Generation(request.app, _native_request(body))
     try:
         await generation.start()
         async for _ in generation.pieces():
@@ -83,7 +98,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     body = await read_body(request)
     if is_tgi_body(body):
         return await handle_tgi(request, body, "/generate_stream")
-    generation = Generation(request.app, parse_generate_request(body))
+    generation = Generation(request.app, _native_request(body))
     try:
         await generation.start()  # errors before the stream starts are plain 4xx JSON
         async with sse_response(request, allow_all_methods=True) as sse:

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+from jinja2 import meta
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -38,6 +39,12 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' `tojson`: plain json.dumps (Jinja's own escapes `<`, `>` and `&` for HTML, which would
+    show a model its tools' schemas differently than it was trained on)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 def _token_text(value) -> str:
     return value.get("content", "") if isinstance(value, dict) else (value or "")
 
@@ -48,7 +55,10 @@ class ChatTemplate:
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
         env.globals["raise_exception"] = _raise
+        env.filters["tojson"] = _tojson
+        self.source = source
         self.template = env.from_string(source)
+        self.variables = frozenset(meta.find_undeclared_variables(env.parse(source)))  # e.g. `tools`, if it takes them
         self.special_tokens = special_tokens
 
     @classmethod
@@ -71,20 +81,27 @@ class ChatTemplate:
         specials = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         return cls(source, specials)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """`tools`, when given, as transformers passes them (OpenAI's `{"type": "function", "function"}` shape)."""
+        extra = {} if tools is None else {"tools": tools}
         try:
             return self.template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens, **extra
             )
         except TemplateError as exc:
             raise ChatTemplateError(str(exc)) from None
 
-    def render_pieces(self, messages: list[dict], add_generation_prompt: bool = True) -> list[PromptPiece]:
+    def render_pieces(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[PromptPiece]:
         """The rendered prompt as template text and message contents, in order. Contents are rendered
         as placeholders, then put back verbatim (a template filter on content, such as `trim`, is not
-        applied to it); rendering costs the same whatever the contents' size."""
-        stand_ins = [{**message, "content": _placeholder(i)} for i, message in enumerate(messages)]
-        rendered = self.render(stand_ins, add_generation_prompt)
+        applied to it); rendering costs the same whatever the contents' size. An empty content stays
+        empty (templates test it: an assistant turn with only tool calls)."""
+        stand_ins = [
+            {**message, "content": _placeholder(i) if message["content"] else ""} for i, message in enumerate(messages)
+        ]
+        rendered = self.render(stand_ins, add_generation_prompt, tools)
         pieces, start = [], 0
         for match in _PLACEHOLDER.finditer(rendered):
             pieces.append(PromptPiece(rendered[start : match.start()], False))

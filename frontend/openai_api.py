@@ -43,11 +43,15 @@ from frontend.openai_schemas import (
     SamplingBody,
     check_messages,
 )
+from frontend.openai_tools import tool_use
+from frontend.structured import response_format_guide
+from frontend.tool_calls import CallPiece, CallReader, ContentPiece, PlainContent
 from ipc.messages import TokenLogprobs
 
 log = logging.getLogger("kiln.frontend")
 
 CHAT_TEMPLATE = web.AppKey("chat_template", ChatTemplate)
+CONTROL_TOKENS = web.AppKey("control_tokens", tuple)  # the special tokens' texts (tools must not contain them)
 
 
 # ---- running the choices of one request ----
@@ -65,6 +69,10 @@ class Choice:
     offset: int = 0  # completions logprobs: the text offset of the next token
     opened: bool = False  # streaming: its first chunk has been sent
     finished: bool = False  # streaming: a chunk with its finish_reason has been sent
+    # the generation's finish reason as of the piece being shaped (streaming: the pump runs ahead of the sender)
+    finish_reason: str | None = None
+    reader: CallReader = field(default_factory=PlainContent)  # chat: takes tool calls out of the text
+    called: bool = False  # chat streaming: a tool call has been sent
 
 
 def _usage(choices: list[Choice]) -> dict:
@@ -104,8 +112,9 @@ async def _drain(generation: Generation) -> None:
         pass
 
 
-# shape(choice, text, new_ids, new_logprobs, final) -> the choice's JSON in a response (final) or a chunk
-Shape = Callable[[Choice, str, list[int], list[TokenLogprobs], bool], dict]
+# shape(choice, text, new_ids, new_logprobs, final) -> the choice's JSON in a response (final) or in a chunk;
+# streaming, it may return a list: one chunk each, in order (none: nothing to send yet)
+Shape = Callable[[Choice, str, list[int], list[TokenLogprobs], bool], dict | list[dict]]
 
 
 async def _respond(
@@ -147,6 +156,8 @@ async def _respond(
                     return json_response(ApiError(500, str(result), kind="engine_error").body(openai=True), 500)
                 if isinstance(result, BaseException):
                     raise result
+            for choice in choices:
+                choice.finish_reason = choice.generation.finish_reason
             return json_response(
                 {
                     **envelope,
@@ -166,15 +177,16 @@ async def _respond(
             try:
                 async for text, ids in generation.pieces():
                     new_logprobs = generation.logprobs[-len(ids) :] if ids and generation.logprobs else []
-                    queue.put_nowait((choice, text, ids, new_logprobs))
-                queue.put_nowait((choice, None, None, None))
+                    queue.put_nowait((choice, text, ids, new_logprobs, generation.finish_reason))
+                queue.put_nowait((choice, None, None, None, generation.finish_reason))
             except Exception as exc:  # passed on, so that the stream ends instead of waiting for this choice
-                queue.put_nowait((choice, exc, None, None))
+                queue.put_nowait((choice, exc, None, None, None))
 
         async with sse_response(request, allow_all_methods=True) as sse:
 
-            async def send(choice_json: dict) -> None:
-                await sse.send(JSON.encode({**chunk_envelope, "choices": [choice_json]}).decode())
+            async def send(choice_json: dict | list[dict]) -> None:
+                for part in choice_json if isinstance(choice_json, list) else [choice_json]:
+                    await sse.send(JSON.encode({**chunk_envelope, "choices": [part]}).decode())
 
             if opening is not None:
                 for choice in choices:
@@ -183,7 +195,7 @@ async def _respond(
             running = len(choices)
             failed = None
             while running and failed is None:
-                choice, text, ids, new_logprobs = await queue.get()
+                choice, text, ids, new_logprobs, choice.finish_reason = await queue.get()
                 if isinstance(text, Exception):
                     failed = text
                 elif text is None:  # this choice is done
@@ -222,6 +234,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     n = body.choices_per_prompt
     _check_choice_count(len(prompts), n)
     max_tokens = UNLIMITED if body.max_tokens is None else body.max_tokens
+    guide = response_format_guide(body.response_format)
     # echo with logprobs scores the prompt; max_tokens 0 (echo only) needs the prompt scored to run at all
     prompt_logprobs = None
     if body.echo and (body.logprobs is not None or max_tokens == 0):
@@ -233,7 +246,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if body.echo:
             echo_text = text if ids is None else tokenizer.decode(ids, skip_special_tokens=False)
         for i in range(n):
-            native = body.native(text, max_tokens, i, body.logprobs, prompt_logprobs)
+            native = body.native(text, max_tokens, i, body.logprobs, prompt_logprobs, guide)
             choices.append(
                 Choice(
                     index=prompt_index * n + i,
@@ -264,9 +277,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if body.logprobs is not None:
             new, choice.offset = completion_logprobs(token_text, ids, entries, choice.offset)
             logprobs = new if logprobs is None else {key: logprobs[key] + new[key] for key in new}
-        if generation.finish_reason is not None:
+        if choice.finish_reason is not None:
             choice.finished = True
-        return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": generation.finish_reason}
+        return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
     return await _respond(
         request, choices, bool(body.stream), "text_completion", shape, include_usage=body.include_usage
@@ -281,35 +294,76 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if template is None:
         raise ApiError(400, f"{request.app[MODEL_NAME]} has no chat template; use /v1/completions", "messages")
     messages = check_messages(body.messages)
+    tools = tool_use(
+        body.tools, body.tool_choice, body.parallel_tool_calls, template, messages, request.app[CONTROL_TOKENS]
+    )
+    guide = response_format_guide(body.response_format)
+    if guide and tools.active:
+        raise ApiError(
+            400,
+            '`response_format` cannot be combined with `tools` unless `tool_choice` is "none": '
+            "a tool call is not the answer's format",
+            "response_format",
+        )
     try:
-        pieces = template.render_pieces(messages)
+        pieces = template.render_pieces(tools.messages(messages), tools=tools.template_tools())
     except ChatTemplateError as exc:
         raise ApiError(400, f"the chat template rejected the messages: {exc}", "messages") from None
     prompt = "".join(piece.text for piece in pieces)
     max_tokens = body.max_completion_tokens or body.max_tokens or UNLIMITED
+    guide = guide or tools.guide()
     choices = [
         Choice(
             index=i,
-            generation=Generation(request.app, body.native(prompt, max_tokens, i, body.num_logprobs)),
+            generation=Generation(request.app, body.native(prompt, max_tokens, i, body.num_logprobs, guide=guide)),
             start={"field": "messages", "pieces": pieces},
             counts_prompt=i == 0,
+            reader=tools.reader(),
         )
         for i in range(body.choices_per_prompt)
     ]
     token_text = TokenText(request.app[TOKENIZER])
 
-    def shape(choice: Choice, text: str, ids: list[int], entries: list[TokenLogprobs], final: bool) -> dict:
-        finish_reason = choice.generation.finish_reason
-        choice.finished = finish_reason is not None
+    def finish_reason_of(choice: Choice, called: bool) -> str | None:
+        """OpenAI's `tool_calls` when the answer ended (not cut short) with calls in it."""
+        reason = choice.finish_reason
+        return "tool_calls" if called and reason == "stop" else reason
+
+    def shape(choice: Choice, text: str, ids: list[int], entries: list[TokenLogprobs], final: bool):
         logprobs = chat_logprobs(token_text, entries) if body.logprobs else None
         if final:
+            content, calls = choice.reader.read_all(text)
+            message = {"role": "assistant", "content": content if content or not calls else None}
+            if calls:
+                message["tool_calls"] = [call.message() for call in calls]
             return {
                 "index": choice.index,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": logprobs,
-                "finish_reason": finish_reason,
+                "finish_reason": finish_reason_of(choice, bool(calls)),
             }
-        return {"index": choice.index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": finish_reason}
+        if choice.finished:
+            return []
+        finishing = choice.finish_reason is not None
+        read = choice.reader.push(text) + (choice.reader.finish() if finishing else [])
+        deltas = [
+            {"content": piece.text} if isinstance(piece, ContentPiece) else {"tool_calls": [piece.delta()]}
+            for piece in read
+        ]
+        choice.called = choice.called or any(isinstance(piece, CallPiece) for piece in read)
+        if not deltas and (finishing or logprobs or isinstance(choice.reader, PlainContent)):
+            deltas = [{} if choice.called else {"content": ""}]
+        choice.finished = finishing
+        last = len(deltas) - 1
+        return [
+            {
+                "index": choice.index,
+                "delta": delta,
+                "logprobs": logprobs if position == 0 else None,
+                "finish_reason": finish_reason_of(choice, choice.called) if position == last else None,
+            }
+            for position, delta in enumerate(deltas)
+        ]
 
     def opening(choice: Choice) -> dict:
         return {
@@ -340,6 +394,8 @@ async def models(request: web.Request) -> web.Response:
 def add_openai_routes(app: web.Application, chat_template: ChatTemplate | None) -> None:
     if chat_template is not None:
         app[CHAT_TEMPLATE] = chat_template
+    added = app[TOKENIZER].get_added_tokens_decoder().values()
+    app[CONTROL_TOKENS] = tuple(token.content for token in added if token.special)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)

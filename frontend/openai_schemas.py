@@ -5,6 +5,7 @@ else refused with a 400 naming the field. Also the chat-message checks and the l
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import msgspec
@@ -26,9 +27,9 @@ from frontend.api import (
     TopK,
     TopP,
 )
+from frontend.structured import GuideFields
 
-# `tool` is left out: tool calls and their results are not supported.
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # `tool`: a function's result (frontend/openai_tools.py)
 # OpenAI's name for the system role since its o1 models; not every template knows a developer turn, so it is
 # rendered as the system turn (as vLLM and llama.cpp's server do).
 ROLE_ALIASES = {"developer": "system"}
@@ -106,10 +107,16 @@ class SamplingBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return biases
 
     def native(
-        self, prompt: str, max_tokens: int, choice: int, logprobs: int | None = None, prompt_logprobs: int | None = None
+        self,
+        prompt: str,
+        max_tokens: int,
+        choice: int,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        guide: GuideFields | None = None,
     ) -> GenerateRequest:
         """The native request for choice `choice` of a prompt (built directly: every value was validated
-        here, and max_tokens may be 0 when only the prompt is scored)."""
+        here, and max_tokens may be 0 when only the prompt is scored); `guide`: its structured-output field."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         seed = None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1)
         return GenerateRequest(
@@ -129,6 +136,7 @@ class SamplingBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             cache_salt=self.cache_salt,
+            **(guide or {}),
         )
 
 
@@ -141,6 +149,7 @@ class CompletionRequest(SamplingBody, kw_only=True, forbid_unknown_fields=True):
     echo: bool | None = False
     best_of: Annotated[int, msgspec.Meta(ge=1)] | None = None
     suffix: str | None = None
+    response_format: dict | None = None  # as on chat (an extension, as in vLLM): frontend/structured.py
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -193,11 +202,11 @@ class ContentPart(msgspec.Struct, kw_only=True):
 class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: str
     content: str | list[ContentPart] | None = None
-    name: str | None = None  # optional and harmless: accepted, not shown to the template
+    name: str | None = None  # accepted; shown to the template on tool messages only (the function's name)
     refusal: str | None = None  # echoed back in an assistant turn by some clients: ignored
-    tool_calls: list | None = None  # refused unless empty: no tool calling
-    tool_call_id: str | None = None
-    function_call: dict | None = None
+    tool_calls: list | None = None  # an assistant's calls, checked by check_messages
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    function_call: dict | None = None  # OpenAI's deprecated single call: refused
 
 
 class ChatRequest(SamplingBody, kw_only=True, forbid_unknown_fields=True):
@@ -205,9 +214,10 @@ class ChatRequest(SamplingBody, kw_only=True, forbid_unknown_fields=True):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    # checked by frontend/openai_tools.py (tools) and frontend/structured.py (response_format)
     tools: list | None = None
     tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None  # meaningless without tools: accepted, ignored
+    parallel_tool_calls: bool | None = None
     functions: list | None = None
     function_call: str | dict | None = None
     response_format: dict | None = None
@@ -217,16 +227,10 @@ class ChatRequest(SamplingBody, kw_only=True, forbid_unknown_fields=True):
         super().check_unsupported()
         if self.top_logprobs and not self.logprobs:
             raise ApiError(400, "`top_logprobs` needs `logprobs: true`", "top_logprobs")
-        if self.tools:
-            raise _refuse("tools", "(tool calling)")
-        if self.tool_choice not in (None, "none"):
-            raise _refuse("tool_choice", 'other than "none" (tool calling)')
         if self.functions:
-            raise _refuse("functions", "(function calling)")
+            raise _refuse("functions", "(OpenAI's deprecated function calling); send `tools`")
         if self.function_call not in (None, "none"):
-            raise _refuse("function_call", 'other than "none" (function calling)')
-        if self.response_format not in (None, {"type": "text"}):
-            raise _refuse("response_format", 'other than {"type": "text"} (JSON mode, structured output)')
+            raise _refuse("function_call", "(OpenAI's deprecated function calling); send `tool_choice`")
         if self.modalities not in (None, ["text"]):
             raise _refuse("modalities", 'other than ["text"]')
 
@@ -238,7 +242,9 @@ class ChatRequest(SamplingBody, kw_only=True, forbid_unknown_fields=True):
 def check_messages(messages: list[ChatMessage]) -> list[dict]:
     """Only the roles chat templates are written for (`developer` as `system`), text content only; anything
     else is a 400 naming the message. Returns the messages as the template takes them: `{role, content}`
-    with text content (text parts joined by newlines, an assistant's null content as "")."""
+    with text content (text parts joined by newlines, an assistant's null content as ""); an assistant's
+    `tool_calls` with their arguments as objects (as transformers' templates take them), a tool message's
+    `tool_call_id` (and `name`)."""
     rendered = []
     for index, message in enumerate(messages):
         role = ROLE_ALIASES.get(message.role, message.role)
@@ -249,9 +255,9 @@ def check_messages(messages: list[ChatMessage]) -> list[dict]:
                 f"messages[{index}].role is {shown!r}; it must be one of {', '.join(ACCEPTED_ROLES)}",
                 f"messages[{index}].role",
             )
-        for name in ("tool_calls", "tool_call_id", "function_call"):
-            if getattr(message, name):
-                raise _refuse(f"messages[{index}].{name}", "(tool calling)")
+        if message.function_call:
+            raise _refuse(f"messages[{index}].function_call", "(OpenAI's deprecated function calling)")
+        extra = _tool_fields(message, role, index)
         content = message.content
         if content is None:
             if role != "assistant":
@@ -272,5 +278,50 @@ def check_messages(messages: list[ChatMessage]) -> list[dict]:
                     raise ApiError(400, f"{where}.text is missing", f"{where}.text")
                 texts.append(part.text)
             content = "\n".join(texts)
-        rendered.append({"role": role, "content": content})
+        rendered.append({"role": role, "content": content, **extra})
     return rendered
+
+
+def _tool_fields(message: ChatMessage, role: str, index: int) -> dict:
+    """A tool message's `tool_call_id` (and `name`); an assistant's `tool_calls`, arguments parsed."""
+    where = f"messages[{index}]"
+    if role == "tool":
+        if not message.tool_call_id:
+            raise ApiError(
+                400, f"`{where}.tool_call_id` is missing: a tool message answers a call", f"{where}.tool_call_id"
+            )
+        return {"tool_call_id": message.tool_call_id, **({"name": message.name} if message.name else {})}
+    if message.tool_call_id is not None:
+        raise ApiError(400, f"`{where}.tool_call_id` belongs to tool messages only", f"{where}.tool_call_id")
+    if not message.tool_calls:
+        return {}
+    if role != "assistant":
+        raise ApiError(400, f"`{where}.tool_calls` belongs to assistant messages only", f"{where}.tool_calls")
+    return {
+        "tool_calls": [_history_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(message.tool_calls)]
+    }
+
+
+def _history_call(call, where: str) -> dict:
+    """`{"id", "type": "function", "function": {"name", "arguments": JSON text}}` → the same, arguments an object."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ApiError(
+            400, f'`{where}` must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}', where
+        )
+    if call.get("type", "function") != "function":
+        raise ApiError(400, f'`{where}.type` must be "function"', f"{where}.type")
+    arguments = function.get("arguments", "{}")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except (ValueError, RecursionError):
+            arguments = None
+    if not isinstance(arguments, dict):
+        field = f"{where}.function.arguments"
+        raise ApiError(400, f"`{field}` must be a JSON object (as text)", field)
+    return {
+        "id": str(call.get("id", "")),
+        "type": "function",
+        "function": {"name": function["name"], "arguments": arguments},
+    }

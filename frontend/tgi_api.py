@@ -35,6 +35,7 @@ from frontend.api import (
 )
 from frontend.context import JSON, TOKENIZER, json_response, read_body, request_id
 from frontend.generation import EngineError, Generation
+from frontend.structured import tgi_grammar_guide
 from ipc.messages import TokenLogprobs
 
 log = logging.getLogger("kiln.frontend")
@@ -65,12 +66,12 @@ class TgiParameters(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     details: bool | None = None
     decoder_input_details: bool | None = None
     top_n_tokens: TopN | None = None
+    grammar: dict | None = None  # {"type": "json" | "regex" | "json_schema", "value"}: frontend/structured.py
     # accepted at their "off" value only
     best_of: Annotated[int, msgspec.Meta(ge=1)] | None = None
     typical_p: float | None = None
     truncate: int | None = None
     watermark: bool | None = None
-    grammar: dict | None = None
     adapter_id: str | None = None
 
 
@@ -106,8 +107,6 @@ class TgiRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise _refuse("truncate", "(truncating the input); send a shorter `inputs`")
         if p.watermark:
             raise _refuse("watermark", "= true")
-        if p.grammar is not None:
-            raise _refuse("grammar", "(constrained generation)")
         if p.adapter_id:
             raise _refuse("adapter_id", "(LoRA adapters)")
         if stream and p.decoder_input_details:
@@ -118,6 +117,7 @@ class TgiRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             )
 
     def native(self, stream: bool) -> GenerateRequest:
+        """The native request; `parameters.grammar` is validated here (a 400 names its field)."""
         p = self.params
         sampling = self.sampling
         details = bool(p.details or p.decoder_input_details)
@@ -135,6 +135,7 @@ class TgiRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             frequency_penalty=p.frequency_penalty or 0.0,
             logprobs=(p.top_n_tokens or 0) if wants_logprobs else None,
             prompt_logprobs=0 if p.decoder_input_details and not stream else None,
+            **tgi_grammar_guide(p.grammar),
         )
 
 

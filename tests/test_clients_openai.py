@@ -187,11 +187,15 @@ def test_openai_refusals_name_the_field(client):
 
     tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model=MODEL, messages=CHAT, tools=[tool])
-    assert refused.value.status_code == 400 and refused.value.body["param"] == "tools"
+        client.chat.completions.create(
+            model=MODEL, messages=CHAT, tools=[tool], tool_choice={"type": "function", "function": {"name": "other"}}
+        )
+    assert refused.value.status_code == 400 and refused.value.body["param"] == "tool_choice.function.name"
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model=MODEL, messages=CHAT, response_format={"type": "json_object"})
-    assert refused.value.body["param"] == "response_format"
+        client.chat.completions.create(
+            model=MODEL, messages=CHAT, response_format={"type": "json_schema", "json_schema": {"schema": []}}
+        )
+    assert refused.value.body["param"] == "response_format.json_schema.schema"
 
 
 def test_openai_developer_message_is_the_system_turn(client):
@@ -285,7 +289,6 @@ def test_logprobs_equal_transformers(client, reference):
 
 
 def test_langchain_chat_openai(base_url):
-    import openai
     from langchain_openai import ChatOpenAI
 
     llm = ChatOpenAI(
@@ -296,18 +299,7 @@ def test_langchain_chat_openai(base_url):
     assert answer.usage_metadata["output_tokens"] > 0
     pieces = list(llm.stream("What is the capital of France?"))
     assert "".join(p.content for p in pieces) == answer.content
-
-    tool = {
-        "type": "function",
-        "function": {
-            "name": "weather",
-            "description": "the weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }
-    with pytest.raises(openai.BadRequestError) as refused:  # never a silent `tool_calls=[]`
-        llm.bind_tools([tool]).invoke("What is the weather in Paris?")
-    assert "tools" in str(refused.value) and refused.value.body["param"] == "tools"
+    # tools and structured output: tests/test_clients_structured.py
 
 
 def test_langchain_openai_completions(base_url, client):

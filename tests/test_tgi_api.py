@@ -217,7 +217,7 @@ def test_off_values_and_nulls_are_accepted(server, native):
         ("/generate", _tgi({"typical_p": 0.5}), "parameters.typical_p"),
         ("/generate", _tgi({"truncate": 8}), "parameters.truncate"),
         ("/generate", _tgi({"watermark": True}), "parameters.watermark"),
-        ("/generate", _tgi({"grammar": {"type": "regex", "value": "a+"}}), "parameters.grammar"),
+        ("/generate", _tgi({"grammar": {"type": "regex", "value": "a("}}), "parameters.grammar.value"),
         ("/generate", _tgi({"adapter_id": "lora"}), "parameters.adapter_id"),
         ("/generate", _tgi({"temperature": 0}), "parameters.temperature"),
         ("/generate", _tgi({"top_p": 0}), "parameters.top_p"),
