@@ -22,7 +22,9 @@ PREFERRED_BATCH = 4  # a weight format "has headroom" when it leaves KV room for
 CPU_POOL_SEQUENCES = 16  # the CPU pool holds at most this many full-context sequences (the old slot pool's size)
 GPU_BATCH = 256  # running sequences on a GPU: a small model's decode step costs about the same at any batch
 CPU_BATCH_DEFAULT = 64  # on CPU until the decode step is measured
-CPU_BATCH_RANGE = (16, 256)
+# At least 64 running: past the cap a request waits in the queue until a running one finishes (seconds with
+# no token), under it every request progresses and a step grows by only its per-row cost (c below)
+CPU_BATCH_RANGE = (64, 256)
 SHORT_SEQUENCE = 256  # the batch is capped at pool // 256 (or // the context, if shorter): a full batch of short
 # requests fits the pool
 STEP_GAIN = 0.10  # grow the batch while doubling it cuts the per-token time by at least 10%
@@ -145,7 +147,7 @@ def cpu_batch(fmt: str, format_ms: dict[str, float]) -> tuple[int, str]:
 
     A decode step is modelled as t(b) = a + c·b from the measured steps at batch 1 and 8 (a: reading the
     weights, paid once per step; c: each row's own work). Per token: a/b + c. Doubling b saves a/(2b),
-    under 10% of a/b + c once b ≥ 4a/c. Clamped to [16, 256]; 64 until measured."""
+    under 10% of a/b + c once b ≥ 4a/c. Clamped to [64, 256] (CPU_BATCH_RANGE says why); 64 until measured."""
     t1, t8 = format_ms.get(f"{fmt}@1"), format_ms.get(f"{fmt}@8")
     lo, hi = CPU_BATCH_RANGE
     if t1 is None or t8 is None:
