@@ -54,6 +54,7 @@ class CompiledDecode:
         self.fn = torch.compile(self._decode_logits, dynamic=True, options={"guard_filter_fn": _guards_worth_checking})
         self.enabled = False  # until warm() has compiled and measured
         self.shared_enabled = False  # the graph with cascade attention over a shared prefix, likewise
+        self.up_to = self.shared_up_to = 0  # the largest batch each runs (measured faster up to there)
         # (batch, table width, shared prefix blocks) -> (eager ms, compiled ms)
         self.measured: dict[tuple[int, int, int], tuple[float, float]] = {}
         self.steps = 0  # decode steps run compiled
@@ -69,14 +70,15 @@ class CompiledDecode:
         return out.logits[0].float()
 
     def covers(self, chunks: list[ScheduledChunk]) -> bool:
-        return self.enabled and is_decode_only(chunks, self.runner.max_batch)
+        return self.enabled and is_decode_only(chunks, self.up_to)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         self.steps += 1
         n = len(chunks)
         bs = self.runner.block_size
-        shared = self.runner.shared_prefix([(c.seq, c.start + 1) for c in chunks]) if self.shared_enabled else []
+        take_shared = self.shared_enabled and n <= self.shared_up_to
+        shared = self.runner.shared_prefix([(c.seq, c.start + 1) for c in chunks]) if take_shared else []
         skip = len(shared)
         # at least 2 blocks wide: torch.compile specialises a size of 1, and a one-block table (a prompt of
         # under 16 tokens) would trace a new graph mid-serving (a minute of compile while streams wait)
@@ -99,38 +101,57 @@ class CompiledDecode:
     @torch.inference_mode()
     def warm(self) -> str:
         """Compile the graphs and time each against eager, on the first blocks of the pool (call before any
-        request is admitted: it writes K/V there): one row, several rows, and several rows after a shared
-        prefix (cascade attention, where the runner takes it). Returns a line for the log."""
+        request is admitted: it writes K/V there), at a few batch sizes up to the cap, plain and after a
+        shared prefix (cascade attention, where the runner takes it). Each graph then runs the batches up
+        to the largest size where it measured faster at that size and every smaller one: at the top eager
+        can win (an int8 plan's eager step dequantizes its weights for 64+ rows, which a graph cannot),
+        and that must not cost the small batches their graph. Returns a line for the log."""
         runner = self.runner
         top = runner.max_batch
-        # sizes all distinct: torch.compile gives equal sizes one symbol ("duck sizing"), and a graph traced
-        # with batch == width would be traced again the first time they differ
-        width = next(w for w in (8, 9, 10) if w != top)
-        prefix = next(p for p in (5, 6, 7) if p not in (top, width))
-        shapes = [(1, width, 0)] + ([(top, width, 0)] if top > 1 else [])
-        if runner.shares_prefixes and top > 1:
-            shapes.append((top, width, prefix))
+        sizes = sorted({1, *(b for b in (8, top // 2, top - 1) if b > 1), top})
+        # sizes of a first trace all distinct: torch.compile gives equal sizes one symbol ("duck sizing"), and
+        # a graph traced with batch == width would be traced again the first time they differ
+        width = next(w for w in (9, 10, 11, 12) if w not in sizes)
+        prefix = next(p for p in (5, 6, 7, 13) if p not in sizes)
+        plain = [(b, width, 0) for b in sizes]
+        shared = [(b, width, prefix) for b in sizes if b > 1] if runner.shares_prefixes else []
         started = time.monotonic()
-        try:
-            for shape in shapes:
+        try:  # the first call of each graph traces it: one row, the cap, the cap after a shared prefix
+            for shape in dict.fromkeys([plain[0], plain[-1], *shared[-1:]]):
                 self._time(self.fn, *shape, steps=1)
         except Exception as exc:  # no C++ compiler, an op inductor cannot take: eager still works
             return f"decode steps run eager: torch.compile failed ({type(exc).__name__}: {exc!s:.160})"
         compile_s = time.monotonic() - started
-        for shape in shapes:
+        for shape in plain + shared:
             self.measured[shape] = (
                 self._time(self._decode_logits, *shape, TIMED_STEPS),
                 self._time(self.fn, *shape, TIMED_STEPS),
             )
-        faster = {shape: compiled < eager for shape, (eager, compiled) in self.measured.items()}
-        self.enabled = all(ok for (_, _, shared), ok in faster.items() if not shared)
-        self.shared_enabled = self.enabled and any(ok for (_, _, shared), ok in faster.items() if shared)
+        self.up_to = self._faster_up_to(plain)
+        self.shared_up_to = min(self.up_to, self._faster_up_to(shared))
+        self.enabled = self.up_to > 0
+        self.shared_enabled = self.shared_up_to > 1
         timings = ", ".join(
             f"batch {b}{' after a shared prefix' if p else ''}: {c:.1f} ms compiled vs {e:.1f} eager"
             for (b, _, p), (e, c) in self.measured.items()
         )
-        verdict = "compiled graph in use" if self.enabled else "eager kept (the compiled graph measured slower)"
+        if not self.enabled:
+            verdict = "eager kept (the compiled graph measured slower)"
+        else:
+            verdict = f"compiled graph in use up to batch {self.up_to}" + (
+                f" ({self.shared_up_to} after a shared prefix)" if self.shared_enabled else ""
+            )
         return f"decode steps: {verdict}; compiled in {compile_s:.0f} s; {timings}"
+
+    def _faster_up_to(self, shapes: list[tuple[int, int, int]]) -> int:
+        """The largest batch of `shapes` (ascending) where compiled measured faster there and at every smaller one."""
+        up_to = 0
+        for shape in shapes:
+            eager, compiled = self.measured[shape]
+            if compiled >= eager:
+                break
+            up_to = shape[0]
+        return up_to
 
     def _time(self, fn, batch: int, width: int, prefix: int, steps: int) -> float:
         """Median ms of `steps` decode steps for `batch` rows of `width` blocks each (blocks 0.., one run
