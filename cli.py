@@ -358,6 +358,14 @@ def engine_devices(gpus: str | None, engines: int | None) -> list[int | None]:
     metavar="'ARGS'",
     help="extra `serve` arguments for the started kiln, e.g. '--no-prefix-caching --kv-cache-tokens 16384'",
 )
+@click.option(
+    "--json-schema",
+    default=None,
+    metavar="PATH",
+    type=click.Path(exists=True, dir_okay=False),
+    help="put this JSON schema on every request (constrained decoding; the grammar ends answers, so compare "
+    "tok/s); sent as `json_schema` to kiln and to llama-server, refused with --baseline naive",
+)
 def bench(**options) -> None:
     from bench.runner import run_benchmark
 

@@ -41,8 +41,14 @@ class Dialect(msgspec.Struct, frozen=True):
     keep_alive: bool
 
     def body(self, cfg: LoadConfig, prompt: str, seed: int) -> dict:
-        """The same sampling in either dialect: greedy or seeded, a fixed budget, EOS ignored if asked."""
-        common = {"prompt": prompt, "temperature": cfg.temperature, "ignore_eos": cfg.ignore_eos, "seed": seed}
+        """The same sampling in either dialect: greedy or seeded, a fixed budget, EOS ignored if asked.
+        A JSON schema travels as `json_schema`, the field both kiln's native routes and llama-server's
+        /v1/completions take; with one, EOS is respected: the grammar ends the answer (llama-server's
+        ignore_eos would forbid the only token a complete grammar allows)."""
+        ignore_eos = cfg.ignore_eos and cfg.json_schema is None
+        common = {"prompt": prompt, "temperature": cfg.temperature, "ignore_eos": ignore_eos, "seed": seed}
+        if cfg.json_schema is not None:
+            common["json_schema"] = cfg.json_schema
         if not self.openai:
             return {**common, "max_new_tokens": cfg.max_new_tokens}
         body = {**common, "max_tokens": cfg.max_new_tokens, "stream": cfg.stream}

@@ -43,6 +43,8 @@ class LoadConfig(msgspec.Struct, frozen=True):
     ignore_eos: bool = True
     seed: int = 0
     request_timeout_s: float = 900.0
+    # a JSON schema every request carries (constrained decoding, issue 22); its grammar ends each answer
+    json_schema: dict | None = None
 
 
 class ServerCounters(msgspec.Struct):

@@ -20,6 +20,9 @@ Defaults (what `python cli.py bench --stream --users 10` does with nothing else)
   same budgets, same sampling.
 - Workloads (bench/scenarios.py): the short prompts above, a shared prefix (--prefix-tokens), chat
   conversations (--chat-turns), distinct long prompts (--prompt-tokens).
+- --json-schema PATH puts that schema on every request (constrained decoding): the grammar ends each
+  answer, so answers are shorter than --max-new-tokens and EOS is respected; compare output tokens/s
+  with the same run without it. kiln and llama-server take the schema; the naive baseline cannot.
 """
 
 from __future__ import annotations
@@ -171,6 +174,15 @@ def _run_pairs(
     return info, ours_runs, base_runs
 
 
+def load_json_schema(path: str) -> dict:
+    """The schema file --json-schema names: a JSON object (ValueError or OSError saying why not)."""
+    with open(path, encoding="utf-8") as f:
+        schema = json.load(f)
+    if not isinstance(schema, dict):
+        raise ValueError(f"{path} holds a JSON {type(schema).__name__}, not a schema object")
+    return schema
+
+
 def _describe(cfg: LoadConfig, workload: Workload, duration, dtype, quantization, setup, pairs) -> str:
     what = workload.describe()
     kind = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in what.items() if k != "kind")
@@ -183,6 +195,7 @@ def _describe(cfg: LoadConfig, workload: Workload, duration, dtype, quantization
         + (f" ({quantization} weights)" if quantization else "")
         + (f"; llama.cpp {setup.quant} {setup.gguf}" if setup is not None else "")
         + (f"; {pairs} interleaved pairs" if pairs else "")
+        + ("; a JSON schema on every request (EOS respected)" if cfg.json_schema is not None else "")
     )
 
 
@@ -211,13 +224,15 @@ def run_benchmark(
     llama_cpp_parallel: int | None = None,
     serve_args: str | None = None,
     baseline_url: str | None = None,
+    json_schema: str | None = None,
 ) -> int:
     """Run the benchmark; return the exit code (0 ok, 1 a server failed, some request failed or came back
     short, 2 bad arguments or a baseline that cannot run here, 130 interrupted). `url` benchmarks a running
     server instead of starting one; `port` picks the port of the one we start (default: a free one);
     `llama_cpp_quant` picks the GGUF llama-server runs for the embedded default model; `serve_args` are
     extra `cli.py serve` arguments for the server we start (e.g. "--no-prefix-caching"); `baseline_url` is a
-    running kiln measured as the baseline (a previous release)."""
+    running kiln measured as the baseline (a previous release); `json_schema` is a schema file every request
+    carries (kiln's native `json_schema` field, llama-server's own field of the same name)."""
     if users < 1 or requests < 1 or max_new_tokens < 1 or temperature < 0 or (duration is not None and duration <= 0):
         print("bench: users, requests, max_new_tokens and duration must be positive, temperature >= 0", file=sys.stderr)
         return 2
@@ -239,6 +254,16 @@ def run_benchmark(
     if llama_cpp_parallel is not None and llama_cpp_parallel < 1:
         print("bench: --llama-cpp-parallel must be at least 1", file=sys.stderr)
         return 2
+    schema = None
+    if json_schema is not None:
+        if baseline == "naive":
+            print("bench: --json-schema cannot run with --baseline naive (no constrained decoding)", file=sys.stderr)
+            return 2
+        try:
+            schema = load_json_schema(json_schema)
+        except (ValueError, OSError) as exc:
+            print(f"bench: --json-schema: {exc}", file=sys.stderr)
+            return 2
     options = WorkloadOptions(prefix_tokens, prefix_file, chat_turns, prompt_tokens)
     if why := problem(options):
         print(f"bench: {why}", file=sys.stderr)
@@ -264,6 +289,7 @@ def run_benchmark(
         temperature=temperature,
         ignore_eos=ignore_eos,
         seed=seed,
+        json_schema=schema,
     )
     extra = shlex.split(serve_args or "")
     baseline_args = dict(model=model, setup=setup, parallel=llama_cpp_parallel, url=baseline_url)
@@ -329,7 +355,8 @@ def _report(
     model,
     baseline_url=None,
 ) -> int:
-    expected = cfg.max_new_tokens if cfg.ignore_eos else None
+    # a fixed answer length only when EOS is ignored and no grammar ends answers early
+    expected = cfg.max_new_tokens if cfg.ignore_eos and cfg.json_schema is None else None
     ours_all = [figures(run, expected) for run in ours_runs]
     base_all = [figures(run, expected) for run in base_runs]
     summary: PairSummary | None = None

@@ -29,6 +29,7 @@ from frontend.chat_template import ChatTemplate
 from frontend.context import (
     BODY_TIMEOUT_S,
     CLIENT,
+    GUIDE_CHECKS,
     JSON,
     MAX_BODY_BYTES,
     METRICS,
@@ -43,11 +44,12 @@ from frontend.context import (
     tag_response,
 )
 from frontend.generation import EngineError, Generation
+from frontend.guide_checks import GuideChecks
 from frontend.metrics import Metrics
 from frontend.openai_api import add_openai_routes
 from frontend.prompt_encoder import PromptEncoder
 from frontend.router import EngineClient
-from frontend.structured import native_guide
+from frontend.structured import has_guide, native_guide
 from frontend.supervisor import EngineSupervisor
 from frontend.tgi_api import add_tgi_routes, handle_tgi, is_tgi_body
 
@@ -57,10 +59,10 @@ SUPERVISOR = web.AppKey("supervisor", EngineSupervisor)
 DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: refuse new work, let open streams end
 
 
-def _native_request(body: bytes) -> GenerateRequest:
-    """kiln's own body, its structured-output fields checked too (a 400 names the field)."""
+async def _native_request(request: web.Request, body: bytes) -> GenerateRequest:
+    """kiln's own body, its structured-output fields checked too (a 400 names the field), off the loop."""
     native = parse_generate_request(body)
-    native_guide(native)
+    await request.app[GUIDE_CHECKS].run(native_guide, native, off_loop=has_guide(native))
     return native
 
 
@@ -68,7 +70,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     body = await read_body(request)
     if is_tgi_body(body):  # the body's shape picks the dialect: TGI's has `inputs`
         return await handle_tgi(request, body, "/generate")
-    generation = Generation(request.app, _native_request(body))
+    generation = Generation(request.app, await _native_request(request, body))
     try:
         await generation.start()
         async for _ in generation.pieces():
@@ -98,7 +100,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     body = await read_body(request)
     if is_tgi_body(body):
         return await handle_tgi(request, body, "/generate_stream")
-    generation = Generation(request.app, _native_request(body))
+    generation = Generation(request.app, await _native_request(request, body))
     try:
         await generation.start()  # errors before the stream starts are plain 4xx JSON
         async with sse_response(request, allow_all_methods=True) as sse:
@@ -208,6 +210,10 @@ def require_api_key(api_key: str):
     return check
 
 
+async def _close_guide_checks(app: web.Application) -> None:
+    app[GUIDE_CHECKS].close()
+
+
 DEFAULT_BODY_TIMEOUT_S = 30.0  # a 4 MiB body at about 1 Mbit/s
 
 
@@ -230,6 +236,8 @@ def build_app(
         app[SUPERVISOR] = supervisor
     app[TOKENIZER] = tokenizer
     app[PROMPT_ENCODER] = PromptEncoder(tokenizer)
+    app[GUIDE_CHECKS] = GuideChecks()
+    app.on_cleanup.append(_close_guide_checks)
     app[MODEL_NAME] = model_name
     app[REQUEST_IDS] = itertools.count()
     app[METRICS] = Metrics(client, model_name)

@@ -15,6 +15,7 @@ from aiohttp import web
 from tokenizers import Tokenizer
 
 from frontend.api import ApiError
+from frontend.guide_checks import GuideChecks
 from frontend.metrics import Metrics
 from frontend.prompt_encoder import PromptEncoder
 from frontend.router import EngineClient
@@ -28,6 +29,7 @@ MODEL_NAME = web.AppKey("model_name", str)
 METRICS = web.AppKey("metrics", Metrics)
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 REQUEST_IDS = web.AppKey("request_ids", itertools.count)
+GUIDE_CHECKS = web.AppKey("guide_checks", GuideChecks)  # structured-output checks, off the loop
 JSON = msgspec.json.Encoder()
 # Bounds the work and memory one request can cost before validation; any prompt that fits a context
 # window of 8192 tokens (and far more, for most text) fits, and prompt length is checked after.

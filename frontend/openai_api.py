@@ -27,6 +27,7 @@ from frontend.api import (
 from frontend.chat_template import ChatTemplate, ChatTemplateError
 from frontend.context import (
     CLIENT,
+    GUIDE_CHECKS,
     JSON,
     MODEL_NAME,
     TOKENIZER,
@@ -234,7 +235,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     n = body.choices_per_prompt
     _check_choice_count(len(prompts), n)
     max_tokens = UNLIMITED if body.max_tokens is None else body.max_tokens
-    guide = response_format_guide(body.response_format)
+    checks = request.app[GUIDE_CHECKS]  # a large schema is checked off the loop
+    guide = await checks.run(response_format_guide, body.response_format, off_loop=body.response_format is not None)
     # echo with logprobs scores the prompt; max_tokens 0 (echo only) needs the prompt scored to run at all
     prompt_logprobs = None
     if body.echo and (body.logprobs is not None or max_tokens == 0):
@@ -294,10 +296,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if template is None:
         raise ApiError(400, f"{request.app[MODEL_NAME]} has no chat template; use /v1/completions", "messages")
     messages = check_messages(body.messages)
-    tools = tool_use(
-        body.tools, body.tool_choice, body.parallel_tool_calls, template, messages, request.app[CONTROL_TOKENS]
+    checks = request.app[GUIDE_CHECKS]  # tools' and response_format's schemas are checked off the loop
+    tools = await checks.run(
+        tool_use,
+        body.tools,
+        body.tool_choice,
+        body.parallel_tool_calls,
+        template,
+        messages,
+        request.app[CONTROL_TOKENS],
+        off_loop=bool(body.tools),
     )
-    guide = response_format_guide(body.response_format)
+    guide = await checks.run(response_format_guide, body.response_format, off_loop=body.response_format is not None)
     if guide and tools.active:
         raise ApiError(
             400,

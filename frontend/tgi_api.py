@@ -33,7 +33,7 @@ from frontend.api import (
     TopP,
     decode_body,
 )
-from frontend.context import JSON, TOKENIZER, json_response, read_body, request_id
+from frontend.context import GUIDE_CHECKS, JSON, TOKENIZER, json_response, read_body, request_id
 from frontend.generation import EngineError, Generation
 from frontend.structured import tgi_grammar_guide
 from ipc.messages import TokenLogprobs
@@ -271,10 +271,15 @@ def _generated_text(body: TgiRequest, generation: Generation) -> str:
     return body.inputs + text if body.params.return_full_text else text
 
 
+async def _native(request: web.Request, body: TgiRequest, stream: bool) -> GenerateRequest:
+    """The native request; a `parameters.grammar` is checked off the loop (a large schema costs seconds)."""
+    return await request.app[GUIDE_CHECKS].run(body.native, stream, off_loop=body.params.grammar is not None)
+
+
 async def _answer(request: web.Request, body: TgiRequest, as_list: bool) -> web.Response:
     """A whole answer: `{"generated_text", "details"?}` (in a list on POST /, as TGI answers there)."""
     params = body.params
-    generation = Generation(request.app, body.native(stream=False))
+    generation = Generation(request.app, await _native(request, body, stream=False))
     tokens = _Tokens(request.app)
     details = bool(params.details or params.decoder_input_details)
     records, top_tokens = [], []
@@ -311,7 +316,7 @@ async def _stream(request: web.Request, body: TgiRequest) -> web.StreamResponse:
     """One SSE event per generated token; the last also carries `generated_text` and, when asked,
     `details` (finish reason, token counts, seed)."""
     params = body.params
-    generation = Generation(request.app, body.native(stream=True))
+    generation = Generation(request.app, await _native(request, body, stream=True))
     tokens = _Tokens(request.app)
     index = 0
     try:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from pathlib import Path
 
 import aiohttp
+import jsonschema
 import pytest
 from aiohttp import web
 
+from bench.dialects import NATIVE, OPENAI
 from bench.loadgen import run_load
 from bench.records import LoadConfig
 from bench.runner import run_benchmark
@@ -32,6 +35,9 @@ def naive_url(default_model_path):
     url = f"http://127.0.0.1:{port}"
     with running_server(naive_command(port, default_model_path, "float32"), url, name="naive", timeout_s=180):
         yield url
+
+
+PERSON_SCHEMA = Path(__file__).parent / "fixtures" / "json_schemas" / "01_person.json"
 
 
 def _cfg(**kw) -> LoadConfig:
@@ -371,3 +377,57 @@ def test_a_running_kiln_as_the_baseline_in_interleaved_pairs(server, tmp_path):
         assert pair["ratios"]["throughput"] > 0 and pair["ratios"]["itl_p50"] > 0
     dead = f"http://127.0.0.1:{free_port()}"
     assert run_benchmark(url=server.url, baseline_url=dead, users=1, requests=1, max_new_tokens=2) == 1
+
+
+# --- a JSON schema on every request (--json-schema) -------------------------------------------------
+
+
+def test_a_json_schema_rides_on_every_request_in_both_dialects():
+    """kiln's native body and llama-server's /v1/completions body carry the same `json_schema`; EOS is then
+    respected in both (the grammar ends the answer), and a run without a schema is unchanged."""
+    schema = json.loads(PERSON_SCHEMA.read_text())
+    native = NATIVE.body(_cfg(json_schema=schema), "hi", 7)
+    assert native == {
+        "prompt": "hi",
+        "temperature": 0.0,
+        "ignore_eos": False,
+        "seed": 7,
+        "json_schema": schema,
+        "max_new_tokens": 8,
+    }
+    llama = OPENAI.body(_cfg(json_schema=schema), "hi", 7)
+    assert llama["json_schema"] == schema and llama["ignore_eos"] is False and llama["max_tokens"] == 8
+    plain = NATIVE.body(_cfg(), "hi", 7)
+    assert "json_schema" not in plain and plain["ignore_eos"] is True
+
+
+def test_json_schema_option_refuses_what_cannot_run(tmp_path, capsys):
+    dead = "http://127.0.0.1:9"
+    not_a_schema = tmp_path / "list.json"
+    not_a_schema.write_text("[1, 2]")
+    assert run_benchmark(url=dead, json_schema=str(not_a_schema)) == 2
+    assert "not a schema object" in capsys.readouterr().err
+    assert run_benchmark(url=dead, json_schema=str(tmp_path / "missing.json")) == 2
+    assert run_benchmark(url=dead, json_schema=str(PERSON_SCHEMA), baseline="naive") == 2
+    assert "--baseline naive" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_json_schema_on_every_request_against_kiln(server, tmp_path):
+    """Every answer validates against the schema and ends where its grammar does (stop, before the budget);
+    the report counts no answer as short and records the schema in its config."""
+    schema = json.loads(PERSON_SCHEMA.read_text())
+    cfg = _cfg(users=2, requests=1, max_new_tokens=96, json_schema=schema)
+    result = asyncio.run(run_load(server.url, cfg, load_prompts(), progress=False))
+    for rec in result.records:
+        assert rec.ok and rec.finish_reason == "stop", (rec.error, rec.text)
+        jsonschema.validate(json.loads(rec.text), schema)
+        assert 0 < rec.output_tokens < 96
+    out = tmp_path / "schema.json"
+    code = run_benchmark(
+        url=server.url, users=2, requests=1, max_new_tokens=96, json_schema=str(PERSON_SCHEMA), json_path=str(out)
+    )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["json_schema"] == schema and doc["config"]["ignore_eos"] is True
+    assert doc["ours"]["completed"] == 2 and doc["ours"]["short"] is None
