@@ -108,7 +108,7 @@ class CompiledDecode:
         and that must not cost the small batches their graph. Returns a line for the log."""
         runner = self.runner
         top = runner.max_batch
-        sizes = sorted({1, *(b for b in (8, top // 2, top - 1) if b > 1), top})
+        sizes = sorted({1, *(b for b in (8, top // 2, top - 1) if 1 < b < top), top})
         # sizes of a first trace all distinct: torch.compile gives equal sizes one symbol ("duck sizing"), and
         # a graph traced with batch == width would be traced again the first time they differ
         width = next(w for w in (9, 10, 11, 12) if w not in sizes)
