@@ -272,7 +272,7 @@ def test_json_shape_exact(tmp_path):
     back = json.loads(path.read_text())
     assert set(back) == {"config", "ours", "baseline", "ratios", "pairs"}
     assert back["ours"]["completed"] == 2 and back["ours"]["ttft_p50"] == pytest.approx(0.2)
-    assert back["ratios"] == {k: pytest.approx(1.0) for k in ("throughput", "ttft_p50", "ttft_p90")}
+    assert back["ratios"] == {k: pytest.approx(1.0) for k in ("throughput", "ttft_p50", "ttft_p90", "itl_p50")}
 
 
 def test_plot_writes_png(tmp_path):
