@@ -24,6 +24,8 @@ It is loaded once, on the compile worker as the engine starts, never on the busy
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -138,13 +140,28 @@ def allowed_tokens(guides: list[SequenceGuide], vocab: int) -> torch.Tensor:
     return allowed
 
 
+GRAMMAR_THREAD_NICENESS = 10  # added to the worker thread's nice value (Linux: threads have their own)
+
+
+def _yield_to_the_model_step() -> None:
+    """Lower the worker thread's priority: on a small CPU a large grammar's compile (most of a second) competes
+    with the model step's threads, and every other stream would wait for it; at a lower priority it takes
+    what the step leaves. Where threads cannot be reniced (not Linux, no permission), nothing changes."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GRAMMAR_THREAD_NICENESS)
+    except (AttributeError, OSError):
+        pass
+
+
 class GuideCompiler:
     """Guides to grammars on one worker thread, cached by (kind, spec). The llguidance tokenizer is built
     there first, from the served model's tokenizer; a compile that finds it broken fails with why."""
 
     def __init__(self, load_tokenizer: Callable[[], object], timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S):
         self.timeout_s = timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-grammar")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="kiln-grammar", initializer=_yield_to_the_model_step
+        )
         self._tokenizer: Future = self._executor.submit(load_tokenizer)
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
 
