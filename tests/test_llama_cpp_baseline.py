@@ -338,7 +338,7 @@ def test_pairs_alternate_between_both_servers_and_report_every_pair(default_mode
         assert [t["turn"] for t in ours["ttft_by_turn"]] == [1, 2] == [t["turn"] for t in base["ttft_by_turn"]]
         assert (ours["prefix_cache_queries"], ours["prefix_cache_hits"]) == (400, 160)  # the run's share only
         assert base["prefix_cache_hits"] > 0  # turn 2 resent turn 1: its fake prompt cache found it
-    assert set(doc["pairs"]["median"]) == {"throughput", "ttft_p50", "ttft_p90"}
+    assert set(doc["pairs"]["median"]) == {"throughput", "ttft_p50", "ttft_p90", "itl_p50"}
     assert "median of 2 pairs" in capsys.readouterr().out
 
 
