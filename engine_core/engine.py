@@ -162,7 +162,7 @@ class Engine:
         elif params.guide is not None and self.pending is None:
             error = "constrained decoding (guide) is not available on this engine"
         if error:
-            self._publish([RequestOutput(request.request_id, [], FinishReason.ERROR, error)])
+            self._publish([RequestOutput(request.request_id, [], FinishReason.REFUSED, error)])
             return
         if params.guide is not None:
             self.pending.add(request)  # scheduled once its grammar is compiled (_admit_guided)
@@ -177,7 +177,7 @@ class Engine:
             self.scheduler.add(request).arrived_at = arrived_at  # the compile counts as queue time
             self.guided[request.request_id] = guide
         if ready or failed:
-            self._publish([RequestOutput(request_id, [], FinishReason.ERROR, error) for request_id, error in failed])
+            self._publish([RequestOutput(request_id, [], FinishReason.REFUSED, error) for request_id, error in failed])
 
     def _execute(self, chunks: list[ScheduledChunk]) -> StepResult | None:
         """The model step and sampling; on an exception, this step's requests fail (each gets an error)

@@ -24,8 +24,6 @@ It is loaded once, on the compile worker as the engine starts, never on the busy
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from hardware.cpu_sharing import lower_this_thread
 from ipc.messages import Guide, Request
 
 if TYPE_CHECKING:  # torch and numpy are imported where used: `check_guide` serves a process without them
@@ -140,19 +139,6 @@ def allowed_tokens(guides: list[SequenceGuide], vocab: int) -> torch.Tensor:
     return allowed
 
 
-GRAMMAR_THREAD_NICENESS = 10  # added to the worker thread's nice value (Linux: threads have their own)
-
-
-def _yield_to_the_model_step() -> None:
-    """Lower the worker thread's priority: on a small CPU a large grammar's compile (most of a second) competes
-    with the model step's threads, and every other stream would wait for it; at a lower priority it takes
-    what the step leaves. Where threads cannot be reniced (not Linux, no permission), nothing changes."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GRAMMAR_THREAD_NICENESS)
-    except (AttributeError, OSError):
-        pass
-
-
 class GuideCompiler:
     """Guides to grammars on one worker thread, cached by (kind, spec). The llguidance tokenizer is built
     there first, from the served model's tokenizer; a compile that finds it broken fails with why."""
@@ -160,7 +146,7 @@ class GuideCompiler:
     def __init__(self, load_tokenizer: Callable[[], object], timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S):
         self.timeout_s = timeout_s
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kiln-grammar", initializer=_yield_to_the_model_step
+            max_workers=1, thread_name_prefix="kiln-grammar", initializer=lower_this_thread
         )
         self._tokenizer: Future = self._executor.submit(load_tokenizer)
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
@@ -203,11 +189,20 @@ class GuideCompiler:
         template = SequenceGuide(llguidance.LLMatcher(tokenizer, grammar_for(guide), log_level=0), tokenizer.vocab_size)
         allowed_tokens([template], template.vocab)  # the first mask: lazy lexer work happens here, not on the loop
         if template.error:
-            raise GuideError(f"invalid {guide.kind} guide: {template.error}")
+            raise GuideError(f"invalid {guide.kind} guide: {_first_line(template.error)}")
         return template
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _first_line(error: str) -> str:
+    """llguidance's error without the parser state it dumps after it; its name for a grammar that no token
+    can start, in words."""
+    first = error.strip().splitlines()[0] if error.strip() else error
+    if first.startswith("NoExtensionBias"):
+        return "it allows no text this model's tokens can write"
+    return first
 
 
 @dataclass

@@ -175,6 +175,9 @@ class ApiError(Exception):
         self.status, self.message, self.field, self.kind = status, message, field, kind
         self.headers = headers or {}
 
+    def __reduce__(self):  # pickled whole: a guide's check raises it in another process (guide_checks.py)
+        return type(self), (self.status, self.message, self.field, self.kind, self.headers)
+
     def body(self, openai: bool = False) -> dict:
         """`{"error": {"message", "type", "field"?}}`; `openai`: `type` in OpenAI's names, kiln's in `code`,
         and `param` / `code` always present, as OpenAI sends them."""

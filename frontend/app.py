@@ -76,7 +76,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
         async for _ in generation.pieces():
             pass
     except EngineError as exc:
-        return json_response(ApiError(500, str(exc), kind="engine_error").body(), 500)
+        error = exc.api_error()
+        return json_response(error.body(), error.status)
     finally:
         await generation.close()
     asked = generation.body
@@ -120,7 +121,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
                         piece.engine = generation.engine_id
                     await sse.send(JSON.encode(piece).decode())
             except EngineError as exc:
-                await sse.send(JSON.encode(ApiError(500, str(exc), kind="engine_error").body()).decode())
+                await sse.send(JSON.encode(exc.api_error().body()).decode())
             return sse
     except (ConnectionResetError, asyncio.CancelledError):
         log.info("client of %s (request id %s) went away; aborting", generation.request_id, request_id(request))

@@ -105,9 +105,10 @@ class Generation:
         """Yield (text, token_ids) as tokens arrive; sets finish_reason at the end."""
         while self.finish_reason is None:
             output = await self.stream.queue.get()
-            if output.finish_reason == FinishReason.ERROR:
-                self.finish_reason = "error"
-                raise EngineError(output.error or "engine error")
+            if output.finish_reason in (FinishReason.ERROR, FinishReason.REFUSED):
+                refused = output.finish_reason is FinishReason.REFUSED
+                self.finish_reason = str(output.finish_reason)
+                raise EngineError(output.error or "engine error", refused)
             if self.first_token_at is None and output.new_token_ids:
                 self.first_token_at = time.perf_counter()
             if output.timing is not None:
@@ -160,4 +161,13 @@ class Generation:
 
 
 class EngineError(Exception):
-    pass
+    """The engine ended a request with an error: its failure (500) or, `refused`, the request's (400)."""
+
+    def __init__(self, message: str, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
+
+    def api_error(self) -> ApiError:
+        if self.refused:
+            return ApiError(400, str(self), kind="invalid_request")
+        return ApiError(500, str(self), kind="engine_error")

@@ -501,14 +501,17 @@ class Metrics:
         max_tokens: int | None = None,
     ) -> None:
         """One started request ended: `outcome` is its finish reason ("abort": the client left; "error":
-        the engine failed it), `ttft` None when no token came, `timing` the engine's queue and prefill
-        durations when it sent them, `max_tokens` the client's budget."""
+        the engine failed it; "refused": the engine refused it as sent), `ttft` None when no token came,
+        `timing` the engine's queue and prefill durations when it sent them, `max_tokens` the client's budget."""
+        if outcome == "refused":  # a 400, counted with the failures below (vLLM's outcome names)
+            self.refuse(400, "invalid_request")
+            outcome = "error"
+        elif outcome == "error":
+            self.refuse(500, "engine_error")
         self.requests.labels(outcome).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generated_tokens.inc(generated)
         self.e2e.observe(total)
-        if outcome == "error":
-            self.refuse(500, "engine_error")
         series = self._series(engine)
         success = series.success.get(outcome)
         if success is None:

@@ -44,7 +44,7 @@ from frontend.openai_schemas import (
     SamplingBody,
     check_messages,
 )
-from frontend.openai_tools import tool_use
+from frontend.openai_tools import checked_tools, tool_use
 from frontend.structured import response_format_guide
 from frontend.tool_calls import CallPiece, CallReader, ContentPiece, PlainContent
 from ipc.messages import TokenLogprobs
@@ -154,7 +154,8 @@ async def _respond(
             results = await asyncio.gather(*(_drain(c.generation) for c in choices), return_exceptions=True)
             for result in results:
                 if isinstance(result, EngineError):
-                    return json_response(ApiError(500, str(result), kind="engine_error").body(openai=True), 500)
+                    error = result.api_error()
+                    return json_response(error.body(openai=True), error.status)
                 if isinstance(result, BaseException):
                     raise result
             for choice in choices:
@@ -209,7 +210,7 @@ async def _respond(
                 if not isinstance(failed, EngineError):
                     log.error("a choice of %s failed", request_id, exc_info=failed)
                     failed = EngineError("internal error")
-                await sse.send(JSON.encode(ApiError(500, str(failed), kind="engine_error").body(openai=True)).decode())
+                await sse.send(JSON.encode(failed.api_error().body(openai=True)).decode())
             elif include_usage:
                 await sse.send(JSON.encode({**chunk_envelope, "choices": [], "usage": _usage(choices)}).decode())
             await sse.send("[DONE]")
@@ -297,15 +298,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f"{request.app[MODEL_NAME]} has no chat template; use /v1/completions", "messages")
     messages = check_messages(body.messages)
     checks = request.app[GUIDE_CHECKS]  # tools' and response_format's schemas are checked off the loop
-    tools = await checks.run(
-        tool_use,
-        body.tools,
-        body.tool_choice,
-        body.parallel_tool_calls,
-        template,
-        messages,
-        request.app[CONTROL_TOKENS],
-        off_loop=bool(body.tools),
+    checked = await checks.run(checked_tools, body.tools, off_loop=bool(body.tools))
+    tools = tool_use(
+        checked, body.tool_choice, body.parallel_tool_calls, template, messages, request.app[CONTROL_TOKENS]
     )
     guide = await checks.run(response_format_guide, body.response_format, off_loop=body.response_format is not None)
     if guide and tools.active:

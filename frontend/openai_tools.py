@@ -154,21 +154,28 @@ def writes_tagged_calls(template: ChatTemplate) -> bool:
     return TOOL_CALL_START in template.source
 
 
+def checked_tools(tools: Any) -> list[dict]:
+    """`tools` checked (a 400 names the field), their parameter schemas included: the costly part of a
+    tool request, which the frontend runs off its loop (frontend/guide_checks.py)."""
+    checked = [_check_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools or [])]
+    names = [t["function"]["name"] for t in checked]
+    duplicate = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if duplicate is not None:
+        raise ApiError(400, f"`tools` names the function {duplicate!r} twice", "tools")
+    return checked
+
+
 def tool_use(
-    tools: Any,
+    checked: list[dict],
     tool_choice: Any,
     parallel_tool_calls: bool | None,
     template: ChatTemplate,
     messages: list[dict],
     control_tokens=(),
 ) -> ToolUse:
-    """`tools` and `tool_choice` checked (a 400 names the field) and resolved against the chat template;
-    `messages` (from check_messages): their tool fields must not carry control tokens either."""
-    checked = [_check_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools or [])]
+    """Tools (from `checked_tools`) and `tool_choice` (checked here, a 400 names the field) resolved against
+    the chat template; `messages` (from check_messages): their tool fields must not carry control tokens."""
     names = [t["function"]["name"] for t in checked]
-    duplicate = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if duplicate is not None:
-        raise ApiError(400, f"`tools` names the function {duplicate!r} twice", "tools")
     choice, named = _check_tool_choice(tool_choice, names)
     fallback = not takes_tools(template)
     if not fallback:  # tool text goes into template text, where control tokens are recognized

@@ -35,7 +35,7 @@ from frontend.api import (
 )
 from frontend.context import GUIDE_CHECKS, JSON, TOKENIZER, json_response, read_body, request_id
 from frontend.generation import EngineError, Generation
-from frontend.structured import tgi_grammar_guide
+from frontend.structured import GuideFields, tgi_grammar_guide
 from ipc.messages import TokenLogprobs
 
 log = logging.getLogger("kiln.frontend")
@@ -116,8 +116,8 @@ class TgiRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 "parameters.decoder_input_details",
             )
 
-    def native(self, stream: bool) -> GenerateRequest:
-        """The native request; `parameters.grammar` is validated here (a 400 names its field)."""
+    def native(self, stream: bool, guide: GuideFields) -> GenerateRequest:
+        """The native request, with `guide` from `tgi_grammar_guide(parameters.grammar)`."""
         p = self.params
         sampling = self.sampling
         details = bool(p.details or p.decoder_input_details)
@@ -135,7 +135,7 @@ class TgiRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             frequency_penalty=p.frequency_penalty or 0.0,
             logprobs=(p.top_n_tokens or 0) if wants_logprobs else None,
             prompt_logprobs=0 if p.decoder_input_details and not stream else None,
-            **tgi_grammar_guide(p.grammar),
+            **guide,
         )
 
 
@@ -273,7 +273,9 @@ def _generated_text(body: TgiRequest, generation: Generation) -> str:
 
 async def _native(request: web.Request, body: TgiRequest, stream: bool) -> GenerateRequest:
     """The native request; a `parameters.grammar` is checked off the loop (a large schema costs seconds)."""
-    return await request.app[GUIDE_CHECKS].run(body.native, stream, off_loop=body.params.grammar is not None)
+    grammar = body.params.grammar
+    guide = await request.app[GUIDE_CHECKS].run(tgi_grammar_guide, grammar, off_loop=grammar is not None)
+    return body.native(stream, guide)
 
 
 async def _answer(request: web.Request, body: TgiRequest, as_list: bool) -> web.Response:
@@ -296,7 +298,8 @@ async def _answer(request: web.Request, body: TgiRequest, as_list: bool) -> web.
                     if params.top_n_tokens:
                         top_tokens.append(tokens.top(logprobs))
         except EngineError as exc:
-            return json_response(error_body(ApiError(500, str(exc), kind="engine_error")), 500)
+            error = exc.api_error()
+            return json_response(error_body(error), error.status)
     finally:
         await generation.close()
     answer = {"generated_text": _generated_text(body, generation)}
@@ -348,7 +351,7 @@ async def _stream(request: web.Request, body: TgiRequest) -> web.StreamResponse:
                                 }
                         await sse.send(JSON.encode(event).decode())
             except EngineError as exc:
-                await sse.send(JSON.encode(error_body(ApiError(500, str(exc), kind="engine_error"))).decode())
+                await sse.send(JSON.encode(error_body(exc.api_error())).decode())
             return sse
     except (ConnectionResetError, asyncio.CancelledError):
         log.info("client of %s (request id %s) went away; aborting", generation.request_id, request_id(request))

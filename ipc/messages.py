@@ -124,7 +124,8 @@ class FinishReason(enum.IntEnum):
     STOP = 0  # end of sequence (or, decided in the frontend, a stop string)
     LENGTH = 1  # max_new_tokens or the context window
     ABORT = 2  # cancelled (by the client, or a failed step): marks the sequence in the engine, never sent
-    ERROR = 3  # refused or failed; `error` says why
+    ERROR = 3  # failed (a step's exception, a guided token the grammar rejected); `error` says why
+    REFUSED = 4  # refused as sent, the client's to fix (a guide that does not compile in time); `error` says why
 
     def __str__(self) -> str:
         return self.name.lower()

@@ -322,3 +322,26 @@ def test_native_choice_and_any_json(server):
     assert status == 200, answer
     if answer["finish_reason"] == "stop":
         json.loads(answer["text"])
+
+
+NOTHING = r"[^\x00-\U0010FFFF]"  # a valid regex that matches no text: only the engine's compile finds that out
+
+
+def test_a_guide_the_engine_cannot_start_is_a_400_on_every_route(server, client):
+    import openai
+
+    status, answer = run(generate(server.url, {"prompt": "Anything:", "regex": NOTHING, "max_new_tokens": 5}))
+    assert status == 400 and "allows no text" in answer["error"]["message"], answer
+    with pytest.raises(openai.BadRequestError, match="allows no text"):
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Anything?"}],
+            max_tokens=5,
+            response_format={"type": "regex", "value": NOTHING},  # TGI's variant, which kiln takes too
+        )
+    status, answer = run(
+        generate(server.url, {"inputs": "Anything:", "parameters": {"grammar": {"type": "regex", "value": NOTHING}}})
+    )
+    assert status == 400 and answer["error_type"] == "validation", answer
+    status, answer = run(generate(server.url, {"prompt": "Still served:", "max_new_tokens": 3, "ignore_eos": True}))
+    assert status == 200 and len(answer["token_ids"]) == 3, answer

@@ -182,9 +182,9 @@ def test_bad_requests_fail_alone_and_the_loop_serves_on(engine):
         outputs = loop.collect({"ok", "empty", "zero", "long"})  # "ok" ends here with the duplicate's error
         refused = outputs.pop("ok")
         served = loop.collect({"ok"})["ok"]  # admitted at once, so it is still running
-    errors = {rid: o[-1].error for rid, o in outputs.items() if o[-1].finish_reason == FinishReason.ERROR}
+    errors = {rid: o[-1].error for rid, o in outputs.items() if o[-1].finish_reason == FinishReason.REFUSED}
     assert set(errors) == {"empty", "zero", "long"}
-    assert refused[-1].finish_reason == FinishReason.ERROR and "duplicate request id ok" in refused[-1].error
+    assert refused[-1].finish_reason == FinishReason.REFUSED and "duplicate request id ok" in refused[-1].error
     tokens = [t for o in refused[:-1] + served for t in o.new_token_ids]
     assert len(tokens) == 8 and (refused[:-1] + served)[-1].finish_reason == FinishReason.LENGTH
     assert engine.scheduler.slots_used == 0

@@ -235,8 +235,8 @@ def test_an_invalid_guide_fails_only_its_own_request(engine, tokenizer):
     engine.submit("fine", prompt, max_new_tokens=8, temperature=0.0, ignore_eos=True)
     out = engine.collect({"bad-regex", "bad-schema", "fine"})
     bad_regex, bad_schema, fine = out["bad-regex"], out["bad-schema"], out["fine"]
-    assert bad_regex.reason == FinishReason.ERROR and "regex" in bad_regex.error and not bad_regex.tokens
-    assert bad_schema.reason == FinishReason.ERROR and "nonsense" in bad_schema.error and not bad_schema.tokens
+    assert bad_regex.reason == FinishReason.REFUSED and "regex" in bad_regex.error and not bad_regex.tokens
+    assert bad_schema.reason == FinishReason.REFUSED and "nonsense" in bad_schema.error and not bad_schema.tokens
     assert fine.reason == FinishReason.LENGTH and len(fine.tokens) == 8 and fine.error is None
 
 

@@ -49,10 +49,8 @@ def test_pathological_guides_fail_only_their_own_request(server):
     names = list(pathological_requests())
     events, answers = asyncio.run(_beside_a_stream(server.url, names))
     for answer in answers:
-        if answer["status"] == 400:  # refused by the frontend: the message names the field
-            assert any(f"`{field}" in answer["said"] for field in FIELDS), answer
-        elif answer["status"] == 500:  # failed by the engine: its own error, not a crash
-            assert "guide" in answer["said"] or "constrained decoding" in answer["said"], answer
+        if answer["status"] == 400:  # refused by the frontend (naming the field) or the engine (its compile)
+            assert any(f"`{field}" in answer["said"] for field in FIELDS) or "guide" in answer["said"], answer
         else:  # or served: a complete, short answer in its grammar
             assert answer["status"] == 200 and answer["finish_reason"] in ("stop", "length"), answer
     tokens = [t for event in events for t in event.get("token_ids", [])]
