@@ -189,20 +189,20 @@ class GuideCompiler:
         template = SequenceGuide(llguidance.LLMatcher(tokenizer, grammar_for(guide), log_level=0), tokenizer.vocab_size)
         allowed_tokens([template], template.vocab)  # the first mask: lazy lexer work happens here, not on the loop
         if template.error:
-            raise GuideError(f"invalid {guide.kind} guide: {_first_line(template.error)}")
+            raise GuideError(f"invalid {guide.kind} guide: {_without_state(template.error)}")
         return template
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _first_line(error: str) -> str:
+def _without_state(error: str) -> str:
     """llguidance's error without the parser state it dumps after it; its name for a grammar that no token
     can start, in words."""
-    first = error.strip().splitlines()[0] if error.strip() else error
-    if first.startswith("NoExtensionBias"):
+    message = error.split("\n<state>")[0].strip()
+    if message.startswith("NoExtensionBias"):
         return "it allows no text this model's tokens can write"
-    return first
+    return message
 
 
 @dataclass

@@ -126,11 +126,16 @@ def test_frontend_memory_returns_near_idle_after_large_refused_requests(server):
     statuses = run(scenario())
     assert statuses.count(400) == 250 and statuses.count(413) == 50, sorted(set(statuses))
     margin_mb = 150
-    wait_for(
-        lambda: frontend.memory_info().rss / 2**20 < idle_mb + margin_mb,
-        30,
-        f"the frontend's memory to return under {idle_mb:.0f} + {margin_mb} MB",
-    )
+    seen_mb = []  # for the failure message: where it stayed
+
+    def returned() -> bool:
+        seen_mb.append(frontend.memory_info().rss / 2**20)
+        return seen_mb[-1] < idle_mb + margin_mb
+
+    try:
+        wait_for(returned, 30, f"the frontend's memory to return under {idle_mb:.0f} + {margin_mb} MB")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; it stayed at {min(seen_mb):.0f}-{max(seen_mb):.0f} MB") from None
 
 
 @pytest.mark.slow
