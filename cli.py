@@ -311,11 +311,12 @@ def engine_devices(gpus: str | None, engines: int | None) -> list[int | None]:
 )
 @click.option(
     "--llama-cpp-quant",
-    type=click.Choice(["F16", "Q4_1"]),
+    type=click.Choice(["F16", "Q8_0", "Q4_0", "Q4_1"]),
     default="F16",
     show_default=True,
-    help="GGUF llama-server runs for the embedded model: F16 = the same dequantized values kiln "
-    "serves (requantized once, cached), Q4_1 = the shipped file; a --model .gguf runs as it is",
+    help="GGUF llama-server runs: for the embedded model F16 = the same dequantized values kiln "
+    "serves (requantized once, cached), Q4_1 = the shipped file; a --model DIR (llama, qwen2) is exported "
+    "once to F16 GGUF with its weights and tokenizer, others made by llama-quantize; a --model .gguf runs as it is",
 )
 @click.option("--json", "json_path", default=None, metavar="PATH", help="write the figures as JSON")
 @click.option("--plot", "plot_path", default=None, metavar="PATH.png", help="write a latency/throughput picture")

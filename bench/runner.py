@@ -194,6 +194,7 @@ def _describe(cfg: LoadConfig, workload: Workload, duration, dtype, quantization
         + f"{'stream' if cfg.stream else 'no stream'}, temperature {cfg.temperature}, dtype {dtype}"
         + (f" ({quantization} weights)" if quantization else "")
         + (f"; llama.cpp {setup.quant} {setup.gguf}" if setup is not None else "")
+        + ("" if setup is None or setup.repack else " --no-repack (its AMX kernels fault here)")
         + (f"; {pairs} interleaved pairs" if pairs else "")
         + ("; a JSON schema on every request (EOS respected)" if cfg.json_schema is not None else "")
     )
@@ -229,10 +230,10 @@ def run_benchmark(
     """Run the benchmark; return the exit code (0 ok, 1 a server failed, some request failed or came back
     short, 2 bad arguments or a baseline that cannot run here, 130 interrupted). `url` benchmarks a running
     server instead of starting one; `port` picks the port of the one we start (default: a free one);
-    `llama_cpp_quant` picks the GGUF llama-server runs for the embedded default model; `serve_args` are
-    extra `cli.py serve` arguments for the server we start (e.g. "--no-prefix-caching"); `baseline_url` is a
-    running kiln measured as the baseline (a previous release); `json_schema` is a schema file every request
-    carries (kiln's native `json_schema` field, llama-server's own field of the same name)."""
+    `llama_cpp_quant` picks the GGUF llama-server runs for the embedded default model or a model folder;
+    `serve_args` are extra `cli.py serve` arguments for the server we start (e.g. "--no-prefix-caching");
+    `baseline_url` is a running kiln measured as the baseline (a previous release); `json_schema` is a schema
+    file every request carries (kiln's native `json_schema` field, llama-server's own field of the same name)."""
     if users < 1 or requests < 1 or max_new_tokens < 1 or temperature < 0 or (duration is not None and duration <= 0):
         print("bench: users, requests, max_new_tokens and duration must be positive, temperature >= 0", file=sys.stderr)
         return 2
@@ -382,7 +383,12 @@ def _report(
         "pairs": pairs,
     }
     if setup is not None:
-        config["llama_cpp"] = {"gguf": setup.gguf, "quant": setup.quant, "threads": llama_cpp.physical_cores()}
+        config["llama_cpp"] = {
+            "gguf": setup.gguf,
+            "quant": setup.quant,
+            "threads": llama_cpp.physical_cores(),
+            "repack": setup.repack,
+        }
     print(_describe(cfg, workload, duration, dtype, quantization, setup, pairs))
     name = baseline or "baseline"
     if summary is not None:
