@@ -241,3 +241,28 @@ def test_a_failing_step_fails_its_requests_only(engine):
     assert hit[-1].finish_reason == FinishReason.ERROR and "injected step failure" in hit[-1].error
     assert after[-1].finish_reason == FinishReason.LENGTH and sum(len(o.new_token_ids) for o in after) == 5
     assert engine.scheduler.slots_used == 0
+
+
+def test_a_restart_loads_the_saved_graphs_without_tracing(engine, monkeypatch):
+    """What a restarted engine does at warm-up: the graphs and their timings come back from the folder the
+    first warm-up saved them to; nothing is traced (that took minutes), and the loaded graphs compute what
+    the traced ones do."""
+    from engine_core import compiled_cache
+    from engine_core.compiled_decode import CompiledDecode
+
+    def no_tracing(*args):
+        raise AssertionError("a restart traced the decode step again")
+
+    monkeypatch.setattr(compiled_cache, "trace", no_tracing)
+    first = engine.runner.compiled
+    second = CompiledDecode(engine.runner)
+    line = second.warm()
+    assert second.folder == first.folder and second.loaded, line
+    assert "graphs loaded from" in line and "timings read back" in line
+    assert second.measured == first.measured and second.graphs.keys() == first.graphs.keys()
+    with torch.inference_mode():
+        for shape in second.measured:
+            inputs = second._inputs(*shape)
+            assert torch.equal(
+                second._graph_for(shape)(second.step, *inputs), first._graph_for(shape)(first.step, *inputs)
+            )

@@ -297,3 +297,26 @@ def test_metrics_count_requests_and_engine_load(server):
     assert samples["kiln_time_to_first_token_seconds_count"] >= 1
     assert samples['kiln_engine_running{device="cpu",engine="engine-0"}'] == 0
     assert samples["kiln_engines_ready"] == 1
+
+
+def test_a_killed_engine_comes_back_with_its_saved_graphs(server):
+    """kill -9 of the engine: the supervisor starts another, which loads the decode graphs the first one
+    traced and saved (engine_core/compiled_cache.py) instead of tracing for minutes, and answers the same.
+    Last in the module: it replaces the module server's engine."""
+    import os
+    import signal
+
+    from tests.polling import wait_for
+
+    before = run(generate(server.url, FIB))[1]["token_ids"]
+    assert "graphs traced" in decode_path(server) or "graphs loaded" in decode_path(server)
+    victim = server.info()["engines"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(
+        lambda: (e := server.info()["engines"]) and e[0]["pid"] != victim["pid"] and e[0]["ready"],
+        COMPILE_READY_TIMEOUT_S,
+        "the supervisor to restart the engine",
+    )
+    assert "graphs loaded from" in decode_path(server), decode_path(server)
+    status, body = run(generate(server.url, FIB))
+    assert status == 200 and body["token_ids"] == before
