@@ -40,7 +40,8 @@ def plan_options(command):
         click.option(
             "--quantization",
             type=click.Choice(QUANTIZATIONS),
-            help="nf4/4bit: bitsandbytes NF4 + double quant; none: 16-bit (env QUANTIZATION)",
+            help="nf4/4bit: bitsandbytes NF4 + double quant; int8/int4: kiln's CPU weight-only formats (otherwise "
+            "chosen by measurement); none: 16-bit (env QUANTIZATION)",
         ),
         click.option("--max-batch", type=click.IntRange(*BOUNDS["max_batch"]), help="cap on sequences running at once"),
         click.option(

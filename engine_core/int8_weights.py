@@ -32,14 +32,21 @@ def kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+QUANTIZE_ROWS = 8192  # rows quantized at once: a 150k-row LM head never has a float32 copy of itself whole
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, per-row scale) with weight ≈ int8 * scale[:, None], within half a step: the rows are
     rounded against the scale as stored (bf16), not the exact one, whose rounding would add up to 127 ×
-    2^-8 of a step at the row's largest values."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(ACTIVATION_DTYPE)
-    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scale
+    2^-8 of a step at the row's largest values. Done in blocks of QUANTIZE_ROWS rows (each row on its own)."""
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0], dtype=ACTIVATION_DTYPE)
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+        w = weight[start : start + QUANTIZE_ROWS].detach().float()
+        s = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(ACTIVATION_DTYPE)
+        q[start : start + QUANTIZE_ROWS] = torch.round(w / s.float()[:, None]).clamp_(-127, 127)
+        scale[start : start + QUANTIZE_ROWS] = s
+    return q, scale
 
 
 def int8_kernel_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

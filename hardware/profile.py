@@ -66,8 +66,8 @@ class HardwareProfile(msgspec.Struct, frozen=True):
     cpu_bf16: bool = False  # native bf16 dot products (avx512_bf16 or AMX amx_bf16): bf16 matmuls beat fp32
     # Measured ms per decode step (every linear of the model + lm_head) by "<format>@<batch rows>", e.g.
     # {"float32@1": 34.0, "bfloat16@1": 20.7, ...}, and per prompt chunk (the layers' linears) by
-    # "<format>@<chunk rows>" (planning/cpu_dtype.py: PROMPT_CHUNKS, "int8-dequant@256"); empty until an
-    # engine has measured this machine and model.
+    # "<format>@<chunk rows>" (planning/cpu_dtype.py: PROMPT_CHUNKS, "int8-dequant@256", "int4-dequant@256");
+    # empty until an engine has measured this machine and model.
     cpu_format_ms: dict[str, float] = msgspec.field(default_factory=dict)
 
 
@@ -176,7 +176,8 @@ def detect_cpu_bf16() -> bool:
 # ---------------------------------------------------------------- CPU weight-format timings (cached)
 
 # Bump when the probe's method changes, so timings measured the old way are not reused.
-CPU_FORMAT_PROBE_VERSION = 3  # 2: int8 weight-only joined the formats; 3: prompt chunks and int8-dequant timed
+# 2: int8 weight-only joined the formats; 3: prompt chunks and int8-dequant timed; 4: int4 and int4-dequant timed
+CPU_FORMAT_PROBE_VERSION = 4
 
 
 def decoder_linear_shapes(shape: ModelShape) -> list[tuple[int, int]]:

@@ -64,10 +64,16 @@ def default_gguf() -> Path:
     return path
 
 
+# Bump when model.convert writes something new, so folders converted before are not reused (2: the 4-bit codes)
+CONVERSION_VERSION = 2
+
+
 def converted_folder(gguf: Path) -> Path:
-    """Cache folder for a GGUF file, keyed by its path, size and mtime so an edit invalidates it."""
+    """Cache folder for a GGUF file, keyed by its path, size and mtime so an edit invalidates it (and by
+    CONVERSION_VERSION)."""
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:v{CONVERSION_VERSION}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_dir() / "converted" / f"{gguf.stem}-{key}"
 
 

@@ -27,7 +27,7 @@ CPU_COMPILE_ON = (
     "ENABLE_COMPILE=0"
 )
 CPU_COMPILE_NO_CXX = "eager: torch.compile on CPU needs a C++ compiler and none was found (g++, c++, clang++ or $CXX)"
-CPU_COMPILE_NF4 = "eager: bitsandbytes' 4-bit CPU layers are not compiled; int8, bf16 and fp32 plans compile"
+CPU_COMPILE_NF4 = "eager: bitsandbytes' 4-bit CPU layers are not compiled; int4, int8, bf16 and fp32 plans compile"
 
 
 def cpu_compile_default(quantized: bool) -> tuple[bool, str]:
@@ -139,15 +139,16 @@ class PlanBuilder:
         reserve_bytes: int,
         budget_bytes: int,
         max_memory=None,
-        int8: bool = False,
+        weight_format: str | None = None,
         compile_default: tuple[bool, str] = (False, COMPILE_DEFAULT),
         **fields,
     ) -> ServingPlan:
-        """Size the KV pool, context and batch from `kv_room`, then the ServingPlan. `quantized`: NF4; `int8`:
-        int8 weight-only linears (CPU). `compile_default`: (on, why) when no flag decides. `max_memory` may be
-        a function of the KV cache bytes (a whole-GPU plan gives accelerate what the KV cache leaves);
-        `fields` are the rest (offload, device_map, offload_bytes, cuda_graphs, kv_dtype, cpu_format_ms)."""
-        fmt = "int8" if int8 else "nf4" if quantized else dtype
+        """Size the KV pool, context and batch from `kv_room`, then the ServingPlan. `quantized`: NF4;
+        `weight_format`: "int8" or "int4" weight-only linears (CPU). `compile_default`: (on, why) when no flag
+        decides. `max_memory` may be a function of the KV cache bytes (a whole-GPU plan gives accelerate what the
+        KV cache leaves); `fields` are the rest (offload, device_map, offload_bytes, cuda_graphs, kv_dtype,
+        cpu_format_ms)."""
+        fmt = weight_format or ("nf4" if quantized else dtype)
         batch, ctx, kv_tokens = self._size_kv_cache(
             kv_room, kv_per_token, device == "cpu", fmt, fields.get("cpu_format_ms") or {}
         )
@@ -159,7 +160,7 @@ class PlanBuilder:
         return ServingPlan(
             device=device,
             dtype=dtype,
-            quantization="nf4" if quantized else "int8" if int8 else None,
+            quantization="nf4" if quantized else weight_format,
             double_quant=quantized,
             max_batch=batch,
             max_context=ctx,

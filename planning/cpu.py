@@ -8,8 +8,16 @@ from hardware.profile import format_bytes as fb
 from model.shape import ModelShape
 from planning.batch import min_context
 from planning.builder import PlanBuilder, cpu_compile_default
-from planning.cpu_dtype import CPU_KV_DTYPE, INT8_COMPUTE_DTYPE, cpu_dtype_default, cpu_plan_fields
-from planning.memory import Candidate, activation_peak_bytes, int8_weight_bytes, pick, ram_reserve, weight_bytes
+from planning.cpu_dtype import (
+    CPU_KV_DTYPE,
+    INT8_COMPUTE_DTYPE,
+    QUANTIZED_FORMATS,
+    cpu_dtype_default,
+    cpu_plan_fields,
+    describe_cpu_formats,
+    phase_paths,
+)
+from planning.memory import Candidate, activation_peak_bytes, pick, quantized_weight_bytes, ram_reserve, weight_bytes
 from planning.offload import plan_disk_offload
 from planning.overrides import describe
 from planning.plan import PlanError, PlanOverrides, ServingPlan
@@ -19,14 +27,15 @@ CPU_CHUNK_WHY = "small chunks keep inter-token latency bounded on a few cores"
 
 
 def _candidates(builder: PlanBuilder, dtype: str, budget: int) -> list[Candidate]:
-    """The dtype chosen (and bf16 when it was fp32 by default), then NF4, as the overrides allow."""
+    """The dtype chosen (and bf16 when it was fp32 by default), then NF4, as the overrides allow (a forced int8
+    or int4 format is sized as bf16, and takes no NF4)."""
     shape, o = builder.shape, builder.overrides
     options: list[tuple[str, bool]] = []
     if o.quantization != "nf4":
         options.append((dtype, False))
         if o.dtype is None and dtype == "float32":
             options.append(("bfloat16", False))
-    if o.quantization != "none":
+    if o.quantization in (None, "nf4"):
         options.append((o.dtype or "bfloat16", True))  # bnb's CPU 4-bit kernels compute in bf16
     return [Candidate(shape, d, q, budget, _reserve(builder, budget, d, q), CPU_KV_DTYPE) for d, q in options]
 
@@ -52,7 +61,16 @@ def _refusal(shape: ModelShape, cands: list[Candidate], budget: int) -> PlanErro
     )
 
 
-def _explain(builder: PlanBuilder, chosen: Candidate, dtype: str, budget: int, int8: bool) -> None:
+QUANTIZED_WHAT = {
+    "int8": "int8 weight-only linears (one scale per row)",
+    "int4": (
+        "int4 weight-only linears (a scale and zero per 32 weights; a 4-bit GGUF's own codes where it has them; "
+        "LM head and embedding in int8 rows)"
+    ),
+}
+
+
+def _explain(builder: PlanBuilder, chosen: Candidate, dtype: str, budget: int, fmt: str | None) -> None:
     shape, o, reasons = builder.shape, builder.overrides, builder.reasons
     if chosen.dtype != dtype:
         reasons["dtype"] = (
@@ -68,12 +86,16 @@ def _explain(builder: PlanBuilder, chosen: Candidate, dtype: str, budget: int, i
         )
         if chosen.quantized
         else (
-            f"int8 weight-only linears, {fb(int8_weight_bytes(shape, dtype))} (the measured fastest format, see "
-            "dtype); the RAM budget is sized as for bf16 weights; --quantization none or --dtype turns it off"
+            f"{QUANTIZED_WHAT[fmt]}, {fb(quantized_weight_bytes(shape, dtype, fmt))} (the measured fastest format, "
+            "see dtype); the RAM budget is sized as for bf16 weights; --quantization none or --dtype turns it off"
         )
-        if int8
+        if fmt
         else f"none: {chosen.dtype} weights ({fb(chosen.weights)}) fit in RAM with room for a KV cache",
     )
+    if fmt and o.quantization == fmt:
+        reasons["quantization"] = f"{QUANTIZED_WHAT[fmt]}, {fb(quantized_weight_bytes(shape, dtype, fmt))}, " + (
+            describe(o, "quantization")
+        )
     if o.cpu_offload is not None:
         reasons["offload"] = (
             f"none: weights are already in RAM; {describe(o, 'cpu_offload')} has no effect without "
@@ -99,29 +121,39 @@ def plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverrid
     builder.reasons["device"] = f"cpu: no GPU ({profile.source}); {profile.cpu_cores} cores, {fb(budget)} RAM available"
     if overrides.gpu_memory_fraction is not None:
         builder.reasons["device"] += f"; gpu_memory_fraction ignored ({describe(overrides, 'gpu_memory_fraction')})"
-    fmt, why = cpu_dtype_default(profile)
-    dtype = builder.choose_dtype(INT8_COMPUTE_DTYPE if fmt == "int8" else fmt, why)
+    fmt, why = (
+        _forced_format(builder, profile) if overrides.quantization in QUANTIZED_FORMATS else cpu_dtype_default(profile)
+    )
+    dtype = builder.choose_dtype(INT8_COMPUTE_DTYPE if fmt in QUANTIZED_FORMATS else fmt, why)
     if overrides.gpu_layers is not None and overrides.gpu_layers < shape.num_layers:
+        if overrides.quantization in QUANTIZED_FORMATS:
+            raise PlanError(
+                f"{overrides.quantization} ({describe(overrides, 'quantization')}) cannot be combined with disk "
+                f"offload ({describe(overrides, 'gpu_layers')}): the layers on disk stay {dtype}; drop one of the two"
+            )
         return plan_disk_offload(builder, profile, dtype, budget, _reserve(builder, budget, dtype, False))
     cands = _candidates(builder, dtype, budget)
     chosen = pick(cands)
     if chosen is None:
         raise _refusal(shape, cands, budget)
-    # int8 where it measured fastest, unless a flag forced the dtype or no quantization, or RAM forced another
-    int8 = (
-        fmt == "int8"
+    # int8 / int4 where measured fastest (or forced), unless a flag forced the dtype or no quantization, or RAM
+    # forced another
+    quantized_fmt = (
+        fmt
+        if fmt in QUANTIZED_FORMATS
         and overrides.dtype is None
-        and overrides.quantization is None
+        and overrides.quantization in (None, fmt)
         and chosen.dtype == dtype
         and not chosen.quantized
+        else None
     )
-    _explain(builder, chosen, dtype, budget, int8)
+    _explain(builder, chosen, dtype, budget, quantized_fmt)
     return builder.build(
         device="cpu",
         dtype=chosen.dtype,
         quantized=chosen.quantized,
-        int8=int8,
-        weights_bytes=int8_weight_bytes(shape, dtype) if int8 else chosen.weights,
+        weight_format=quantized_fmt,
+        weights_bytes=quantized_weight_bytes(shape, dtype, quantized_fmt) if quantized_fmt else chosen.weights,
         kv_room=chosen.kv_room,
         kv_per_token=chosen.kv_per_token,
         reserve_bytes=chosen.reserve,
@@ -129,4 +161,20 @@ def plan_cpu(shape: ModelShape, profile: HardwareProfile, overrides: PlanOverrid
         offload_bytes=0,
         compile_default=cpu_compile_default(chosen.quantized),
         **cpu_plan_fields(builder.reasons, profile),
+    )
+
+
+def _forced_format(builder: PlanBuilder, profile: HardwareProfile) -> tuple[str, str]:
+    """(format, why) for a forced --quantization int8 / int4: computed in bf16, so a forced dtype must be bf16."""
+    o, fmt = builder.overrides, builder.overrides.quantization
+    if o.dtype not in (None, INT8_COMPUTE_DTYPE):
+        raise PlanError(
+            f"{fmt} ({describe(o, 'quantization')}) computes in bfloat16, but {describe(o, 'dtype')}: "
+            "drop one of the two"
+        )
+    paths = phase_paths(profile.cpu_format_ms, fmt)
+    measured = f"; {paths}" if paths else ""
+    return fmt, (
+        f"{QUANTIZED_WHAT[fmt]} computing in bf16, {describe(o, 'quantization')}{measured}; timings: "
+        f"{describe_cpu_formats(profile.cpu_format_ms)}"
     )

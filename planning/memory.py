@@ -61,6 +61,30 @@ def int8_weight_bytes(shape: ModelShape, dtype: str) -> int:
     return kept * b + shape.decoder_linear_params + head + rows * INT8_SCALE_BYTES
 
 
+INT4_GROUP = 32  # weights per bf16 scale and zero (engine_core/int4_weights.py)
+SCALED_EMBEDDINGS = frozenset({"gemma2", "gemma3_text"})  # an embedding that scales its rows: kept in `dtype`
+
+
+def int4_weight_bytes(shape: ModelShape, dtype: str) -> int:
+    """The int4 format (engine_core/int4_weights.py): decoder linears at half a byte per weight plus a 2-byte scale
+    and zero per 32; the LM head in int8 rows (a byte per weight, a 2-byte scale per row); the input embedding in
+    int8 rows too, sharing the head's when tied (a scaled embedding stays in `dtype`); norms and biases in `dtype`."""
+    b = dtype_bytes(dtype)
+    linear = shape.decoder_linear_params
+    table = shape.vocab_size * shape.hidden_size
+    int8_rows = table + shape.vocab_size * INT8_SCALE_BYTES
+    if shape.architecture in SCALED_EMBEDDINGS:
+        embedding = shape.embedding_params * b
+    else:
+        embedding = 0 if shape.tie_word_embeddings else int8_rows
+    return linear // 2 + math.ceil(linear / INT4_GROUP) * 2 * 2 + int8_rows + embedding + shape.other_params * b
+
+
+def quantized_weight_bytes(shape: ModelShape, dtype: str, fmt: str) -> int:
+    """Resident bytes of a CPU weight-only format ("int8" or "int4")."""
+    return int4_weight_bytes(shape, dtype) if fmt == "int4" else int8_weight_bytes(shape, dtype)
+
+
 def kv_bytes_per_token(shape: ModelShape, dtype: str) -> int:
     """K and V for every layer; NF4 computes (and caches) in 16-bit, so 2 bytes unless float32."""
     return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype_bytes(dtype)

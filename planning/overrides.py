@@ -17,7 +17,10 @@ _QUANT = {
     "4-bit": "nf4",
     "bnb-4bit": "nf4",
     "bnb4": "nf4",
-    "int4": "nf4",
+    "int4": "int4",
+    "q4": "int4",
+    "int8": "int8",
+    "q8": "int8",
     "none": "none",
     "no": "none",
     "off": "none",
@@ -26,7 +29,9 @@ _QUANT = {
     "0": "none",
 }
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
-QUANTIZATIONS = ("nf4", "4bit", "none")  # what --quantization offers (QUANTIZATION accepts every alias above)
+# what --quantization offers (QUANTIZATION accepts every alias above); int8 and int4 are kiln's CPU weight-only
+# formats (engine_core/int8_weights.py, int4_weights.py), otherwise chosen by measurement; nf4 is bitsandbytes'
+QUANTIZATIONS = ("nf4", "4bit", "int8", "int4", "none")
 # Bounds of the numeric overrides, (min, max or None), inclusive: the click options in cli.py and the
 # checks here both read them. max_batch may exceed the planner's own choice (at most 256) when forced.
 BOUNDS: dict[str, tuple[int | float, int | float | None]] = {
@@ -51,10 +56,10 @@ FIELDS = (
 
 
 def normalize_quantization(value: str) -> str:
-    """'4bit' / 'nf4' -> 'nf4'; 'None' / 'none' -> 'none' (forces 16-bit)."""
+    """'4bit' / 'nf4' -> 'nf4'; 'int8', 'int4' (CPU weight-only formats); 'None' / 'none' -> 'none' (forces 16-bit)."""
     key = value.strip().lower()
     if key not in _QUANT:
-        raise ValueError(f"unknown quantization {value!r}: use nf4 (alias 4bit) or none")
+        raise ValueError(f"unknown quantization {value!r}: use nf4 (alias 4bit), int8, int4 (CPU) or none")
     return _QUANT[key]
 
 
@@ -67,7 +72,7 @@ def check_bounds(field: str, value: int | float | None, name: str) -> None:
 
 
 def overrides_from_env(environ: Mapping[str, str]) -> PlanOverrides:
-    """QUANTIZATION=4bit|nf4|None|none, ENABLE_COMPILE=1|0 and GPU_LAYERS=N (decoder layers on the GPU, or
+    """QUANTIZATION=4bit|nf4|int8|int4|None|none, ENABLE_COMPILE=1|0 and GPU_LAYERS=N (decoder layers on the GPU, or
     in RAM on a CPU-only machine; the rest are offloaded); unset or empty means no override."""
     fields: dict = {}
     sources: dict[str, str] = {}

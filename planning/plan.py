@@ -18,7 +18,7 @@ class PlanOverrides(msgspec.Struct, omit_defaults=True, frozen=True):
     """What the user forced through flags or env vars; None means "let the planner decide"."""
 
     dtype: str | None = None  # "bfloat16" | "float16" | "float32"
-    quantization: str | None = None  # "nf4" | "none"
+    quantization: str | None = None  # "nf4" | "int8" | "int4" (CPU weight-only formats) | "none"
     max_batch: int | None = None
     max_context: int | None = None
     gpu_memory_fraction: float | None = None
@@ -35,7 +35,7 @@ class PlanOverrides(msgspec.Struct, omit_defaults=True, frozen=True):
 class ServingPlan(msgspec.Struct, kw_only=True):
     device: str  # "cuda:0", "cpu", ...
     dtype: str  # "bfloat16" | "float16" | "float32"
-    quantization: str | None  # "nf4", "int8" (CPU, chosen by measurement) or None
+    quantization: str | None  # "nf4", "int8" or "int4" (CPU, chosen by measurement or forced) or None
     double_quant: bool
     offload: bool
     device_map: dict[str, str | int] | None

@@ -50,4 +50,9 @@ def make_plan(
     gpu = pick_gpu(profile, gpu_index)
     if gpu is None:
         return plan_cpu(shape, profile, overrides)
+    if overrides.quantization in ("int8", "int4"):
+        raise PlanError(
+            f"{overrides.quantization} ({describe(overrides, 'quantization')}) is a CPU weight format (torch's CPU "
+            "kernels); on a GPU use --quantization nf4 (bitsandbytes 4-bit) or none"
+        )
     return plan_gpu(shape, profile, gpu, overrides)

@@ -54,6 +54,8 @@ def _value(plan: ServingPlan, key: str) -> str:
     if key == "quantization":
         if plan.quantization == "int8":
             return "int8 weight-only (per row)"
+        if plan.quantization == "int4":
+            return "int4 weight-only (groups of 32)"
         return f"nf4 (double quant: {'yes' if plan.double_quant else 'no'})" if plan.quantization else "none"
     if key == "offload":
         if not plan.offload or not plan.device_map:
@@ -93,7 +95,11 @@ def _reason(plan: ServingPlan, key: str) -> str:
         return "on the GPU with every other weight"
     if key == "weights_bytes":
         params = f"{plan.total_params / 1e9:.2f}B params" if plan.total_params else "weights"
-        held = {"nf4": f"NF4 + {plan.dtype}", "int8": f"int8 linears + {plan.dtype}"}.get(plan.quantization, plan.dtype)
+        held = {
+            "nf4": f"NF4 + {plan.dtype}",
+            "int8": f"int8 linears + {plan.dtype}",
+            "int4": f"int4 linears + {plan.dtype}",
+        }.get(plan.quantization, plan.dtype)
         return f"{params} at {held}; from the config's parameter counts"
     return plan.reasons.get(key, "")
 
@@ -128,7 +134,7 @@ def format_plan_table(plan: ServingPlan, width: int | None = None) -> str:
 
 
 def plan_to_json(plan: ServingPlan) -> str:
-    """The whole plan as JSON (quantization is "nf4", "int8" or null); keys are the ServingPlan field names."""
+    """The whole plan as JSON (quantization is "nf4", "int8", "int4" or null); keys are the ServingPlan field names."""
     return msgspec.json.format(msgspec.json.encode(plan).decode(), indent=2)
 
 

@@ -7,9 +7,11 @@ import pytest
 from hardware.profile import HardwareProfile
 from planning.cpu_dtype import (
     cpu_dtype_default,
+    dequant_from_rows,
     describe_cpu_formats,
     fastest_cpu_format,
     int8_dequant_from_rows,
+    passed_over,
     phase_paths,
     prompt_chunks,
 )
@@ -80,3 +82,55 @@ def test_the_reasons_say_how_each_phase_is_computed():
         "chunks (140.0 ms per 256 rows)"
     )
     assert phase_paths(DECODE, "int8") == ""  # no prompt chunk timed: nothing to say
+
+
+# int4 as measured on the same kind of machine, rounded: a quarter of bf16's bytes at decode, its kernel even
+# slower than int8's at prompt rows, its dequantized path (unpacking 4-bit codes) slower than int8's
+INT4 = {"int4@1": 8.0, "int4@8": 15.0, "int4@64": 110.0, "int4@256": 430.0, "int4-dequant@64": 95.0}
+
+
+@pytest.mark.parametrize(
+    "dequant, expected",
+    [
+        ({"int4-dequant@256": 160.0}, 64),  # faster at both chunks
+        ({"int4-dequant@256": 500.0}, None),  # not at the largest: never
+        ({}, None),  # only at 64 timed: the largest chunk decides, and it was not timed
+    ],
+)
+def test_int4_dequantizes_from_the_fewest_rows_it_measured_faster_at(dequant, expected):
+    ms = {**MEASURED, **INT4, **dequant}
+    if not dequant:
+        ms = {k: v for k, v in ms.items() if k != "int4-dequant@256"} | {"int4-dequant@64": 500.0}
+    assert dequant_from_rows(ms, "int4") == expected
+    assert dequant_from_rows(ms, "int8") == int8_dequant_from_rows(ms) == 64  # each format by its own timings
+
+
+def test_int4_wins_when_clearly_fastest_and_its_prompts_keep_up():
+    ms = {**MEASURED, **INT4, "int4-dequant@256": 160.0}
+    assert fastest_cpu_format(ms) == "int4"  # 23 vs int8's 32 ms summed, prompts 95 / 160 vs fp32's 180 / 620
+    assert prompt_chunks(ms, "int4") == {64: 95.0, 256: 160.0}
+    assert "int4 kernel for decode (8.0 ms per step at batch 1), calls of 64+ rows" in phase_paths(ms, "int4")
+    fmt, why = cpu_dtype_default(cpu(ms))
+    assert fmt == "int4" and "LM head in int8" in why and "int4-dequant 95.0 / 160.0" in why
+    assert fastest_cpu_format({**ms, "int4@1": 11.0, "int4@8": 19.5}) == "int8"  # 30.5 vs 32: under 5% faster
+    slow_prompts = {**ms, "int4@256": 700.0, "int4-dequant@256": 700.0}  # 256 rows slower than fp32 either way
+    assert fastest_cpu_format(slow_prompts) == "int8"
+
+
+def test_the_reason_says_why_a_faster_format_was_passed_over():
+    """`plan` says what was measured and why a format faster at decode than the chosen one was not taken."""
+    lost_prompts = {**MEASURED, **INT4}  # int4's 64-row chunks: kernel 110 vs dequantized 95, fp32 180: keeps up...
+    lost_prompts["int4@256"] = lost_prompts["int4-dequant@256"] = 700.0  # ...but not at 256 rows
+    fmt, why = cpu_dtype_default(cpu(lost_prompts))
+    assert fmt == "int8"
+    assert (
+        "Faster at decode but not taken: int4 (slower than float32 at prompt chunks of 256 rows: 700.0 vs 620.0" in why
+    )
+    near_tie = {**MEASURED, **INT4, "int4@1": 11.0, "int4@8": 19.5, "int4-dequant@256": 160.0}
+    assert passed_over(near_tie, "int8") == "int4 (not 5% faster than int8: 30.5 vs 32.0 ms summed)"
+    assert passed_over(near_tie, "int4") == "" and passed_over(MEASURED, "int8") == ""
+    close_to_fp32 = {**MEASURED, "bfloat16@1": 5.0, "bfloat16@8": 66.0, "int8@1": 40.0, "int8@8": 40.0}
+    assert fastest_cpu_format(close_to_fp32) == "float32"
+    assert passed_over(close_to_fp32, "float32") == (
+        "bfloat16 (not 10% faster than float32 at batch 8); int8 (not 10% faster than float32 at batch 1)"
+    )

@@ -11,7 +11,7 @@ from engine_core import cpu_formats
 from engine_core.cpu_formats import measure_cpu_formats, with_measured_cpu_formats
 from hardware import profile as hp
 from model.shape import shape_from_config
-from planning.cpu_dtype import CPU_WEIGHT_FORMATS, INT8_DEQUANT, fastest_cpu_format, phase_paths
+from planning.cpu_dtype import CPU_WEIGHT_FORMATS, INT4_DEQUANT, INT8_DEQUANT, fastest_cpu_format, phase_paths
 from planning.overrides import overrides_from_flags
 from planning.plan import PlanOverrides
 from tests.conftest import SMOL_LIKE, TIMINGS
@@ -29,7 +29,7 @@ def test_real_probe_times_every_candidate():
     threads = torch.get_num_threads()
     ms = measure_cpu_formats(shape_from_config(SMOL_LIKE))
     rows = (*cpu_formats.PROBE_BATCHES, *cpu_formats.PROBE_CHUNKS)
-    chunks = {f"{INT8_DEQUANT}@{r}" for r in cpu_formats.PROBE_CHUNKS}
+    chunks = {f"{path}@{r}" for path in (INT8_DEQUANT, INT4_DEQUANT) for r in cpu_formats.PROBE_CHUNKS}
     assert set(ms) == {f"{fmt}@{r}" for fmt in CPU_WEIGHT_FORMATS for r in rows} | chunks
     assert all(v > 0 for v in ms.values())
     assert torch.get_num_threads() == threads  # the probe's single thread is not left behind
@@ -149,3 +149,59 @@ def test_an_int8_plan_says_how_it_computes_prompts(tmp_path, monkeypatch):
     assert "int8 kernel for decode (12.0 ms per step at batch 1)" in plan.reasons["dtype"]
     assert "calls of 64+ rows (prompt chunks) dequantized to bf16 (155.0 ms per 256 rows)" in plan.reasons["dtype"]
     assert "int8-dequant 65.0 / 155.0 ms per prompt chunk of 64 / 256 rows" in plan.reasons["cpu_formats"]
+
+
+def test_probe_times_int4_dequantized_where_its_layout_is_known():
+    taken = cpu_formats.timings_to_take(("float32", "int8", "int4"), (1, 8), (64, 256))
+    assert [t.key for t in taken if t.dequant] == [
+        "int8-dequant@64",
+        "int8-dequant@256",
+        "int4-dequant@64",
+        "int4-dequant@256",
+    ]
+    unknown_layout = cpu_formats.timings_to_take(("float32", "int4"), (1, 8), (64, 256), dequantized=("int8",))
+    assert not any(t.dequant for t in unknown_layout)
+
+
+def int4_pool():
+    return cpu_formats.WeightPool(cpu_formats.pool_flat(cpu_formats.random_flat(1 << 20), "int4"))
+
+
+def test_int4_timings_call_what_the_layer_runs(monkeypatch):
+    """The kernel for few rows, the unpacking path for many: the functions Int4Linear calls, on whole row blocks
+    of the pool (two weights a byte) with their scales and zeros."""
+    from engine_core import int4_weights
+
+    calls = []
+    for name in ("int4_kernel_linear", "dequantized_linear"):
+        monkeypatch.setattr(int4_weights, name, lambda x, w, sz, name=name: calls.append((name, w.shape, sz.shape)))
+    pool = int4_pool()
+    cpu_formats.time_linear(pool, torch.rand(8, 576).bfloat16(), 576, 1536)
+    cpu_formats.time_linear(pool, torch.rand(256, 576).bfloat16(), 576, 49152, dequant=True)
+    assert calls[0] == ("int4_kernel_linear", (1536, 288), (18, 1536, 2))
+    name, weight, scales = calls[1]  # 49152 x 576 in 4 bits is 14 MiB, more than half the 1 MiB pool: a slice
+    assert name == "dequantized_linear" and weight[0] % 64 == 0 and scales == (18, weight[0], 2)
+
+
+def test_an_int4_decode_step_times_the_lm_head_in_int8(monkeypatch):
+    shape = shape_from_config(SMOL_LIKE)
+    pool = int4_pool()
+    pool.head = cpu_formats.WeightPool((cpu_formats.random_flat(1 << 20) * 127).to(torch.int8))
+    used = []
+    monkeypatch.setattr(cpu_formats, "time_linear", lambda p, x, i, o, dequant=False: used.append(p) or 1.0)
+    cpu_formats.time_linears(pool, shape, cpu_formats.Timing("int4@1", "int4", 1), {})
+    assert used[:-1] == [pool] * 7 and used[-1] is pool.head  # the layer's 7 linears in int4, lm_head in int8
+
+
+def test_int4_is_timed_only_where_the_model_has_its_shapes():
+    assert "int4" in cpu_formats.loadable_formats(CPU_WEIGHT_FORMATS, shape_from_config(SMOL_LIKE))
+    odd = shape_from_config({**SMOL_LIKE, "intermediate_size": 1540})  # down_proj's 1540 inputs: not whole groups
+    assert cpu_formats.loadable_formats(CPU_WEIGHT_FORMATS, odd) == ["float32", "bfloat16", "int8"]
+
+
+def test_timings_cached_before_int4_was_timed_are_measured_again(tmp_path, monkeypatch):
+    """The cache key holds the probe's version: a machine that cached fp32/bf16/int8 timings times int4 too."""
+    shape = shape_from_config(SMOL_LIKE)
+    hp.write_cpu_format_ms(shape, TIMINGS, tmp_path)
+    monkeypatch.setattr(hp, "CPU_FORMAT_PROBE_VERSION", hp.CPU_FORMAT_PROBE_VERSION - 1)
+    assert hp.read_cpu_format_ms(shape, tmp_path) == {}

@@ -315,6 +315,81 @@ def test_a_forced_dtype_or_no_quantization_turns_int8_off(flags):
     )
 
 
+# int4 weight-only (groups of 32; LM head and embedding in int8 rows) as measured on an AVX-512 machine, where
+# its kernel reads a quarter of bf16's bytes
+AVX512_INT4_FAST = {**AVX512_INT8_FAST, "int4@1": 6.0, "int4@8": 12.0}
+
+
+def test_int4_is_chosen_where_it_measures_fastest_and_sized_as_int4():
+    model = shape("starcoder2-3b")
+    plan = make_plan(model, cpu_machine(True, AVX512_INT4_FAST))
+    assert plan.quantization == "int4" and plan.dtype == "bfloat16" and plan.kv_dtype == "float32"
+    assert "int4 weight-only" in plan.reasons["dtype"] and "int4 6.0 / 12.0" in plan.reasons["dtype"]
+    assert "5% faster than the fastest more exact format" in plan.reasons["dtype"]
+    assert (
+        "int4" in plan.reasons["quantization"]
+        and "--quantization none or --dtype turns it off" in (plan.reasons["quantization"])
+    )
+    int8 = make_plan(model, cpu_machine(True, AVX512_INT8_FAST))
+    assert model.total_params * 0.5 < plan.weights_bytes < int8.weights_bytes  # half a byte a linear weight + scales
+    table = format_plan_table(plan, width=200)
+    assert "int4 weight-only (groups of 32)" in table and "int4 linears + bfloat16" in table
+    assert "int4" in plan.reasons["max_batch"]  # the batch is sized from int4's own measured decode step
+
+
+@pytest.mark.parametrize(
+    "int4",
+    [
+        {"int4@1": 9.8, "int4@8": 15.5},  # faster than int8 (26 vs 25.3 ms summed), but not by 5%: int8
+        {"int4@1": 4.0, "int4@8": 60.0},  # not 10% faster than float32 at batch 8: out, whatever batch 1 says
+        {"int4@1": 4.0},  # not measured at every batch size float32 was
+    ],
+)
+def test_int4_must_clearly_beat_the_more_exact_formats(int4):
+    plan = make_plan(shape("starcoder2-3b"), cpu_machine(True, {**AVX512_INT8_FAST, **int4}))
+    assert plan.quantization == "int8"
+
+
+def test_int4_is_not_chosen_where_its_prompt_chunks_lose():
+    """Decode by its bytes, prompts through a kernel (or an unpacking) slower than float32: as for bf16, no."""
+    prompt = {"float32@64": 180.0, "float32@256": 620.0, "bfloat16@64": 50.0, "bfloat16@256": 140.0}
+    slow = {**AVX512_INT4_FAST, **prompt, "int4@64": 300.0, "int4@256": 1200.0, "int4-dequant@64": 200.0}
+    slow = {k: v for k, v in slow.items() if not k.startswith("int8")}
+    assert make_plan(shape("starcoder2-3b"), cpu_machine(True, slow)).quantization is None
+    dequantized = {**slow, "int4-dequant@64": 170.0, "int4-dequant@256": 300.0}  # keeps up once dequantized
+    plan = make_plan(shape("starcoder2-3b"), cpu_machine(True, dequantized))
+    assert plan.quantization == "int4"
+    assert "calls of 64+ rows (prompt chunks) dequantized to bf16 (300.0 ms per 256 rows)" in plan.reasons["dtype"]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_cpu_format_can_be_forced(fmt):
+    """--quantization int8 / int4 (or QUANTIZATION=) loads that format whatever the timings say, and says so."""
+    plan = make_plan(
+        shape("starcoder2-3b"), cpu_machine(True, AVX512_BF16_FAST), overrides_from_flags(quantization=fmt)
+    )
+    assert plan.quantization == fmt and plan.dtype == "bfloat16" and "quantization" in plan.overridden
+    assert f"forced by --quantization {fmt}" in plan.reasons["quantization"]
+    assert f"forced by --quantization {fmt}" in plan.reasons["dtype"] and "34.0 / 64.0" in plan.reasons["dtype"]
+    assert overrides_from_env({"QUANTIZATION": fmt}).quantization == fmt
+    bf16 = make_plan(shape("starcoder2-3b"), cpu_machine(True, AVX512_BF16_FAST), overrides_from_flags(dtype="bf16"))
+    assert plan.weights_bytes < bf16.weights_bytes
+
+
+@pytest.mark.parametrize(
+    "flags, machine, message",
+    [
+        ({"quantization": "int4", "dtype": "fp32"}, "CPU16", "computes in bfloat16"),
+        ({"quantization": "int4", "gpu_layers": 10}, "CPU16", "cannot be combined with disk offload"),
+        ({"quantization": "int8"}, "A100", "CPU weight format"),
+        ({"quantization": "int4"}, "A100", "on a GPU use --quantization nf4"),
+    ],
+)
+def test_a_forced_cpu_format_that_cannot_apply_is_refused(flags, machine, message):
+    with pytest.raises(PlanError, match=message):
+        make_plan(shape("starcoder2-3b"), profile(machine), overrides_from_flags(**flags))
+
+
 @pytest.mark.parametrize(
     "bf16",
     [
@@ -544,6 +619,8 @@ def test_env_parsing():
     assert overrides_from_env({"QUANTIZATION": "4bit"}).quantization == "nf4"
     assert overrides_from_env({"QUANTIZATION": "nf4"}).quantization == "nf4"
     assert overrides_from_env({"QUANTIZATION": "none"}).quantization == "none"
+    assert overrides_from_env({"QUANTIZATION": "int4"}).quantization == "int4"  # kiln's CPU format, not NF4
+    assert overrides_from_env({"QUANTIZATION": "int8"}).quantization == "int8"
     assert overrides_from_env({"ENABLE_COMPILE": "1"}).compile is True
     assert overrides_from_env({"ENABLE_COMPILE": "0"}).compile is False
     with pytest.raises(ValueError):
