@@ -36,9 +36,9 @@ import functools
 import torch
 from torch import nn
 
+from engine_core.int8_weights import ACTIVATION_DTYPE, WeightOnlyLinear, as_bias
 from planning.cpu_dtype import dequant_from_rows as measured_dequant_from_rows
 
-ACTIVATION_DTYPE = torch.bfloat16  # the kernel's fast path; its scales and zeros take the activations' dtype
 GROUP_SIZE = 32  # input features per scale and zero: GGUF's block, and it divides every hidden size here
 ROW_MULTIPLE = 16  # the kernel packs and computes output rows in blocks of 16, 32, 48 or 64
 DEQUANT_BLOCK_ELEMENTS = 1 << 21  # weights dequantized at once (4 MiB of bf16: unpacked, scaled, multiplied)
@@ -181,7 +181,7 @@ def dequantized_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: 
 # ---------------------------------------------------------------- the layer
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(WeightOnlyLinear):
     """A drop-in for nn.Linear at inference: same in/out features and bias, int4 weights in groups of 32.
 
     `dequant_from_rows`: calls with at least this many rows go through dequantized_linear (None: never)."""
@@ -201,7 +201,7 @@ class Int4Linear(nn.Module):
         self.dequant_from_rows = dequant_from_rows if packed_layout() is not None else None
         self.register_buffer("weight_int4", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(ACTIVATION_DTYPE), requires_grad=False)
+        self.bias = as_bias(bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dequant_from_rows: int | None = None) -> Int4Linear:
@@ -223,23 +223,11 @@ class Int4Linear(nn.Module):
             *_in_row_blocks(lambda a, b: pack(q[a:b], scale[a:b], zero[a:b]), q.shape[0]), bias, dequant_from_rows
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.dtype != ACTIVATION_DTYPE:
-            rows = rows.to(ACTIVATION_DTYPE)
-        if self._dequantize(rows.shape[0]):
-            out = dequantized_linear(rows, self.weight_int4, self.scales_and_zeros)
-        else:
-            out = int4_kernel_linear(rows.contiguous(), self.weight_int4, self.scales_and_zeros)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return int4_kernel_linear(rows, self.weight_int4, self.scales_and_zeros)
 
-    def _dequantize(self, rows: int) -> bool:
-        """Whether `rows` go through dequantized_linear; never while compiling (no guard on the row count)."""
-        if torch.compiler.is_compiling() or self.dequant_from_rows is None:
-            return False
-        return rows >= self.dequant_from_rows
+    def _dequantized(self, rows: torch.Tensor) -> torch.Tensor:
+        return dequantized_linear(rows, self.weight_int4, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
         return (

@@ -65,7 +65,44 @@ def dequantized_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
 
 
-class Int8Linear(nn.Module):
+class WeightOnlyLinear(nn.Module):
+    """What the weight-only formats share: bf16 activations in, a kernel for few rows, weights dequantized
+    to bf16 per call from `dequant_from_rows` rows on (None: never), bias added after. Subclasses hold the
+    weights and say how each path computes (`_kernel`, `_dequantized`)."""
+
+    in_features: int
+    out_features: int
+    dequant_from_rows: int | None
+    bias: nn.Parameter | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype != ACTIVATION_DTYPE:
+            rows = rows.to(ACTIVATION_DTYPE)
+        out = self._dequantized(rows) if self._dequantize(rows.shape[0]) else self._kernel(rows.contiguous())
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _dequantize(self, rows: int) -> bool:
+        """Whether `rows` go through the dequantized path; never while compiling, so a compiled graph (the
+        decode step) holds no guard on its row count and always takes the kernel."""
+        if torch.compiler.is_compiling() or self.dequant_from_rows is None:
+            return False
+        return rows >= self.dequant_from_rows
+
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dequantized(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def as_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
+    return None if bias is None else nn.Parameter(bias.detach().to(ACTIVATION_DTYPE), requires_grad=False)
+
+
+class Int8Linear(WeightOnlyLinear):
     """A drop-in for nn.Linear at inference: same in/out features and bias, int8 weights.
 
     `dequant_from_rows`: calls with at least this many rows go through dequantized_linear (None: never)."""
@@ -77,30 +114,13 @@ class Int8Linear(nn.Module):
         q, scale = quantize_rows(linear.weight)
         self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
-        self.bias = (
-            None
-            if linear.bias is None
-            else nn.Parameter(linear.bias.detach().to(ACTIVATION_DTYPE), requires_grad=False)
-        )
+        self.bias = as_bias(linear.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.dtype != ACTIVATION_DTYPE:
-            rows = rows.to(ACTIVATION_DTYPE)
-        if self._dequantize(rows.shape[0]):
-            out = dequantized_linear(rows, self.weight_int8, self.scale)
-        else:
-            out = int8_kernel_linear(rows.contiguous(), self.weight_int8, self.scale)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        return int8_kernel_linear(rows, self.weight_int8, self.scale)
 
-    def _dequantize(self, rows: int) -> bool:
-        """Whether `rows` go through dequantized_linear; never while compiling, so a compiled graph (the decode
-        step) holds no guard on its row count and always takes the kernel."""
-        if torch.compiler.is_compiling() or self.dequant_from_rows is None:
-            return False
-        return rows >= self.dequant_from_rows
+    def _dequantized(self, rows: torch.Tensor) -> torch.Tensor:
+        return dequantized_linear(rows, self.weight_int8, self.scale)
 
     def extra_repr(self) -> str:
         return (
