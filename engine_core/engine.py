@@ -22,7 +22,7 @@ import torch
 from engine_core.block_pool import BlockPool
 from engine_core.engine_io import HEARTBEAT_SECONDS, EngineIO
 from engine_core.guided import GuideCompiler, PendingGuides, SequenceGuide
-from engine_core.loader import torch_dtype
+from engine_core.loader import release_freed_memory, torch_dtype
 from engine_core.model_runner import ModelRunner
 from engine_core.sampler import Sampler, token_logprobs
 from engine_core.scheduler import CacheCounters, ScheduledChunk, Scheduler
@@ -107,9 +107,10 @@ class Engine:
         if self.runner.graphs is not None:
             log.info(self.runner.graphs.capture_all())
         if self.runner.compiled is not None:
-            log.info("compiling the decode step (first start: a minute or two on a small CPU; cached after)")
+            log.info("loading or compiling the decode step (a first start traces it: a minute or two on a small CPU)")
             log.info(self.runner.compiled.warm())
         self.runner.cache.drop_contents()  # nothing cached survives warm-up: its pages go back to the OS
+        release_freed_memory()  # the warm-up's activations (1.5B shapes: ~130 MB glibc kept after they were freed)
         self._update_stats()
 
     def run(self) -> None:

@@ -37,8 +37,8 @@ def test_lowering_a_thread_leaves_the_others():
 
 @LINUX_ONLY
 def test_the_grammar_worker_runs_below_the_engine_loop():
-    compiler = GuideCompiler(load_tokenizer=_this_thread_nice)  # the first job on the worker thread
+    compiler = GuideCompiler(load_tokenizer=_this_thread_nice)  # the worker's first job, at the first ask
     try:
-        assert compiler._tokenizer.result(timeout=10) == _lowered(_this_thread_nice())
+        assert compiler.tokenizer().result(timeout=10) == _lowered(_this_thread_nice())
     finally:
         compiler.close()
