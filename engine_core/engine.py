@@ -22,11 +22,12 @@ import torch
 from engine_core.block_pool import BlockPool
 from engine_core.engine_io import HEARTBEAT_SECONDS, EngineIO
 from engine_core.guided import GuideCompiler, PendingGuides, SequenceGuide
-from engine_core.loader import release_freed_memory, torch_dtype
+from engine_core.loader import torch_dtype
 from engine_core.model_runner import ModelRunner
 from engine_core.sampler import Sampler, token_logprobs
 from engine_core.scheduler import CacheCounters, ScheduledChunk, Scheduler
 from engine_core.thread_policy import ThreadTuner
+from hardware.heap import release_freed_memory
 from ipc.messages import (
     Abort,
     FinishReason,

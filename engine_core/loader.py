@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from hardware.heap import release_freed_memory
 from planning.dtypes import torch_dtype
 from planning.plan import ServingPlan, accelerate_max_memory
 
@@ -86,18 +87,6 @@ def own_the_rest(model: torch.nn.Module) -> int:
                 copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
             module._parameters[name] = copies[id(param)]
     return sum(p.numel() * p.element_size() for p in copies.values())
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed inside the process back to the OS (glibc keeps it in its arenas otherwise, and
-    the resident size would count weights that no longer exist); a no-op without glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 CPU_PLACEABLE = ("model.embed_tokens", "lm_head")  # what a GPU plan may keep in RAM and run on CPU

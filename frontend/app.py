@@ -30,6 +30,7 @@ from frontend.context import (
     BODY_TIMEOUT_S,
     CLIENT,
     GUIDE_CHECKS,
+    HEAP_TRIM,
     JSON,
     MAX_BODY_BYTES,
     METRICS,
@@ -52,6 +53,7 @@ from frontend.router import EngineClient
 from frontend.structured import has_guide, native_guide
 from frontend.supervisor import EngineSupervisor
 from frontend.tgi_api import add_tgi_routes, handle_tgi, is_tgi_body
+from hardware.heap import TrimAfterBursts
 
 log = logging.getLogger("kiln.frontend")
 
@@ -238,6 +240,7 @@ def build_app(
     app[TOKENIZER] = tokenizer
     app[PROMPT_ENCODER] = PromptEncoder(tokenizer)
     app[GUIDE_CHECKS] = GuideChecks()
+    app[HEAP_TRIM] = TrimAfterBursts()
     app.on_cleanup.append(_close_guide_checks)
     app[MODEL_NAME] = model_name
     app[REQUEST_IDS] = itertools.count()

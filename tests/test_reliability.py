@@ -125,7 +125,7 @@ def test_frontend_memory_returns_near_idle_after_large_refused_requests(server):
 
     statuses = run(scenario())
     assert statuses.count(400) == 250 and statuses.count(413) == 50, sorted(set(statuses))
-    margin_mb = 150
+    margin_mb = 60  # without the trim after large bodies it stayed 90-200 MB up (tokenizer threads' arenas)
     seen_mb = []  # for the failure message: where it stayed
 
     def returned() -> bool:
