@@ -34,13 +34,17 @@ from engine_core.scheduler import ScheduledChunk
 log = logging.getLogger("kiln.engine")
 
 TIMED_STEPS = 6  # decode steps timed each way per batch size at warmup (after one untimed)
-GRAPHS = ("one", "many", "shared")  # a single row; two or more; two or more after a shared prefix
 VERDICT_FILE = "measured.json"
 
 
 def is_decode_only(chunks: list[ScheduledChunk], max_rows: int) -> bool:
     """Every chunk is one sampled token (no prompt scoring), at most `max_rows`."""
     return 0 < len(chunks) <= max_rows and all(c.length == 1 and c.sample and not c.scores_prompt for c in chunks)
+
+
+def graph_name(batch: int, prefix_blocks: int) -> str:
+    """Which of the three graphs runs a decode step: after a shared prefix, a single row, or two or more."""
+    return "shared" if prefix_blocks else "one" if batch == 1 else "many"
 
 
 class DecodeStep(nn.Module):
@@ -75,7 +79,7 @@ class CompiledDecode:
         self.folder = (cache_root or cache_dir() / "compiled") / compiled_cache.graph_key(
             self.step, runner.model.config.to_json_string()
         )
-        self.graphs: dict[str, object] = {}  # GRAPHS name -> compiled function of (step, *inputs)
+        self.graphs: dict[str, object] = {}  # graph_name() -> compiled function of (step, *inputs)
         self.loaded = False  # the graphs came from the folder (not traced by this process)
         self.enabled = False  # until warm() has compiled and measured
         self.shared_enabled = False  # the graph with cascade attention over a shared prefix, likewise
@@ -110,7 +114,7 @@ class CompiledDecode:
             inputs = (ids, positions, rows, positions + 1 - skip * bs, tables, packed[3 * n + n * width :])
         else:
             inputs = (ids, positions, rows, positions + 1, tables)
-        return self._call(self.graphs["shared" if skip else "one" if n == 1 else "many"], inputs)
+        return self._call(self.graphs[graph_name(n, skip)], inputs)
 
     def _call(self, graph, inputs: tuple) -> torch.Tensor:
         """The graph's step, or the eager one where its guards refuse these inputs (never traced again
@@ -182,11 +186,7 @@ class CompiledDecode:
     def _load_or_trace(self, plain, shared) -> str:
         """Every graph this runner uses, from the folder where saved there, else traced (on the cap's shape:
         one row; the cap; the cap after a shared prefix) and saved. Says which happened."""
-        examples = {
-            "one": plain[0],
-            **({"many": plain[-1]} if len(plain) > 1 else {}),
-            **({"shared": shared[-1]} if shared else {}),
-        }
+        examples = {graph_name(b, p): (b, w, p) for b, w, p in dict.fromkeys([plain[0], plain[-1], *shared[-1:]])}
         traced = []
         for name, shape in examples.items():
             path = self.folder / f"{name}.bin"
@@ -204,7 +204,7 @@ class CompiledDecode:
 
     def _graph_for(self, shape: tuple[int, int, int]):
         batch, _, prefix = shape
-        return self.graphs["shared" if prefix else "one" if batch == 1 else "many"]
+        return self.graphs[graph_name(batch, prefix)]
 
     def _read_verdict(self, shapes) -> bool:
         """The timings saved with these graphs, when they cover `shapes` (a restart measures nothing: a

@@ -230,10 +230,7 @@ class Int4Linear(WeightOnlyLinear):
         return dequantized_linear(rows, self.weight_int4, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"group_size={GROUP_SIZE}, dequant_from_rows={self.dequant_from_rows}"
-        )
+        return f"{super().extra_repr()}, group_size={GROUP_SIZE}"
 
 
 PACK_ROWS = 1024  # rows quantized and packed at once: a multiple of every packed row block, so the parts join

@@ -97,6 +97,12 @@ class WeightOnlyLinear(nn.Module):
     def _dequantized(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"dequant_from_rows={self.dequant_from_rows}"
+        )
+
 
 def as_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
     return None if bias is None else nn.Parameter(bias.detach().to(ACTIVATION_DTYPE), requires_grad=False)
@@ -121,12 +127,6 @@ class Int8Linear(WeightOnlyLinear):
 
     def _dequantized(self, rows: torch.Tensor) -> torch.Tensor:
         return dequantized_linear(rows, self.weight_int8, self.scale)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"dequant_from_rows={self.dequant_from_rows}"
-        )
 
 
 def quantize_linears(model: nn.Module, cpu_format_ms: dict[str, float] | None = None) -> str:

@@ -62,7 +62,7 @@ async def read_body(request: web.Request) -> bytes:
         raise ApiError(
             408, f"the request body did not arrive within {deadline:g} s", "body", kind="request_timeout"
         ) from None
-    if len(body) >= LARGE_BODY_BYTES and HEAP_TRIM in request.app:
+    if len(body) >= LARGE_BODY_BYTES:
         request.app[HEAP_TRIM].note()
     return body
 
